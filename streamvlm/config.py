@@ -1,0 +1,108 @@
+"""Settings, one small frozen dataclass per concern, each checked when it is built.
+
+An invalid value raises :class:`~streamvlm.errors.ConfigError` naming the field and what it accepts,
+so a typo fails at start-up rather than minutes into a stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+__all__ = ["ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig"]
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _finite_positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to load and how.
+
+    ``model`` is a preset name (``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``, ``tiny-smolvlm``,
+    ``smolvlm-256m-random``), a Hub id (``Qwen/Qwen2.5-VL-3B-Instruct``) or a local directory.
+    ``dtype`` is the weights' dtype; float32 is the CPU default and what the exactness checks use.
+    """
+
+    model: str = "tiny-smolvlm"
+    dtype: str = "float32"
+    device: str = "cpu"
+    revision: str | None = None
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model and self.model.strip()), "model", "must name a preset, Hub id or path")
+        _require(self.dtype in _DTYPES, "dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        _require(self.attn_implementation in ("sdpa", "eager"), "attn_implementation", "must be 'sdpa' or 'eager'")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How answers are decoded.
+
+    ``temperature == 0`` is greedy (the default, deterministic). With ``temperature > 0`` tokens are
+    sampled, optionally restricted by ``top_k`` (0 = off) and ``top_p`` (1.0 = off); ``seed`` makes
+    sampling repeatable. Generation stops at the model's end-of-turn token or after ``max_new_tokens``.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "must be an integer >= 1")
+        _require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
+        _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0")
+        _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """One stream's conversation settings and input limits.
+
+    ``system_prompt`` opens the context. Frames smaller than ``min_frame_side`` or larger than
+    ``max_frame_side`` pixels on a side are refused with a FrameError; questions longer than
+    ``max_question_chars`` with a QuestionError.
+    """
+
+    system_prompt: str = "You are a helpful assistant watching a live video. Answer briefly about what you see."
+    sampling: SamplingConfig = SamplingConfig()
+    min_frame_side: int = 8
+    max_frame_side: int = 4096
+    max_question_chars: int = 4000
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.sampling, SamplingConfig), "sampling", "must be a SamplingConfig")
+        _require(1 <= self.min_frame_side <= self.max_frame_side, "min_frame_side", "must be >= 1 and <= max_frame_side")
+        _require(self.max_question_chars >= 1, "max_question_chars", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How a file or camera is turned into frames.
+
+    ``fps`` is the target sampling rate by timestamp; ``realtime`` paces a file at its own speed
+    (as a live camera would deliver it) instead of as fast as the model can read.
+    """
+
+    fps: float = 1.0
+    realtime: bool = True
+
+    def __post_init__(self) -> None:
+        _require(_finite_positive(self.fps), "fps", f"must be a finite number > 0, got {self.fps!r}")

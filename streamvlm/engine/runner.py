@@ -1,0 +1,133 @@
+"""The runner owns the model's tensors for one stream: the KV cache and the position counter.
+
+It executes what it is told (encode a frame, prefill tokens, decode one token) and decides nothing:
+which tokens go in, and when, is the session's business. Every call either completes or leaves the
+cache exactly as it was, so a failed step never corrupts a stream.
+
+It keeps two lengths apart: ``logical_length`` counts every token the stream has seen; the physical
+length (``cache_length``) counts the tokens the cache holds. Without compression they are equal.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import CapacityError
+from ..models.base import ModelAdapter, PreparedFrame
+
+__all__ = ["Runner", "StepTimes"]
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock seconds spent inside the model, accumulated since the last :meth:`Runner.take_times`."""
+
+    vision_s: float = 0.0  # vision tower (encode)
+    prefill_s: float = 0.0  # language model over prompt/frame tokens
+    decode_s: float = 0.0  # language model, one token at a time
+    calls: dict[str, int] = field(default_factory=lambda: {"encode": 0, "prefill": 0, "decode": 0})
+
+
+class Runner:
+    """Model tensors for one stream. Create one per stream with the adapter of a loaded model."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self.model = adapter.model
+        self.cache = DynamicCache(config=self.model.config.get_text_config())
+        self.next_position = 0  # the position the next token takes
+        self.ids: list[int] = []  # every token fed, in order (the logical stream)
+        self.times = StepTimes()
+        self._max_positions = adapter.max_positions()
+
+    # ---- lengths ------------------------------------------------------------------------------------
+    @property
+    def logical_length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def cache_length(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the KV cache tensors."""
+        total = 0
+        for layer in self.cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+    # ---- steps --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, frame: PreparedFrame) -> Any:
+        """Run the vision tower on one frame. The result is meant for one :meth:`prefill`."""
+        t0 = time.perf_counter()
+        out = self.adapter.encode(frame)
+        self.times.vision_s += time.perf_counter() - t0
+        self.times.calls["encode"] += 1
+        return out
+
+    @torch.inference_mode()
+    def prefill(
+        self, ids: list[int], *, grids: list[tuple[int, int, int]] | None = None, encoded: Any | None = None, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Append ``ids`` to the cache and return logits: ``[V]`` for the last token, ``[len(ids), V]`` with ``all_logits``.
+
+        ``encoded`` is the vision output for the image placeholders in ``ids`` and ``grids`` their
+        token grids. Raises :class:`CapacityError` (cache untouched) when the positions would pass the
+        model's maximum.
+        """
+        t0 = time.perf_counter()
+        logits = self._forward(ids, grids or [], encoded, keep=0 if all_logits else 1)
+        self.times.prefill_s += time.perf_counter() - t0
+        self.times.calls["prefill"] += 1
+        return logits if all_logits else logits[-1]
+
+    @torch.inference_mode()
+    def decode(self, token_id: int) -> torch.Tensor:
+        """Append one token and return the next token's logits ``[V]``."""
+        t0 = time.perf_counter()
+        logits = self._forward([token_id], [], None, keep=1)
+        self.times.decode_s += time.perf_counter() - t0
+        self.times.calls["decode"] += 1
+        return logits[-1]
+
+    def take_times(self) -> StepTimes:
+        """Return the accumulated timings and start counting afresh."""
+        times, self.times = self.times, StepTimes()
+        return times
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _forward(self, ids: list[int], grids: list[tuple[int, int, int]], encoded: Any | None, keep: int) -> torch.Tensor:
+        positions, next_position = self.adapter.position_ids(ids, self.next_position, grids)
+        if next_position > self._max_positions:
+            raise CapacityError(
+                f"the stream would reach position {next_position}, past the model's maximum of {self._max_positions}; "
+                "start a new session or enable memory compression"
+            )
+        device = self.adapter.device
+        if self.adapter.position_rows == 1:
+            positions = positions[0]
+        held = self.cache_length
+        try:
+            out = self.model(
+                input_ids=torch.tensor([ids], device=device),
+                position_ids=positions.to(device),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=keep,
+                **self.adapter.forward_kwargs(encoded),
+            )
+        except BaseException:
+            if self.cache_length > held:
+                self.cache.crop(held)
+            raise
+        self.next_position = next_position
+        self.ids.extend(ids)
+        return out.logits[0].float()

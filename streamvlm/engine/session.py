@@ -1,0 +1,268 @@
+"""StreamSession: one live stream read once into the model's cache, with questions answered mid-stream.
+
+The library API that the CLI, the server and the demos use::
+
+    from streamvlm import StreamSession, load_model
+    session = StreamSession(load_model("tiny-smolvlm"))
+    session.ingest(frame_rgb, t=0.0)          # encodes the frame once and prefills its tokens
+    for delta in (stream := session.ask_stream("What is on the table?", t=0.5)):
+        print(delta, end="")
+    answer = stream.answer                   # text, evidence timestamps, finish reason, timings
+
+A frame is encoded and prefilled exactly once; a question appends its own tokens and the answer's to
+the same cache, so later questions see the earlier dialogue and no frame is ever read again.
+Frames and questions share one stream clock: a timestamp may never go backwards.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import SamplingConfig, SessionConfig
+from ..errors import FrameError, QuestionError, TimestampError
+from ..models.base import ModelAdapter
+from ..types import Answer, Evidence, Frame
+from .runner import Runner
+from .sampling import pick_token
+
+__all__ = ["StreamSession", "AnswerStream", "IngestResult"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one :meth:`StreamSession.ingest` did: tokens added and seconds spent in each stage."""
+
+    pts_s: float
+    tokens: int
+    vision_s: float
+    prefill_s: float
+    total_s: float
+
+    @property
+    def overhead_s(self) -> float:
+        """Seconds outside the model's own forward passes (preprocessing, bookkeeping)."""
+        return max(0.0, self.total_s - self.vision_s - self.prefill_s)
+
+
+class AnswerStream:
+    """An answer being generated. Iterate it for text deltas; then read :attr:`answer`.
+
+    Stopping early (``close()``, or ``break`` out of a ``for`` loop and dropping the stream) cancels
+    generation: the partial answer stays in the dialogue, ``finish_reason`` is ``"cancelled"``.
+    With ``return_logits`` the logits of every question token and of each generated step are kept in
+    :attr:`logits` (float32, ``[n, V]``), for checks and scoring.
+    """
+
+    def __init__(self, gen: Iterator[str]) -> None:
+        self._gen = gen
+        self.answer: Answer | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._gen
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def result(self) -> Answer:
+        """Run to the end (discarding deltas not yet read) and return the answer."""
+        for _ in self._gen:
+            pass
+        assert self.answer is not None  # set by the generator's last step
+        return self.answer
+
+
+class StreamSession:
+    """One stream's context in one model. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, adapter: ModelAdapter, config: SessionConfig | None = None) -> None:
+        self.adapter = adapter
+        self.config = config or SessionConfig()
+        self.runner = Runner(adapter)
+        self._frames: list[Evidence] = []
+        self._last_t = -math.inf
+        self._generating = False
+        self.runner.prefill(adapter.conversation_start(self.config.system_prompt))
+        self.runner.take_times()
+
+    # ---- state ---------------------------------------------------------------------------------------
+    @property
+    def frames(self) -> tuple[Evidence, ...]:
+        """The frames in context, oldest first."""
+        return tuple(self._frames)
+
+    @property
+    def last_t(self) -> float:
+        """The latest stream time seen (``-inf`` before the first frame or question)."""
+        return self._last_t
+
+    def stats(self) -> dict[str, float | int]:
+        """Context sizes: tokens seen (logical), tokens held (physical), cache bytes, frames."""
+        return {
+            "logical_tokens": self.runner.logical_length,
+            "cache_tokens": self.runner.cache_length,
+            "cache_bytes": self.runner.cache_bytes(),
+            "frames": len(self._frames),
+        }
+
+    # ---- ingest --------------------------------------------------------------------------------------
+    def ingest(self, frame: Frame | np.ndarray, t: float | None = None, *, source_id: str | None = None) -> IngestResult:
+        """Encode one frame once and append its tokens (timestamp, image) to the context.
+
+        ``frame`` is a :class:`Frame` or an HxWx3 uint8 RGB array with ``t`` its stream time in
+        seconds. Raises :class:`FrameError` or :class:`TimestampError` for bad input, leaving the session
+        unchanged.
+        """
+        if isinstance(frame, Frame):
+            image, t, source = frame.image, frame.pts_s if t is None else t, frame.source_id
+        else:
+            image, source = frame, "default"
+        source = source_id or source
+        if t is None:
+            raise TimestampError("ingest() needs the frame's time t in seconds")
+        self._check_image(image)
+        self._check_time(t, what="frame")
+        self._check_idle()
+        t0 = time.perf_counter()
+        prepared = self.adapter.prepare_frame(image, float(t), source)
+        encoded = self.runner.encode(prepared)
+        self.runner.prefill(prepared.input_ids, grids=[prepared.grid], encoded=encoded)
+        times = self.runner.take_times()
+        self._last_t = float(t)
+        self._frames.append(Evidence(pts_s=float(t), source_id=source))
+        return IngestResult(float(t), len(prepared.input_ids), times.vision_s, times.prefill_s, time.perf_counter() - t0)
+
+    # ---- questions -----------------------------------------------------------------------------------
+    def ask(
+        self,
+        question: str,
+        t: float | None = None,
+        *,
+        sampling: SamplingConfig | None = None,
+        on_delta: Callable[[str], None] | None = None,
+    ) -> Answer:
+        """Answer ``question`` at stream time ``t`` (default: the latest time seen) and return the answer.
+
+        ``on_delta`` receives the text as it is generated. See :meth:`ask_stream` for the rules.
+        """
+        stream = self.ask_stream(question, t, sampling=sampling)
+        for delta in stream:
+            if on_delta is not None:
+                on_delta(delta)
+        assert stream.answer is not None
+        return stream.answer
+
+    def ask_stream(
+        self, question: str, t: float | None = None, *, sampling: SamplingConfig | None = None, return_logits: bool = False
+    ) -> AnswerStream:
+        """Start answering ``question`` and return an :class:`AnswerStream` of text deltas.
+
+        Input is checked now (empty or over-long question: :class:`QuestionError`; ``t`` before the
+        latest frame: :class:`TimestampError`); generation runs as the stream is iterated. The answer
+        and the closing of the turn join the context, so the next question sees this exchange.
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise QuestionError("the question is empty")
+        if len(question) > self.config.max_question_chars:
+            raise QuestionError(f"the question has {len(question)} characters; the limit is {self.config.max_question_chars}")
+        t = self._last_t if t is None else t
+        if math.isfinite(t):
+            self._check_time(t, what="question")
+        self._check_idle()
+        cfg = sampling or self.config.sampling
+        stream = AnswerStream(iter(()))
+        stream._gen = self._generate(question.strip(), t, cfg, stream, return_logits)
+        return stream
+
+    # ---- internals -----------------------------------------------------------------------------------
+    def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool) -> Iterator[str]:
+        self._generating = True
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        evidence = tuple(self._frames)
+        prompt_ids = self.adapter.question_ids(question)
+        stop_ids = self.adapter.stop_ids
+        generated: list[int] = []
+        kept: list[torch.Tensor] = []
+        pending: int | None = None
+        finish, emitted, ttft = "cancelled", "", 0.0
+        try:
+            logits = self.runner.prefill(prompt_ids, all_logits=return_logits)
+            if return_logits:
+                kept.append(logits)
+                logits = logits[-1]
+            if math.isfinite(t):
+                self._last_t = float(t)
+            for _ in range(cfg.max_new_tokens):
+                if pending is not None:
+                    logits = self.runner.decode(pending)
+                    if return_logits:
+                        kept.append(logits[None])
+                    pending = None
+                token = pick_token(logits, cfg, generator)
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                generated.append(token)
+                pending = token
+                if not ttft:
+                    ttft = time.perf_counter() - start
+                text = self.adapter.decode(generated)
+                if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
+                    delta, emitted = text[len(emitted):], text
+                    yield delta
+            else:
+                finish = "length"
+            text = self.adapter.decode(generated)
+            if len(text) > len(emitted) and text.startswith(emitted):
+                yield text[len(emitted):]
+        finally:
+            close = ([pending] if pending is not None else []) + self.adapter.turn_end_ids()
+            self.runner.prefill(close)
+            self.runner.take_times()
+            self._generating = False
+            if return_logits and kept:
+                stream.logits = torch.cat(kept)
+            stream.answer = Answer(
+                text=self.adapter.decode(generated).strip(),
+                token_ids=tuple(generated),
+                asked_at_s=float(t),
+                evidence=evidence,
+                finish_reason=finish,
+                ttft_s=ttft or (time.perf_counter() - start),
+                total_s=time.perf_counter() - start,
+                question=question,
+                prompt_tokens=len(prompt_ids),
+                context_tokens=self.runner.cache_length,
+            )
+
+    def _check_image(self, image: object) -> None:
+        if not isinstance(image, np.ndarray):
+            raise FrameError(f"a frame must be a numpy array, got {type(image).__name__}")
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise FrameError(f"a frame must be HxWx3 RGB, got shape {tuple(image.shape)}")
+        if image.dtype != np.uint8:
+            raise FrameError(f"a frame must be uint8, got {image.dtype}; convert with image.astype(np.uint8) after scaling to 0..255")
+        h, w = image.shape[:2]
+        lo, hi = self.config.min_frame_side, self.config.max_frame_side
+        if min(h, w) < lo or max(h, w) > hi:
+            raise FrameError(f"a frame of {w}x{h} pixels is outside the accepted sides {lo}..{hi}")
+
+    def _check_time(self, t: float, *, what: str) -> None:
+        if not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise TimestampError(f"the {what} time must be a finite number of seconds, got {t!r}")
+        if t < self._last_t:
+            raise TimestampError(f"the {what} time {t:.3f}s is before the latest stream time {self._last_t:.3f}s")
+
+    def _check_idle(self) -> None:
+        if self._generating:
+            raise QuestionError("an answer is still being generated; read it to the end or close() it first")

@@ -1,0 +1,67 @@
+"""The one exception tree of streamvlm.
+
+Everything the package raises on purpose derives from :class:`StreamVLMError`, so a caller can catch
+that one class at a boundary (a CLI command, a protocol handler) and turn it into a message::
+
+    StreamVLMError
+    ├── ConfigError          a setting has an invalid value (also a ValueError)
+    ├── InputError           data handed in is malformed; the session is unchanged (also a ValueError)
+    │   ├── FrameError       a frame of the wrong shape, dtype or size
+    │   ├── QuestionError    an empty or over-long question
+    │   └── TimestampError   a timestamp that is not finite or goes backwards
+    ├── ModelError           a checkpoint cannot be found, loaded or is of an unsupported family
+    ├── SourceError          a video source cannot be opened or read
+    └── CapacityError        the context would outgrow what the model or the budget allows
+
+An :class:`InputError` never leaves a session half-changed: fix the input and call again.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "StreamVLMError",
+    "ConfigError",
+    "InputError",
+    "FrameError",
+    "QuestionError",
+    "TimestampError",
+    "ModelError",
+    "SourceError",
+    "CapacityError",
+]
+
+
+class StreamVLMError(Exception):
+    """Base class for every error raised by streamvlm."""
+
+
+class ConfigError(StreamVLMError, ValueError):
+    """A setting or argument has an invalid value; the message names it and what is allowed."""
+
+
+class InputError(StreamVLMError, ValueError):
+    """Data handed to streamvlm is malformed. Nothing was changed; correct the input and retry."""
+
+
+class FrameError(InputError):
+    """A frame is not an HxWx3 uint8 RGB image of a usable size."""
+
+
+class QuestionError(InputError):
+    """A question is empty or longer than the configured limit."""
+
+
+class TimestampError(InputError):
+    """A timestamp is not finite, or goes backwards relative to what the stream has already seen."""
+
+
+class ModelError(StreamVLMError):
+    """A model cannot be loaded: unknown id or path, unsupported architecture, or broken files."""
+
+
+class SourceError(StreamVLMError):
+    """A video source cannot be opened or read."""
+
+
+class CapacityError(StreamVLMError):
+    """The context would exceed the model's maximum position or the configured budget."""

@@ -1,0 +1,8 @@
+"""Getting frames into streamvlm: reading video files and sampling them by time."""
+
+from __future__ import annotations
+
+from streamvlm.ingest.file import VideoInfo, probe_video, read_video, write_test_clip
+from streamvlm.ingest.sampler import FpsSampler
+
+__all__ = ["FpsSampler", "VideoInfo", "probe_video", "read_video", "write_test_clip"]

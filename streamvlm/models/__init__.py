@@ -1,0 +1,65 @@
+"""Model families behind one interface, and the loader that picks one for a checkpoint.
+
+:func:`load_model` takes a preset name, a Hub id or a local path and returns a ready
+:class:`ModelAdapter`. Checkpoints load through transformers' Auto classes exactly as a user would load
+them; a first download shows the Hub's progress bars.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelError
+from .base import ModelAdapter, PreparedFrame
+from .qwen import QwenVLAdapter
+from .smolvlm import SmolVLMAdapter
+from .tiny import PRESETS, ensure_preset, is_preset
+
+__all__ = ["ModelAdapter", "PreparedFrame", "QwenVLAdapter", "SmolVLMAdapter", "load_model", "PRESETS", "ADAPTERS"]
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (QwenVLAdapter, SmolVLMAdapter)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def _adapter_for(model_type: str) -> type[ModelAdapter]:
+    for cls in ADAPTERS:
+        if model_type in cls.families:
+            return cls
+    supported = ", ".join(f for cls in ADAPTERS for f in cls.families)
+    raise ModelError(f"unsupported model family {model_type!r}; supported: {supported}")
+
+
+def load_model(spec: ModelConfig | str) -> ModelAdapter:
+    """Load a checkpoint and return the adapter for its family.
+
+    ``spec`` is a :class:`ModelConfig` or just the model string. Presets are built on first use. Raises
+    :class:`ModelError` when the id or path cannot be found, the family is unsupported, or the files are
+    incomplete; the message says which.
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    cfg = spec if isinstance(spec, ModelConfig) else ModelConfig(model=spec)
+    source = str(ensure_preset(cfg.model)) if is_preset(cfg.model) else cfg.model
+    if not is_preset(cfg.model) and (source.startswith((".", "/", "~")) or Path(source).exists()):
+        if not Path(source).expanduser().is_dir():
+            raise ModelError(f"model path {source!r} is not a directory with a checkpoint (config.json)")
+        source = str(Path(source).expanduser())
+    try:
+        hf_config = AutoConfig.from_pretrained(source, revision=cfg.revision)
+    except (OSError, ValueError) as exc:
+        presets = ", ".join(PRESETS)
+        raise ModelError(f"cannot load model {cfg.model!r}: {exc}. Presets that need no download: {presets}") from exc
+    adapter_cls = _adapter_for(str(hf_config.model_type))
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
+        image_processor = AutoImageProcessor.from_pretrained(source, revision=cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {cfg.model!r}: {exc}") from exc
+    model.to(cfg.device)
+    return adapter_cls(model, tokenizer, image_processor, source=cfg.model)

@@ -1,0 +1,140 @@
+"""The interface every model family implements, and the shared parts of it.
+
+An adapter knows one family's chat format, how a frame becomes tokens and pixels, how its vision tower
+is called, and how its positions are numbered. It owns no cache and keeps no stream state: the runner
+(:mod:`streamvlm.engine.runner`) owns tensors and the cache, the session decides what is fed when.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+__all__ = ["PreparedFrame", "ModelAdapter"]
+
+
+@dataclass
+class PreparedFrame:
+    """A frame after the processor, before the vision tower.
+
+    ``input_ids`` is the whole segment the frame adds to the context (timestamp text, image markers and
+    one placeholder per visual token); ``pixels`` holds the processor's tensors for this one image;
+    ``grid`` is the visual token grid ``(t, h, w)`` after merging, used by multimodal RoPE.
+    """
+
+    input_ids: list[int]
+    pixels: dict[str, torch.Tensor]
+    grid: tuple[int, int, int]
+    pts_s: float
+    source_id: str = "default"
+
+    @property
+    def num_visual_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+
+class ModelAdapter(ABC):
+    """One model family behind one interface.
+
+    Subclasses set ``families`` (the ``model_type`` values of ``config.json`` they accept) and implement
+    the chat format, :meth:`prepare_frame`, :meth:`encode` and :meth:`position_ids`. Build one with
+    :func:`streamvlm.models.load_model`, which picks the subclass from the checkpoint's config.
+    """
+
+    families: ClassVar[tuple[str, ...]] = ()
+    #: Rows of the position tensor: 1 for 1-D RoPE, 3 for multimodal RoPE (temporal, height, width).
+    position_rows: ClassVar[int] = 1
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, source: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.source = source
+        self.model.eval()
+
+    # ---- identity -----------------------------------------------------------------------------
+    @property
+    def model_type(self) -> str:
+        return str(self.model.config.model_type)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    # ---- text -----------------------------------------------------------------------------------
+    def text_ids(self, text: str, *, user: bool = False) -> list[int]:
+        """Token ids of ``text`` with no special tokens added.
+
+        ``user=True`` splits special-token strings a user typed into plain text, so a question cannot
+        close its own turn or forge a frame.
+        """
+        if user:
+            try:
+                return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+            except TypeError:  # tokenizers without the option
+                pass
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int] | tuple[int, ...]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    # ---- the chat format ------------------------------------------------------------------------
+    @abstractmethod
+    def conversation_start(self, system_prompt: str) -> list[int]:
+        """Ids that open a conversation: the system turn and the opening of the first user turn."""
+
+    @abstractmethod
+    def question_ids(self, question: str) -> list[int]:
+        """Ids that put ``question`` at the end of the current user turn and open the assistant turn."""
+
+    @abstractmethod
+    def turn_end_ids(self) -> list[int]:
+        """Ids fed after an answer: end of the assistant turn and the opening of the next user turn."""
+
+    @property
+    @abstractmethod
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end an answer (end of turn, end of text)."""
+
+    # ---- frames ---------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_frame(self, image: np.ndarray, pts_s: float, source_id: str = "default") -> PreparedFrame:
+        """Run the processor on one HxWx3 uint8 RGB image (CPU work, no model call)."""
+
+    @abstractmethod
+    def encode(self, frame: PreparedFrame) -> Any:
+        """Run the vision tower on one prepared frame; the result goes to :meth:`forward_kwargs`."""
+
+    @abstractmethod
+    def offline_kwargs(self, input_ids: torch.Tensor, frames: list[PreparedFrame]) -> dict[str, Any]:
+        """Arguments for one offline forward over ``input_ids`` holding all ``frames`` (the reference path).
+
+        The reference lets the model number positions itself, so comparing it with the streamed path
+        also checks this adapter's :meth:`position_ids`.
+        """
+
+    def forward_kwargs(self, encoded: Any | None) -> dict[str, Any]:
+        """Model-call arguments that place one already-encoded frame at its placeholder tokens."""
+        return {} if encoded is None else {"mm_encoder_outputs": {"image": encoded}}
+
+    # ---- positions --------------------------------------------------------------------------------
+    @abstractmethod
+    def position_ids(self, ids: list[int], start: int, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+        """Positions for ``ids`` appended at logical position ``start``.
+
+        ``grids`` lists, in order, the grid of each image placeholder run in ``ids``. Returns a
+        ``[position_rows, 1, len(ids)]`` LongTensor and the position the next token takes.
+        """
+
+    def max_positions(self) -> int:
+        cfg = self.model.config.get_text_config()
+        return int(getattr(cfg, "max_position_embeddings", 1 << 30))
