@@ -98,12 +98,31 @@ class Runner:
         self.times.calls["decode"] += 1
         return logits[-1]
 
+    def mark(self) -> tuple[int, int]:
+        """A point to come back to with :meth:`rollback`: (tokens held, next position)."""
+        return (len(self.ids), self.next_position)
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        """Forget every token fed after ``mark``; the cache returns to exactly what it held then."""
+        length, position = mark
+        self._crop_to(length)
+        del self.ids[length:]
+        self.next_position = position
+
     def take_times(self) -> StepTimes:
         """Return the accumulated timings and start counting afresh."""
         times, self.times = self.times, StepTimes()
         return times
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _crop_to(self, length: int) -> None:
+        # Layer by layer: a forward that failed midway extended only the layers before the failure.
+        for layer in self.cache.layers:
+            keys = getattr(layer, "keys", None)
+            extra = keys.shape[-2] - length if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else 0
+            if extra > 0:
+                layer.crop(-extra)  # transformers 5.23: a negative count removes that many tokens
+
     def _forward(self, ids: list[int], grids: list[tuple[int, int, int]], encoded: Any | None, keep: int) -> torch.Tensor:
         positions, next_position = self.adapter.position_ids(ids, self.next_position, grids)
         if next_position > self._max_positions:
@@ -125,8 +144,7 @@ class Runner:
                 **self.adapter.forward_kwargs(encoded),
             )
         except BaseException:
-            if self.cache_length > held:
-                self.cache.crop(held)
+            self._crop_to(held)
             raise
         self.next_position = next_position
         self.ids.extend(ids)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,23 @@ class StreamSession:
             "cache_bytes": self.runner.cache_bytes(),
             "frames": len(self._frames),
         }
+
+    @contextmanager
+    def scratch(self) -> Iterator[StreamSession]:
+        """Work on a throw-away extension of the context; on exit the session is exactly as before.
+
+        Use it to score a probe or time a question without adding to the dialogue::
+
+            with session.scratch():
+                session.ask("Is the kettle boiling?")
+        """
+        mark, last_t, frames = self.runner.mark(), self._last_t, len(self._frames)
+        try:
+            yield self
+        finally:
+            self.runner.rollback(mark)
+            self._last_t = last_t
+            del self._frames[frames:]
 
     # ---- ingest --------------------------------------------------------------------------------------
     def ingest(self, frame: Frame | np.ndarray, t: float | None = None, *, source_id: str | None = None) -> IngestResult:

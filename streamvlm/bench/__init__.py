@@ -1,0 +1,1 @@
+"""Benchmarks behind ``streamvlm bench ...``: speed and memory figures, never pass/fail tests."""

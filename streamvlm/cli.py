@@ -1,0 +1,188 @@
+"""The ``streamvlm`` command line.
+
+``streamvlm run [VIDEO]``          play a video through the model as if live and answer timed questions
+``streamvlm check-model MODEL``    prove streamed == offline logits for a checkpoint, print JSON
+``streamvlm bench latency ...``    time to first token, streamed vs. re-reading every frame
+
+Errors from the exception tree print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import IngestConfig, ModelConfig, SamplingConfig, SessionConfig
+from .errors import ConfigError, StreamVLMError
+
+__all__ = ["main", "parse_timed_question"]
+
+_DEFAULT_QUESTIONS = ("1s: What colour is the background?", "3s: Where did the square move since the start?")
+_TIME = re.compile(r"^\s*(?:(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?|(?P<clock>\d+(?::\d{1,2}){1,2}(?:\.\d+)?))\s*$")
+
+
+def parse_timed_question(spec: str) -> tuple[float, str]:
+    """Split ``"12s: what is on the board?"`` into ``(12.0, "what is on the board?")``.
+
+    Times may be ``95``, ``95s``, ``1m35s``, ``1h2m``, ``01:35`` or ``1:01:35``. Raises ConfigError otherwise.
+    """
+    head, sep, question = spec.partition(": ") if ": " in spec else spec.partition(" ")
+    match = _TIME.match(head) if sep else None
+    if not match or not question.strip() or not head.strip():
+        raise ConfigError(f"--ask {spec!r}: expected 'TIME: question', e.g. '12s: what is on the table?'")
+    if match.group("clock"):
+        seconds = 0.0
+        for part in match.group("clock").split(":"):
+            seconds = seconds * 60 + float(part)
+    else:
+        seconds = int(match.group("h") or 0) * 3600 + int(match.group("m") or 0) * 60 + float(match.group("s") or 0)
+    return seconds, question.strip()
+
+
+def _clock(t: float) -> str:
+    minutes, seconds = divmod(t, 60)
+    return f"{int(minutes):02d}:{seconds:04.1f}"
+
+
+def _random_label(model: str) -> str:
+    from .models.tiny import is_preset
+
+    return " (random weights: answers are noise; pass --model with a real checkpoint)" if is_preset(model) else ""
+
+
+# ---- run -----------------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine import StreamSession
+    from .ingest import read_video, write_test_clip
+    from .models import load_model
+
+    ingest_cfg = IngestConfig(fps=args.fps, realtime=not args.fast)
+    questions = sorted(parse_timed_question(q) for q in (args.ask or (_DEFAULT_QUESTIONS if args.video is None else ())))
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="streamvlm-") as tmp:
+        video = args.video
+        if video is None:
+            video = str(write_test_clip(Path(tmp) / "demo.mp4", seconds=4.0, fps=10.0, size=(160, 120)))
+            print(f"streamvlm: no video given, playing a generated 4 s clip ({video})", file=sys.stderr)
+        print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
+        adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
+        session = StreamSession(adapter, SessionConfig(sampling=sampling, **({"system_prompt": args.system} if args.system else {})))
+        pending = list(questions)
+        wall0, pts0, dropped, ingested = time.perf_counter(), None, 0, 0
+
+        def answer_due(up_to: float) -> None:
+            while pending and pending[0][0] <= up_to:
+                t, q = pending.pop(0)
+                print(f"[{_clock(t)}] Q: {q}")
+                print(f"[{_clock(t)}] A: ", end="", flush=True)
+                ans = session.ask(q, max(t, session.last_t), on_delta=lambda d: print(d, end="", flush=True))
+                span = f"{_clock(ans.evidence[0].pts_s)}-{_clock(ans.evidence[-1].pts_s)}" if ans.evidence else "none"
+                print(f"\n    evidence: {len(ans.evidence)} frames {span} | first token {ans.ttft_s:.2f}s | {ans.finish_reason}")
+
+        for frame in read_video(video, fps=ingest_cfg.fps):
+            pts0 = frame.pts_s if pts0 is None else pts0
+            answer_due(frame.pts_s - 1e-9)
+            if ingest_cfg.realtime:
+                lag = (time.perf_counter() - wall0) - (frame.pts_s - pts0)
+                if lag < 0:
+                    time.sleep(-lag)
+                elif lag > 1.0 / ingest_cfg.fps:  # a live source would have moved on: drop, latest wins
+                    dropped += 1
+                    continue
+            session.ingest(frame)
+            ingested += 1
+        answer_due(float("inf"))
+        stats = session.stats()
+        print(
+            f"streamvlm: {ingested} frames read once, {dropped} dropped to keep real time, "
+            f"{stats['cache_tokens']} tokens in context ({stats['cache_bytes'] / 2**20:.1f} MiB)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ---- check-model -----------------------------------------------------------------------------------------
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .engine.check import check_exactness, synthetic_frames
+    from .models import load_model
+
+    adapter = load_model(ModelConfig(model=args.model))
+    report = check_exactness(adapter, synthetic_frames(args.frames), args.question, max_new_tokens=args.max_new_tokens, tolerance=args.tolerance)
+    print(json.dumps(report.to_dict()))
+    return 0 if report.ok else 1
+
+
+# ---- bench -------------------------------------------------------------------------------------------------
+def _cmd_bench_latency(args: argparse.Namespace) -> int:
+    from .bench.latency import run_latency_bench
+
+    try:
+        counts = sorted({int(x) for x in args.frames.split(",") if x.strip()})
+    except ValueError as exc:
+        raise ConfigError(f"--frames {args.frames!r}: expected comma-separated integers like 16,64,128") from exc
+    if not counts or counts[0] < 1:
+        raise ConfigError("--frames needs at least one count >= 1")
+    result = run_latency_bench(ModelConfig(model=args.model), counts, repeats=args.repeats, progress=not args.quiet)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamvlm", description="Watch live video with a vision-language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="play a video through the model as if live and answer timed questions")
+    run.add_argument("video", nargs="?", help="video file (default: a generated 4 s clip)")
+    run.add_argument("--model", default="tiny-smolvlm", help="preset, Hub id or local path (default: tiny-smolvlm, random weights)")
+    run.add_argument("--fps", type=float, default=2.0, help="frames per second to read (by timestamp; default 2)")
+    run.add_argument("--ask", action="append", metavar="'TIME: QUESTION'", help="a question at a stream time, e.g. '12s: what is on the board?'")
+    run.add_argument("--fast", action="store_true", help="read as fast as possible instead of at real-time pace")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--dtype", default="float32", help="float32 (CPU default), bfloat16, float16 or auto")
+    run.add_argument("--system", default=None, help="system prompt")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check-model", help="check that streaming gives the logits of one offline prefill")
+    check.add_argument("model", help="preset, Hub id or local path")
+    check.add_argument("--frames", type=int, default=8)
+    check.add_argument("--question", default="What happened in the video?")
+    check.add_argument("--max-new-tokens", type=int, default=8)
+    check.add_argument("--tolerance", type=float, default=1e-4, help="max absolute logit difference allowed (float32)")
+    check.set_defaults(func=_cmd_check)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    lat = bench_sub.add_parser("latency", help="time to first token: streamed cache vs. re-reading every frame")
+    lat.add_argument("--model", default="smolvlm-256m-random")
+    lat.add_argument("--frames", default="16,64,128", help="stream lengths, comma-separated")
+    lat.add_argument("--repeats", type=int, default=3, help="questions timed per stream length (median reported)")
+    lat.add_argument("--json", metavar="OUT", help="write the result to this file")
+    lat.add_argument("--quiet", action="store_true", help="no progress bar")
+    lat.set_defaults(func=_cmd_bench_latency)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except StreamVLMError as exc:
+        print(f"streamvlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

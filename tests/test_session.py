@@ -1,0 +1,184 @@
+"""StreamSession: exact streaming, multi-turn dialogue, bad input, cancellation and scratch contexts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from streamvlm import SamplingConfig, SessionConfig, StreamSession
+from streamvlm.engine.check import check_exactness, synthetic_frames
+from streamvlm.errors import FrameError, QuestionError, StreamVLMError, TimestampError
+
+
+def offline_logits(adapter, session: StreamSession, frames, times) -> torch.Tensor:
+    """Logits of one offline forward over everything the session has been fed (the reference)."""
+    ids = torch.tensor([session.runner.ids])
+    prepared = [adapter.prepare_frame(f, t) for f, t in zip(frames, times)]
+    with torch.inference_mode():
+        return adapter.model(input_ids=ids, **adapter.offline_kwargs(ids, prepared)).logits[0].float()
+
+
+def test_streaming_equals_offline_prefill(adapter):
+    report = check_exactness(adapter, synthetic_frames(5), "What is moving?", max_new_tokens=10)
+    assert report.max_abs_logit_diff <= 1e-4, report
+    assert report.same_answer, report
+    assert report.ok
+    assert report.frames == 5 and report.context_tokens > 5
+
+
+def test_later_questions_see_earlier_dialogue_exactly(adapter):
+    """Frames, an answer, more frames, a second question: still one offline prefill's logits."""
+    frames = synthetic_frames(4, seed=3)
+    session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=5)))
+    session.ingest(frames[0], 0.0)
+    session.ingest(frames[1], 1.0)
+    first = session.ask("What is there?", 1.5)
+    assert first.finish_reason in ("stop", "length")
+    session.ingest(frames[2], 2.0)
+    session.ingest(frames[3], 3.0)
+    before = len(session.runner.ids)
+    stream = session.ask_stream("And before that?", 3.5, return_logits=True)
+    second = stream.result()
+    prompt_len = len(adapter.question_ids("And before that?"))
+    ref = offline_logits(adapter, session, frames, [0.0, 1.0, 2.0, 3.0])
+    streamed_question = stream.logits[:prompt_len]
+    assert torch.allclose(streamed_question, ref[before : before + prompt_len], atol=1e-4, rtol=0)
+    # the first answer's tokens sit in the context the second question saw
+    assert first.token_ids == tuple(session.runner.ids[session.runner.ids.index(first.token_ids[0]) :][: len(first.token_ids)]) if first.token_ids else True
+    assert [e.pts_s for e in second.evidence] == [0.0, 1.0, 2.0, 3.0]
+    assert [e.pts_s for e in first.evidence] == [0.0, 1.0]
+
+
+def test_answer_reports_evidence_timing_and_finish(smol):
+    session = StreamSession(smol, SessionConfig(sampling=SamplingConfig(max_new_tokens=3)))
+    for i, f in enumerate(synthetic_frames(3)):
+        session.ingest(f, 0.5 * i, source_id="cam1")
+    deltas: list[str] = []
+    answer = session.ask("What do you see?", 2.0, on_delta=deltas.append)
+    assert answer.asked_at_s == 2.0
+    assert [(e.pts_s, e.source_id) for e in answer.evidence] == [(0.0, "cam1"), (0.5, "cam1"), (1.0, "cam1")]
+    assert answer.finish_reason in ("stop", "length")
+    assert len(answer.token_ids) <= 3
+    assert "".join(deltas).strip() == answer.text
+    assert 0 < answer.ttft_s <= answer.total_s
+    assert session.last_t == 2.0
+
+
+def test_max_new_tokens_stops_with_length(smol):
+    # A random model rarely emits its end-of-turn token in 2 steps; if it did, "stop" is also correct.
+    session = StreamSession(smol)
+    session.ingest(synthetic_frames(1)[0], 0.0)
+    answer = session.ask("Describe it.", sampling=SamplingConfig(max_new_tokens=2))
+    assert (answer.finish_reason, len(answer.token_ids)) in {("length", 2), ("stop", 0), ("stop", 1)}
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (np.zeros((32, 32), dtype=np.uint8), FrameError),
+        (np.zeros((32, 32, 4), dtype=np.uint8), FrameError),
+        (np.zeros((32, 32, 3), dtype=np.float32), FrameError),
+        (np.zeros((2, 32, 3), dtype=np.uint8), FrameError),
+        ("not an image", FrameError),
+    ],
+)
+def test_bad_frames_are_refused_and_session_stays_usable(smol, bad, error):
+    session = StreamSession(smol)
+    session.ingest(synthetic_frames(1)[0], 1.0)
+    held = list(session.runner.ids)
+    with pytest.raises(error) as info:
+        session.ingest(bad, 2.0)
+    assert isinstance(info.value, StreamVLMError) and str(info.value)
+    assert session.runner.ids == held and session.runner.cache_length == len(held)
+    session.ingest(synthetic_frames(2)[1], 2.0)
+    assert session.ask("still there?", sampling=SamplingConfig(max_new_tokens=2)).evidence[-1].pts_s == 2.0
+
+
+def test_bad_times_and_questions_are_refused(smol):
+    session = StreamSession(smol)
+    frame = synthetic_frames(1)[0]
+    session.ingest(frame, 5.0)
+    held = session.runner.cache_length
+    with pytest.raises(TimestampError, match="before the latest"):
+        session.ingest(frame, 4.0)
+    with pytest.raises(TimestampError):
+        session.ingest(frame, math.nan)
+    with pytest.raises(TimestampError):
+        session.ask("what?", 1.0)
+    with pytest.raises(QuestionError):
+        session.ask("   ", 6.0)
+    with pytest.raises(QuestionError):
+        session.ask("x" * 5000, 6.0)
+    assert session.runner.cache_length == held and session.last_t == 5.0
+    session.ingest(frame, 5.0)  # an equal time is allowed
+    assert session.stats()["frames"] == 2
+
+
+def test_cancel_keeps_context_consistent(smol):
+    """Closing a stream mid-answer ends the turn; the context stays exact for what follows."""
+    frames = synthetic_frames(3, seed=5)
+    session = StreamSession(smol, SessionConfig(sampling=SamplingConfig(max_new_tokens=20)))
+    session.ingest(frames[0], 0.0)
+    stream = session.ask_stream("Tell me a long story.")
+    next(iter(stream), None)
+    with pytest.raises(QuestionError, match="still being generated"):
+        session.ingest(frames[1], 1.0)
+    stream.close()
+    assert stream.answer is not None and stream.answer.finish_reason in ("cancelled", "stop")
+    session.ingest(frames[1], 1.0)
+    session.ingest(frames[2], 2.0)
+    before = len(session.runner.ids)
+    follow = session.ask_stream("What now?", return_logits=True)
+    follow.result()
+    n = len(smol.question_ids("What now?"))
+    ref = offline_logits(smol, session, frames, [0.0, 1.0, 2.0])
+    assert torch.allclose(follow.logits[:n], ref[before : before + n], atol=1e-4, rtol=0)
+
+
+def test_scratch_restores_the_cache_exactly(adapter):
+    session = StreamSession(adapter)
+    session.ingest(synthetic_frames(1)[0], 0.0)
+    keys = [layer.keys.clone() for layer in session.runner.cache.layers]
+    ids, pos = list(session.runner.ids), session.runner.next_position
+    with session.scratch():
+        session.ingest(synthetic_frames(2)[1], 1.0)
+        session.ask("Is it red?", sampling=SamplingConfig(max_new_tokens=3))
+        assert session.runner.cache_length > len(ids)
+    assert session.runner.ids == ids and session.runner.next_position == pos and session.last_t == 0.0
+    assert len(session.frames) == 1
+    for layer, before in zip(session.runner.cache.layers, keys):
+        assert torch.equal(layer.keys, before)
+
+
+def test_sampling_is_repeatable_with_a_seed(smol):
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    answers = []
+    for _ in range(2):
+        session = StreamSession(smol)
+        session.ingest(synthetic_frames(1)[0], 0.0)
+        answers.append(session.ask("Guess.", sampling=cfg).token_ids)
+    assert answers[0] == answers[1]
+
+
+def test_failed_forward_leaves_cache_untouched(smol, monkeypatch):
+    """A forward that dies after some layers wrote their keys must not leave those keys behind."""
+    session = StreamSession(smol)
+    session.ingest(synthetic_frames(1)[0], 0.0)
+    held = (list(session.runner.ids), session.runner.cache_length, session.runner.next_position)
+    last_layer = smol.model.model.text_model.layers[-1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(last_layer, "forward", broken)
+    with pytest.raises(RuntimeError):
+        session.ingest(synthetic_frames(2)[1], 1.0)
+    monkeypatch.undo()
+    assert (list(session.runner.ids), session.runner.cache_length, session.runner.next_position) == held
+    assert all(layer.keys.shape[-2] == held[1] for layer in session.runner.cache.layers)
+    assert len(session.frames) == 1 and session.last_t == 0.0
+    session.ingest(synthetic_frames(2)[1], 1.0)
+    assert session.stats()["frames"] == 2
