@@ -344,17 +344,35 @@ def test_probe_video(clip: Path) -> None:
     assert info == VideoInfo(width=128, height=96, fps=10.0, frame_count=40, duration_s=4.0)
 
 
-class _TrackingCapture(cv2.VideoCapture):
+class _TrackingCapture:
+    """Wraps a real capture and records whether it was released.
+
+    A wrapper rather than a subclass: cv2 classes do not support Python
+    subclasses that add attributes.
+    """
+
     opened: list[_TrackingCapture] = []
 
     def __init__(self, *args: object) -> None:
-        super().__init__(*args)
+        self._capture = _REAL_VIDEO_CAPTURE(*args)
         self.released = False
         _TrackingCapture.opened.append(self)
 
+    def isOpened(self) -> bool:  # noqa: N802 - mirrors the cv2 name
+        return self._capture.isOpened()
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        return self._capture.read()
+
+    def get(self, prop: int) -> float:
+        return self._capture.get(prop)
+
     def release(self) -> None:
         self.released = True
-        super().release()
+        self._capture.release()
+
+
+_REAL_VIDEO_CAPTURE = cv2.VideoCapture
 
 
 @pytest.fixture()

@@ -7,6 +7,7 @@ them; a first download shows the Hub's progress bars.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -58,7 +59,9 @@ def load_model(spec: ModelConfig | str) -> ModelAdapter:
             source, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
         )
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
-        image_processor = AutoImageProcessor.from_pretrained(source, revision=cfg.revision)
+        # Without torchvision (not installable beside the CPU torch build) ask for the PIL backend directly.
+        backend = None if importlib.util.find_spec("torchvision") else "pil"
+        image_processor = AutoImageProcessor.from_pretrained(source, revision=cfg.revision, backend=backend)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {cfg.model!r}: {exc}") from exc
     model.to(cfg.device)

@@ -101,7 +101,7 @@ def _qwen_text(tok: Any, vocab: int, hidden: int, layers: int, heads: int, kv: i
 
 
 def _build_tiny_qwen25(out: Path) -> None:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     tok = _build_tokenizer(_QWEN_SPECIALS, 640, eos="<|im_end|>", pad="<|endoftext|>")
     tok.chat_template = _QWEN_TEMPLATE
@@ -111,12 +111,12 @@ def _build_tiny_qwen25(out: Path) -> None:
                            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
         **_qwen_ids(tok),
     )
-    processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
     _save(Qwen2_5_VLForConditionalGeneration(cfg), tok, processor, out)
 
 
 def _build_tiny_qwen3(out: Path) -> None:
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok = _build_tokenizer(_QWEN_SPECIALS, 640, eos="<|im_end|>", pad="<|endoftext|>")
     tok.chat_template = _QWEN_TEMPLATE
@@ -127,7 +127,7 @@ def _build_tiny_qwen3(out: Path) -> None:
                            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[1]),
         **_qwen_ids(tok),
     )
-    processor = Qwen2VLImageProcessor(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2, temporal_patch_size=2,
+    processor = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2, temporal_patch_size=2,
                                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     _save(Qwen3VLForConditionalGeneration(cfg), tok, processor, out)
 
@@ -141,7 +141,7 @@ _SMOL_TEMPLATE = (
 
 
 def _build_smolvlm(out: Path, *, vocab: int, vision: dict, text: dict, scale_factor: int, image_side: int) -> None:
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
 
     tok = _build_tokenizer(_SMOL_SPECIALS, vocab, eos="<end_of_utterance>", pad="<|endoftext|>")
     tok.chat_template = _SMOL_TEMPLATE
@@ -153,7 +153,7 @@ def _build_smolvlm(out: Path, *, vocab: int, vision: dict, text: dict, scale_fac
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         pad_token_id=tok.pad_token_id,
     )
-    processor = SmolVLMImageProcessor(size={"longest_edge": image_side}, max_image_size={"longest_edge": image_side}, do_image_splitting=False)
+    processor = SmolVLMImageProcessorPil(size={"longest_edge": image_side}, max_image_size={"longest_edge": image_side}, do_image_splitting=False)
     _save(SmolVLMForConditionalGeneration(cfg), tok, processor, out)
 
 
