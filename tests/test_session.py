@@ -182,3 +182,20 @@ def test_failed_forward_leaves_cache_untouched(smol, monkeypatch):
     assert len(session.frames) == 1 and session.last_t == 0.0
     session.ingest(synthetic_frames(2)[1], 1.0)
     assert session.stats()["frames"] == 2
+
+
+def test_a_second_stream_cannot_interleave_with_the_first(smol):
+    session = StreamSession(smol, SessionConfig(sampling=SamplingConfig(max_new_tokens=8)))
+    session.ingest(synthetic_frames(1)[0], 0.0)
+    first = session.ask_stream("one?")
+    second = session.ask_stream("two?")  # created while idle: allowed
+    if next(iter(first), None) is not None:  # the first is now generating
+        with pytest.raises(QuestionError, match="still being generated"):
+            next(iter(second))
+    first.close()
+    assert session.ask("three?").finish_reason in ("stop", "length")
+
+
+def test_a_question_before_any_frame_is_answered_at_time_zero(smol):
+    answer = StreamSession(smol).ask("Is anyone there?", sampling=SamplingConfig(max_new_tokens=2))
+    assert answer.asked_at_s == 0.0 and answer.evidence == ()

@@ -60,8 +60,8 @@ class AnswerStream:
     :attr:`logits` (float32, ``[n, V]``), for checks and scoring.
     """
 
-    def __init__(self, gen: Iterator[str]) -> None:
-        self._gen = gen
+    def __init__(self) -> None:
+        self._gen: Iterator[str] = iter(())
         self.answer: Answer | None = None
         self.logits: torch.Tensor | None = None
 
@@ -192,34 +192,38 @@ class StreamSession:
             raise QuestionError("the question is empty")
         if len(question) > self.config.max_question_chars:
             raise QuestionError(f"the question has {len(question)} characters; the limit is {self.config.max_question_chars}")
-        t = self._last_t if t is None else t
-        if math.isfinite(t):
-            self._check_time(t, what="question")
+        if t is None:
+            t = self._last_t if math.isfinite(self._last_t) else 0.0
+        self._check_time(t, what="question")
         self._check_idle()
-        cfg = sampling or self.config.sampling
-        stream = AnswerStream(iter(()))
-        stream._gen = self._generate(question.strip(), t, cfg, stream, return_logits)
+        stream = AnswerStream()
+        stream._gen = self._generate(question.strip(), float(t), sampling or self.config.sampling, stream, return_logits)
         return stream
 
     # ---- internals -----------------------------------------------------------------------------------
     def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool) -> Iterator[str]:
+        self._check_idle()  # another stream may have started since this one was created
+        self._check_time(t, what="question")
         self._generating = True
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         evidence = tuple(self._frames)
         prompt_ids = self.adapter.question_ids(question)
+        try:
+            logits = self.runner.prefill(prompt_ids, all_logits=return_logits)
+        except BaseException:
+            self._generating = False  # nothing was added: the runner rolled the cache back
+            raise
+        self._last_t = t
         stop_ids = self.adapter.stop_ids
         generated: list[int] = []
         kept: list[torch.Tensor] = []
-        pending: int | None = None
+        if return_logits:
+            kept.append(logits)
+            logits = logits[-1]
+        pending: int | None = None  # generated but not yet fed to the cache
         finish, emitted, ttft = "cancelled", "", 0.0
         try:
-            logits = self.runner.prefill(prompt_ids, all_logits=return_logits)
-            if return_logits:
-                kept.append(logits)
-                logits = logits[-1]
-            if math.isfinite(t):
-                self._last_t = float(t)
             for _ in range(cfg.max_new_tokens):
                 if pending is not None:
                     logits = self.runner.decode(pending)
@@ -232,8 +236,7 @@ class StreamSession:
                     break
                 generated.append(token)
                 pending = token
-                if not ttft:
-                    ttft = time.perf_counter() - start
+                ttft = ttft or time.perf_counter() - start
                 text = self.adapter.decode(generated)
                 if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
                     delta, emitted = text[len(emitted):], text
@@ -244,16 +247,17 @@ class StreamSession:
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield text[len(emitted):]
         finally:
-            close = ([pending] if pending is not None else []) + self.adapter.turn_end_ids()
-            self.runner.prefill(close)
+            # Close the assistant turn (with the last generated token if it was not fed yet), so the
+            # next question or frame continues a well-formed dialogue.
+            self.runner.prefill(([pending] if pending is not None else []) + self.adapter.turn_end_ids())
             self.runner.take_times()
             self._generating = False
-            if return_logits and kept:
+            if return_logits:
                 stream.logits = torch.cat(kept)
             stream.answer = Answer(
                 text=self.adapter.decode(generated).strip(),
                 token_ids=tuple(generated),
-                asked_at_s=float(t),
+                asked_at_s=t,
                 evidence=evidence,
                 finish_reason=finish,
                 ttft_s=ttft or (time.perf_counter() - start),
