@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import IngestConfig, ModelConfig, SamplingConfig, SessionConfig
+from .config import IngestConfig, MemoryConfig, ModelConfig, SamplingConfig, SessionConfig
 from .errors import (
     CapacityError,
     ConfigError,
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Answer", "AnswerStream", "CapacityError", "CheckReport", "ConfigError", "Evidence", "Frame", "FrameError",
-    "IngestConfig", "InputError", "ModelAdapter", "ModelConfig", "ModelError", "QuestionError", "SamplingConfig",
+    "IngestConfig", "InputError", "MemoryConfig", "ModelAdapter", "ModelConfig", "ModelError", "QuestionError", "SamplingConfig",
     "SessionConfig", "SourceError", "StreamSession", "StreamVLMError", "TimestampError", "check_exactness", "load_model",
 ]
 

@@ -3,6 +3,7 @@
 ``streamvlm run [VIDEO]``          play a video through the model as if live and answer timed questions
 ``streamvlm check-model MODEL``    prove streamed == offline logits for a checkpoint, print JSON
 ``streamvlm bench latency ...``    time to first token, streamed vs. re-reading every frame
+``streamvlm bench memory ...``     working memory, store and RSS over a long stream under a token budget
 
 Errors from the exception tree print one line on stderr and exit with status 2.
 """
@@ -136,6 +137,21 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_memory(args: argparse.Namespace) -> int:
+    from .bench.memory import parse_size, run_memory_bench
+
+    ram, disk = parse_size(args.store_ram, what="--store-ram"), parse_size(args.store_disk, what="--store-disk")
+    result = run_memory_bench(
+        ModelConfig(model=args.model), args.frames, args.policy, budget_tokens=args.budget, store_ram_bytes=ram, store_disk_bytes=disk,
+        sample_every=args.sample_every, progress=not args.quiet,
+    )
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamvlm", description="Watch live video with a vision-language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--json", metavar="OUT", help="write the result to this file")
     lat.add_argument("--quiet", action="store_true", help="no progress bar")
     lat.set_defaults(func=_cmd_bench_latency)
+    mem = bench_sub.add_parser("memory", help="working memory, store and RSS over a long stream under a token budget")
+    mem.add_argument("--model", default="smolvlm-256m-random")
+    mem.add_argument("--frames", type=int, default=1000, help="frames to stream")
+    mem.add_argument("--policy", default="window", help="window, infinipot, proxy-attention or merge (default: window)")
+    mem.add_argument("--budget", type=int, default=4096, help="working-memory budget in tokens (default 4096)")
+    mem.add_argument("--store-ram", default="256MB", help="long-term store quota in RAM, e.g. 512MB or 2GB (default 256MB)")
+    mem.add_argument("--store-disk", default="0", help="long-term store quota on disk, e.g. 2GB (default 0: none)")
+    mem.add_argument("--sample-every", type=int, default=100, help="frames between samples (the last frame is always sampled)")
+    mem.add_argument("--json", metavar="OUT", help="write the result to this file")
+    mem.add_argument("--fast", action="store_true", help="accepted for symmetry with run: this benchmark always streams as fast as possible")
+    mem.add_argument("--quiet", action="store_true", help="no progress bar")
+    mem.set_defaults(func=_cmd_bench_memory)
     return parser
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig"]
+__all__ = ["ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig", "MemoryConfig", "POLICIES"]
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -106,3 +106,65 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         _require(_finite_positive(self.fps), "fps", f"must be a finite number > 0, got {self.fps!r}")
+
+
+POLICIES = ("window", "infinipot", "proxy-attention", "merge")
+_POSITIONS = ("keep", "reindex")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The working-memory budget and what happens to what does not fit.
+
+    ``budget_tokens`` is the hard cap on tokens the model attends to (None: unbounded, nothing is ever
+    compressed and streaming stays exact). Dialogue (questions and answers) has its own cap,
+    ``text_budget_tokens`` (default: a quarter of the budget); frames get the rest after the system
+    prompt. Always kept: the system prompt, the last ``recent_frames`` frames and the last
+    ``recent_turns`` question/answer turns. ``policy`` picks what to compress or evict (see
+    ``streamvlm.memory.policies``); ``keep_ratio`` is the share of a frame's tokens a compressing
+    policy keeps; ``merge_similarity`` the cosine similarity above which ``merge`` folds a frame into
+    the previous one. ``positions`` is ``keep`` (original positions, gaps allowed, rebased when
+    they pass half the model's range) or ``reindex`` (kept chunks re-rotated to contiguous positions
+    after every eviction). Evicted chunks go to a long-term store with ``store_ram_bytes`` in RAM and
+    ``store_disk_bytes`` on disk under ``store_dir`` (a temporary directory when None); a question
+    brings back the ``retrieval_top_k`` most relevant ones (0 disables retrieval).
+    """
+
+    budget_tokens: int | None = None
+    text_budget_tokens: int | None = None
+    recent_frames: int = 2
+    recent_turns: int = 1
+    policy: str = "window"
+    keep_ratio: float = 0.5
+    merge_similarity: float = 0.98
+    positions: str = "keep"
+    store_ram_bytes: int = 256 * 2**20
+    store_disk_bytes: int = 0
+    store_dir: str | None = None
+    retrieval_top_k: int = 4
+
+    def __post_init__(self) -> None:
+        if self.budget_tokens is not None:
+            _require(isinstance(self.budget_tokens, int) and self.budget_tokens >= 16, "budget_tokens", "must be an integer >= 16 or None")
+        if self.text_budget_tokens is not None:
+            _require(isinstance(self.text_budget_tokens, int) and self.text_budget_tokens >= 0, "text_budget_tokens", "must be an integer >= 0")
+            if self.budget_tokens is not None:
+                _require(self.text_budget_tokens < self.budget_tokens, "text_budget_tokens", "must be smaller than budget_tokens")
+        _require(isinstance(self.recent_frames, int) and self.recent_frames >= 1, "recent_frames", "must be an integer >= 1")
+        _require(isinstance(self.recent_turns, int) and self.recent_turns >= 0, "recent_turns", "must be an integer >= 0")
+        _require(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        _require(0 < self.keep_ratio < 1, "keep_ratio", "must be in (0, 1)")
+        _require(0 < self.merge_similarity <= 1, "merge_similarity", "must be in (0, 1]")
+        _require(self.positions in _POSITIONS, "positions", f"must be one of {', '.join(_POSITIONS)}")
+        _require(self.store_ram_bytes >= 0 and self.store_disk_bytes >= 0, "store_ram_bytes", "quotas must be >= 0 bytes")
+        _require(isinstance(self.retrieval_top_k, int) and self.retrieval_top_k >= 0, "retrieval_top_k", "must be an integer >= 0")
+
+    @property
+    def bounded(self) -> bool:
+        return self.budget_tokens is not None
+
+    @property
+    def text_budget(self) -> int | None:
+        if self.budget_tokens is None:
+            return None
+        return self.text_budget_tokens if self.text_budget_tokens is not None else self.budget_tokens // 4

@@ -82,15 +82,17 @@ def check_exactness(
     out = adapter.model(input_ids=ids, use_cache=True, **adapter.offline_kwargs(ids.cpu(), prepared))
     ref_logits = [out.logits[0, len(context):].float()]
     cache, offline_ids = out.past_key_values, []
-    next_logits = ref_logits[0][-1]
+    next_logits = ref_logits[0][-1].clone()
+    banned = list(adapter.banned_ids)
     for _ in range(max_new_tokens):
+        next_logits[banned] = float("-inf")  # the session never emits image placeholders either
         token = int(torch.argmax(next_logits))
         if token in adapter.stop_ids:
             break
         offline_ids.append(token)
         step = adapter.model(input_ids=torch.tensor([[token]], device=adapter.device), past_key_values=cache, use_cache=True)
         cache, next_logits = step.past_key_values, step.logits[0, -1].float()
-        ref_logits.append(next_logits[None])
+        ref_logits.append(next_logits[None].clone())
     reference = torch.cat(ref_logits)
     n = min(len(reference), len(stream.logits))
     diff = float((reference[:n] - stream.logits[:n]).abs().max())

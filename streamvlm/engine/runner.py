@@ -43,6 +43,7 @@ class Runner:
         self.next_position = 0  # the position the next token takes
         self.ids: list[int] = []  # every token fed, in order (the logical stream)
         self.times = StepTimes()
+        self.last_positions = torch.empty(adapter.position_rows, 0, dtype=torch.long)  # of the last call, [rows, n]
         self._max_positions = adapter.max_positions()
 
     # ---- lengths ------------------------------------------------------------------------------------
@@ -98,16 +99,52 @@ class Runner:
         self.times.calls["decode"] += 1
         return logits[-1]
 
-    def mark(self) -> tuple[int, int]:
-        """A point to come back to with :meth:`rollback`: (tokens held, next position)."""
-        return (len(self.ids), self.next_position)
+    def mark(self) -> tuple[int, int, int]:
+        """A point to come back to with :meth:`rollback`: (tokens held, next position, tokens seen)."""
+        return (self.cache_length, self.next_position, len(self.ids))
 
-    def rollback(self, mark: tuple[int, int]) -> None:
-        """Forget every token fed after ``mark``; the cache returns to exactly what it held then."""
-        length, position = mark
-        self._crop_to(length)
-        del self.ids[length:]
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        """Forget every token fed after ``mark``; the cache returns to exactly what it held then.
+
+        Valid only while nothing before the mark was edited (no eviction in between).
+        """
+        held, position, seen = mark
+        self._crop_to(held)
+        del self.ids[seen:]
         self.next_position = position
+
+    @torch.inference_mode()
+    def query_vectors(self, ids: list[int], *, rotated: bool) -> torch.Tensor:
+        """Each layer's query vectors for ``ids`` fed at the end of the context, ``[layers, q_heads, n, head_dim]``.
+
+        Computed on a throw-away extension that is rolled back: the cache is unchanged afterwards.
+        ``rotated=False`` gives position-free queries (before RoPE), for matching position-free keys;
+        ``rotated=True`` gives them as attention sees them, for scoring against cached keys.
+        """
+        captured: list[torch.Tensor] = []
+
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            batch, length, _ = hidden.shape
+            q = module.q_proj(hidden).view(batch, length, -1, module.head_dim)
+            if hasattr(module, "q_norm"):
+                q = module.q_norm(q)
+            q = q.transpose(1, 2).float()
+            if rotated:
+                cos, sin = (t.float().unsqueeze(1) for t in kwargs["position_embeddings"])
+                half = q.shape[-1] // 2
+                q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+            captured.append(q[0])
+
+        handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in self.adapter.text_layers()]
+        mark = self.mark()
+        try:
+            self._forward(ids, [], None, keep=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.rollback(mark)
+        return torch.stack(captured)
 
     def take_times(self) -> StepTimes:
         """Return the accumulated timings and start counting afresh."""
@@ -147,5 +184,6 @@ class Runner:
             self._crop_to(held)
             raise
         self.next_position = next_position
+        self.last_positions = positions.reshape(positions.shape[0] if positions.dim() == 3 else 1, -1).cpu()
         self.ids.extend(ids)
         return out.logits[0].float()

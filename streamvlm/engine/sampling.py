@@ -9,8 +9,14 @@ from ..config import SamplingConfig
 __all__ = ["pick_token"]
 
 
-def pick_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> int:
-    """The next token id for ``logits`` ``[V]`` under ``cfg``; greedy when ``cfg.temperature == 0``."""
+def pick_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None, banned: frozenset[int] = frozenset()) -> int:
+    """The next token id for ``logits`` ``[V]`` under ``cfg``; greedy when ``cfg.temperature == 0``.
+
+    ``banned`` ids are never chosen (image placeholders: text cannot stand in for pixels).
+    """
+    if banned:
+        logits = logits.clone()
+        logits[list(banned)] = float("-inf")
     if cfg.greedy:
         return int(torch.argmax(logits))
     scores = logits.float() / cfg.temperature

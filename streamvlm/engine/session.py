@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import SamplingConfig, SessionConfig
+from ..config import MemoryConfig, SamplingConfig, SessionConfig
 from ..errors import FrameError, QuestionError, TimestampError
+from ..memory.manager import MemoryEvent, MemoryManager
 from ..models.base import ModelAdapter
 from ..types import Answer, Evidence, Frame
 from .runner import Runner
@@ -85,35 +86,45 @@ class AnswerStream:
 class StreamSession:
     """One stream's context in one model. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, adapter: ModelAdapter, config: SessionConfig | None = None) -> None:
+    def __init__(self, adapter: ModelAdapter, config: SessionConfig | None = None, memory: MemoryConfig | None = None) -> None:
         self.adapter = adapter
         self.config = config or SessionConfig()
         self.runner = Runner(adapter)
-        self._frames: list[Evidence] = []
+        self.memory = MemoryManager(memory or MemoryConfig(), self.runner)
         self._last_t = -math.inf
         self._generating = False
-        self.runner.prefill(adapter.conversation_start(self.config.system_prompt))
+        self._feed("system", adapter.conversation_start(self.config.system_prompt), 0.0, "default")
         self.runner.take_times()
 
     # ---- state ---------------------------------------------------------------------------------------
     @property
     def frames(self) -> tuple[Evidence, ...]:
-        """The frames in context, oldest first."""
-        return tuple(self._frames)
+        """The frames in working memory, oldest first."""
+        return tuple(Evidence(c.t_start, c.source_id) for c in self.memory.ledger.working() if c.kind == "frame")
 
     @property
     def last_t(self) -> float:
         """The latest stream time seen (``-inf`` before the first frame or question)."""
         return self._last_t
 
-    def stats(self) -> dict[str, float | int]:
-        """Context sizes: tokens seen (logical), tokens held (physical), cache bytes, frames."""
+    def stats(self) -> dict[str, float | int | None]:
+        """Memory in numbers: tokens seen (logical) and held (physical), bytes, budget, store, chunk counts."""
         return {
             "logical_tokens": self.runner.logical_length,
             "cache_tokens": self.runner.cache_length,
             "cache_bytes": self.runner.cache_bytes(),
-            "frames": len(self._frames),
+            "frames": len(self.frames),
+            **self.memory.stats(),
         }
+
+    def drain_events(self) -> list[MemoryEvent]:
+        """Memory events (compression, eviction, spill, drop) since the last call, oldest first."""
+        events, self.memory.events = self.memory.events, []
+        return events
+
+    def close(self) -> None:
+        """Release the long-term store's files. The session is unusable afterwards."""
+        self.memory.close()
 
     @contextmanager
     def scratch(self) -> Iterator[StreamSession]:
@@ -124,13 +135,15 @@ class StreamSession:
             with session.scratch():
                 session.ask("Is the kettle boiling?")
         """
-        mark, last_t, frames = self.runner.mark(), self._last_t, len(self._frames)
+        mark, last_t, chunks = self.runner.mark(), self._last_t, len(self.memory.ledger.working())
+        suspended, self.memory.suspended = self.memory.suspended, True
         try:
             yield self
         finally:
             self.runner.rollback(mark)
+            self.memory.forget_newest(len(self.memory.ledger.working()) - chunks)
+            self.memory.suspended = suspended
             self._last_t = last_t
-            del self._frames[frames:]
 
     # ---- ingest --------------------------------------------------------------------------------------
     def ingest(self, frame: Frame | np.ndarray, t: float | None = None, *, source_id: str | None = None) -> IngestResult:
@@ -152,11 +165,13 @@ class StreamSession:
         self._check_idle()
         t0 = time.perf_counter()
         prepared = self.adapter.prepare_frame(image, float(t), source)
+        self.memory.fits(len(prepared.input_ids))
         encoded = self.runner.encode(prepared)
-        self.runner.prefill(prepared.input_ids, grids=[prepared.grid], encoded=encoded)
-        times = self.runner.take_times()
+        prefix = prepared.input_ids.index(self.adapter.image_token_id) if self.adapter.image_token_id in prepared.input_ids else 0
+        self._feed("frame", prepared.input_ids, float(t), source, grids=[prepared.grid], encoded=encoded, protected_prefix=prefix)
         self._last_t = float(t)
-        self._frames.append(Evidence(pts_s=float(t), source_id=source))
+        self.memory.enforce()
+        times = self.runner.take_times()
         return IngestResult(float(t), len(prepared.input_ids), times.vision_s, times.prefill_s, time.perf_counter() - t0)
 
     # ---- questions -----------------------------------------------------------------------------------
@@ -207,14 +222,19 @@ class StreamSession:
         self._generating = True
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        evidence = tuple(self._frames)
         prompt_ids = self.adapter.question_ids(question)
+        retrieved = None
         try:
-            logits = self.runner.prefill(prompt_ids, all_logits=return_logits)
+            retrieved = self.memory.retrieve(prompt_ids)
+            logits = self._feed("question", prompt_ids, t, "user", all_logits=return_logits)
         except BaseException:
+            if retrieved is not None:
+                self.memory.release(retrieved)
             self._generating = False  # nothing was added: the runner rolled the cache back
             raise
+        evidence = tuple(sorted(self.frames + (retrieved.evidence if retrieved else ()), key=lambda e: e.pts_s))
         self._last_t = t
+        self.memory.record("answer", t, t, "assistant", self.runner.last_positions[:, :0])
         stop_ids = self.adapter.stop_ids
         generated: list[int] = []
         kept: list[torch.Tensor] = []
@@ -227,10 +247,11 @@ class StreamSession:
             for _ in range(cfg.max_new_tokens):
                 if pending is not None:
                     logits = self.runner.decode(pending)
+                    self.memory.extend(self.runner.last_positions)
                     if return_logits:
                         kept.append(logits[None])
                     pending = None
-                token = pick_token(logits, cfg, generator)
+                token = pick_token(logits, cfg, generator, self.adapter.banned_ids)
                 if token in stop_ids:
                     finish = "stop"
                     break
@@ -250,6 +271,10 @@ class StreamSession:
             # Close the assistant turn (with the last generated token if it was not fed yet), so the
             # next question or frame continues a well-formed dialogue.
             self.runner.prefill(([pending] if pending is not None else []) + self.adapter.turn_end_ids())
+            self.memory.extend(self.runner.last_positions)
+            if retrieved is not None:
+                self.memory.release(retrieved)
+            self.memory.enforce()
             self.runner.take_times()
             self._generating = False
             if return_logits:
@@ -266,6 +291,12 @@ class StreamSession:
                 prompt_tokens=len(prompt_ids),
                 context_tokens=self.runner.cache_length,
             )
+
+    def _feed(self, kind: str, ids: list[int], t: float, source: str, *, grids=None, encoded=None, all_logits: bool = False, protected_prefix: int = 0) -> torch.Tensor:
+        """Prefill one chunk and book it in the ledger."""
+        logits = self.runner.prefill(ids, grids=grids, encoded=encoded, all_logits=all_logits)
+        self.memory.record(kind, t, t, source, self.runner.last_positions, protected_prefix)
+        return logits
 
     def _check_image(self, image: object) -> None:
         if not isinstance(image, np.ndarray):

@@ -105,6 +105,11 @@ class ModelAdapter(ABC):
     def stop_ids(self) -> frozenset[int]:
         """Ids that end an answer (end of turn, end of text)."""
 
+    @property
+    def banned_ids(self) -> frozenset[int]:
+        """Ids an answer may never contain: image placeholders and markers (they need pixels behind them)."""
+        return frozenset()
+
     # ---- frames ---------------------------------------------------------------------------------
     @abstractmethod
     def prepare_frame(self, image: np.ndarray, pts_s: float, source_id: str = "default") -> PreparedFrame:
@@ -134,6 +139,12 @@ class ModelAdapter(ABC):
         ``grids`` lists, in order, the grid of each image placeholder run in ``ids``. Returns a
         ``[position_rows, 1, len(ids)]`` LongTensor and the position the next token takes.
         """
+
+    def text_layers(self) -> list[Any]:
+        """The language model's decoder layers (each has ``self_attn``)."""
+        inner = self.model.model
+        text = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
+        return list(text.layers)
 
     def max_positions(self) -> int:
         cfg = self.model.config.get_text_config()

@@ -56,6 +56,10 @@ class QwenVLAdapter(ModelAdapter):
     def stop_ids(self) -> frozenset[int]:
         return frozenset(i for i in (self.im_end_id, self.end_of_text_id) if i is not None)
 
+    @property
+    def banned_ids(self) -> frozenset[int]:
+        return frozenset((self.image_token_id, self.vision_start_id, self.vision_end_id, int(self.model.config.video_token_id)))
+
     # ---- frames ---------------------------------------------------------------------------------
     def prepare_frame(self, image: np.ndarray, pts_s: float, source_id: str = "default") -> PreparedFrame:
         out = self.image_processor(images=[image], return_tensors="pt")
@@ -91,7 +95,10 @@ class QwenVLAdapter(ModelAdapter):
             while j < n and (ids[j] == self.image_token_id) == is_image:
                 j += 1
             if is_image:
-                t, h, w = next(grid_iter)
+                grid = next(grid_iter, None)
+                if grid is None:
+                    raise ModelError("image placeholder tokens without a frame grid; image tokens cannot be fed as text")
+                t, h, w = grid
                 tt, hh, ww = torch.meshgrid(torch.zeros(t, dtype=torch.long), torch.arange(h), torch.arange(w), indexing="ij")
                 block = torch.stack([tt, hh, ww]).reshape(3, -1) + pos
                 if block.shape[1] != j - i:

@@ -48,6 +48,10 @@ class SmolVLMAdapter(ModelAdapter):
     def stop_ids(self) -> frozenset[int]:
         return frozenset(i for i in (self.end_of_utterance_id, self.eos_id) if i is not None)
 
+    @property
+    def banned_ids(self) -> frozenset[int]:
+        return frozenset((self.image_token_id, self.fake_id, self.global_id))
+
     # ---- frames ---------------------------------------------------------------------------------
     def prepare_frame(self, image: np.ndarray, pts_s: float, source_id: str = "default") -> PreparedFrame:
         out = self.image_processor(images=[[image]], do_image_splitting=False, return_tensors="pt")

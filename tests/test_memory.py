@@ -1,0 +1,151 @@
+"""Bounded memory through a real (tiny) model: the budget holds, big budgets are exact, retrieval works."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from streamvlm import MemoryConfig, SamplingConfig, SessionConfig, StreamSession
+from streamvlm.config import POLICIES
+from streamvlm.engine.check import synthetic_frames
+
+from conftest import load
+
+SIZES = [(48, 64), (96, 128), (120, 200)]  # different sizes give Qwen frames different token counts
+
+
+def check_budget(session: StreamSession, cfg: MemoryConfig) -> None:
+    ledger = session.memory.ledger
+    budget = session.memory.budget()
+    assert ledger.working_tokens() <= cfg.budget_tokens
+    assert ledger.working_tokens(("frame",)) <= budget.frames
+    assert ledger.working_tokens(("question", "answer")) <= budget.dialogue
+    assert ledger.working_tokens() == session.runner.cache_length  # the books match the tensors
+    for chunk in ledger.working():
+        assert session.memory.positions[chunk.chunk_id].shape[1] == chunk.tokens_held
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+@settings(max_examples=6, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_budget_is_never_exceeded(policy, positions, data):
+    name = data.draw(st.sampled_from(["tiny-qwen2.5-vl", "tiny-smolvlm"]))
+    adapter = load(name)
+    cfg = MemoryConfig(budget_tokens=data.draw(st.integers(160, 320)), policy=policy, positions=positions,
+                       recent_frames=data.draw(st.integers(1, 3)), store_ram_bytes=data.draw(st.sampled_from([0, 20_000, 10**7])))
+    session = StreamSession(adapter, SessionConfig(system_prompt="Watch."), cfg)
+    t = 0.0
+    steps = data.draw(st.lists(st.sampled_from(["frame", "frame", "frame", "same", "ask"]), min_size=4, max_size=14))
+    rng = np.random.default_rng(len(steps))
+    last = None
+    for step in steps:
+        t += 0.5
+        if step == "ask":
+            session.ask("What was first?", t, sampling=SamplingConfig(max_new_tokens=data.draw(st.integers(1, 6))))
+        else:
+            h, w = SIZES[int(rng.integers(len(SIZES)))]
+            frame = last if (step == "same" and last is not None) else synthetic_frames(1, height=h, width=w, seed=int(rng.integers(1 << 30)))[0]
+            session.ingest(frame, t)
+            last = frame
+        check_budget(session, cfg)
+    session.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_budget_larger_than_the_stream_is_exact(adapter, policy):
+    frames = synthetic_frames(4, seed=11)
+
+    def run(memory: MemoryConfig | None) -> torch.Tensor:
+        session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=4)), memory)
+        for i, f in enumerate(frames):
+            session.ingest(f, float(i))
+        session.ask("What moved?")
+        stream = session.ask_stream("And then?", return_logits=True)
+        stream.result()
+        assert not session.drain_events() or memory is None
+        return stream.logits
+
+    assert torch.equal(run(None), run(MemoryConfig(budget_tokens=100_000, policy=policy, merge_similarity=1.0)))
+
+
+def test_compression_and_eviction_emit_events(smol):
+    cfg = MemoryConfig(budget_tokens=300, policy="infinipot", recent_frames=1)
+    session = StreamSession(smol, SessionConfig(system_prompt="Watch."), cfg)
+    for i, f in enumerate(synthetic_frames(24, seed=2)):
+        session.ingest(f, float(i))
+    events = session.drain_events()
+    kinds = {e.kind for e in events}
+    assert {"compressed", "evicted"} <= kinds
+    for e in events:
+        assert e.tokens_after <= e.tokens_before and e.up_to_s is not None
+    compressed = [c for c in session.memory.ledger.all() if c.compressed]
+    assert compressed and all(c.tokens_held < c.tokens_seen for c in compressed)
+    stats = session.stats()
+    assert stats["chunks_stored"] > 0 and stats["store_ram_bytes"] > 0
+    assert stats["logical_tokens"] > stats["working_tokens"] == stats["cache_tokens"]
+    assert stats["budget_bytes"] >= stats["working_bytes"]
+    assert session.drain_events() == []
+
+
+def test_merge_folds_identical_frames(smol):
+    session = StreamSession(smol, memory=MemoryConfig(budget_tokens=400, policy="merge"))
+    frame = synthetic_frames(1)[0]
+    for i in range(5):
+        session.ingest(frame, float(i))
+    frames = [c for c in session.memory.ledger.working() if c.kind == "frame"]
+    assert len(frames) == 1 and frames[0].merged_frames == 5 and (frames[0].t_start, frames[0].t_end) == (0.0, 4.0)
+    assert [e.kind for e in session.drain_events()] == ["merged"] * 4
+
+
+def test_retrieved_chunks_reach_the_model_and_memory_is_restored(adapter):
+    def session_with(top_k: int) -> StreamSession:
+        session = StreamSession(adapter, SessionConfig(system_prompt="Watch.", sampling=SamplingConfig(max_new_tokens=3)),
+                                MemoryConfig(budget_tokens=200, policy="window", recent_frames=1, retrieval_top_k=top_k))
+        for i, f in enumerate(synthetic_frames(10, seed=4)):
+            session.ingest(f, float(i))
+        assert session.stats()["chunks_stored"] >= 3
+        return session
+
+    with_store, without = session_with(2), session_with(0)
+    keys_before = [layer.keys.clone() for layer in with_store.runner.cache.layers]
+    held = with_store.runner.cache_length
+    s1 = with_store.ask_stream("What was at the very beginning?", return_logits=True)
+    a1 = s1.result()
+    s2 = without.ask_stream("What was at the very beginning?", return_logits=True)
+    a2 = s2.result()
+    stored_times = {c.t_start for c in with_store.memory.ledger.all() if c.tier == "store" and c.kind == "frame"}
+    retrieved = [e.pts_s for e in a1.evidence if e.pts_s in stored_times]
+    assert len(retrieved) >= 1  # evidence names frames that came back from the store
+    assert not any(e.pts_s in stored_times for e in a2.evidence)
+    assert not torch.allclose(s1.logits[0], s2.logits[0])  # withholding them changes what the model computes
+    # after the answer the retrieved tokens are gone; earlier working memory is untouched
+    for layer, before in zip(with_store.runner.cache.layers, keys_before):
+        assert torch.equal(layer.keys[:, :, :held], before)
+    assert with_store.memory.ledger.working_tokens() == with_store.runner.cache_length
+
+
+def test_store_overflow_is_reported_not_silent(smol):
+    session = StreamSession(smol, SessionConfig(system_prompt="Watch."), MemoryConfig(budget_tokens=200, store_ram_bytes=10_000, store_disk_bytes=0))
+    for i, f in enumerate(synthetic_frames(12, seed=9)):
+        session.ingest(f, float(i))
+    stats = session.stats()
+    assert stats["chunks_dropped"] > 0
+    assert any(e.kind == "dropped" for e in session.drain_events())
+    assert stats["store_ram_bytes"] <= 10_000
+
+
+def test_reindex_keeps_positions_contiguous(adapter):
+    session = StreamSession(adapter, SessionConfig(system_prompt="Watch."), MemoryConfig(budget_tokens=220, positions="reindex"))
+    for i, f in enumerate(synthetic_frames(8, seed=1)):
+        session.ingest(f, float(i))
+    working = session.memory.ledger.working()
+    assert working[0].position_start == 0
+    for a, b in zip(working, working[1:]):
+        assert b.position_start == a.position_end
+    assert session.runner.next_position == working[-1].position_end
+    assert any(e.kind == "reindexed" for e in session.drain_events())
