@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,14 +88,34 @@ class StreamSession:
     """One stream's context in one model. Not thread-safe: drive it from one thread."""
 
     def __init__(self, adapter: ModelAdapter, config: SessionConfig | None = None, memory: MemoryConfig | None = None) -> None:
-        self.adapter = adapter
-        self.config = config or SessionConfig()
-        self.runner = Runner(adapter)
-        self.memory = MemoryManager(memory or MemoryConfig(), self.runner)
-        self._last_t = -math.inf
-        self._generating = False
+        self._restore(adapter, config or SessionConfig(), memory or MemoryConfig())
         self._feed("system", adapter.conversation_start(self.config.system_prompt), 0.0, "default")
         self.runner.take_times()
+
+    def _restore(self, adapter: ModelAdapter, config: SessionConfig, memory: MemoryConfig) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.runner = Runner(adapter)
+        self.memory = MemoryManager(memory, self.runner)
+        self._last_t = -math.inf
+        self._generating = False
+
+    # ---- snapshots -----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save working memory, long-term store and dialogue to directory ``path``; see :meth:`load`."""
+        from .snapshot import save_session
+
+        return save_session(self, path)
+
+    @classmethod
+    def load(cls, adapter: ModelAdapter, path: str | Path) -> StreamSession:
+        """Rebuild a saved session on ``adapter``'s model; the next answer equals the one without the restart.
+
+        Raises :class:`InputError` for a truncated or corrupt snapshot, or one made with another model.
+        """
+        from .snapshot import load_session
+
+        return load_session(adapter, path)
 
     # ---- state ---------------------------------------------------------------------------------------
     @property
