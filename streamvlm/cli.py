@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import IngestConfig, ModelConfig, SamplingConfig, SessionConfig
+from .config import IngestConfig, MemoryConfig, ModelConfig, SamplingConfig, SessionConfig, parse_size
 from .errors import ConfigError, StreamVLMError
 
 __all__ = ["main", "parse_timed_question"]
@@ -73,7 +73,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"streamvlm: no video given, playing a generated 4 s clip ({video})", file=sys.stderr)
         print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
         adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
-        session = StreamSession(adapter, SessionConfig(sampling=sampling, **({"system_prompt": args.system} if args.system else {})))
+        memory = MemoryConfig(
+            budget_tokens=args.memory_budget, policy=args.policy, positions=args.positions, retrieval_top_k=args.retrieve,
+            store_ram_bytes=parse_size(args.store_ram, what="--store-ram"), store_disk_bytes=parse_size(args.store_disk, what="--store-disk"),
+        )
+        session = StreamSession(adapter, SessionConfig(sampling=sampling, **({"system_prompt": args.system} if args.system else {})), memory)
         pending = list(questions)
         wall0, pts0, dropped, ingested = time.perf_counter(), None, 0, 0
 
@@ -85,6 +89,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 ans = session.ask(q, max(t, session.last_t), on_delta=lambda d: print(d, end="", flush=True))
                 span = f"{_clock(ans.evidence[0].pts_s)}-{_clock(ans.evidence[-1].pts_s)}" if ans.evidence else "none"
                 print(f"\n    evidence: {len(ans.evidence)} frames {span} | first token {ans.ttft_s:.2f}s | {ans.finish_reason}")
+
+        def report_memory() -> None:
+            for e in session.drain_events():
+                if e.kind in ("evicted", "dropped", "compressed", "merged"):
+                    up_to = f" up to {_clock(e.up_to_s)}" if e.up_to_s is not None else ""
+                    print(f"streamvlm: memory {e.kind} {e.chunks} chunk(s){up_to}: {e.tokens_before} -> {e.tokens_after} tokens", file=sys.stderr)
 
         for frame in read_video(video, fps=ingest_cfg.fps):
             pts0 = frame.pts_s if pts0 is None else pts0
@@ -98,13 +108,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     continue
             session.ingest(frame)
             ingested += 1
+            if args.verbose:
+                report_memory()
         answer_due(float("inf"))
         stats = session.stats()
         print(
             f"streamvlm: {ingested} frames read once, {dropped} dropped to keep real time, "
-            f"{stats['cache_tokens']} tokens in context ({stats['cache_bytes'] / 2**20:.1f} MiB)",
+            f"{stats['cache_tokens']} tokens in working memory ({stats['cache_bytes'] / 2**20:.1f} MiB), "
+            f"{stats['chunks_stored']} chunks in the long-term store, {stats['chunks_dropped']} dropped from it",
             file=sys.stderr,
         )
+        session.close()
     return 0
 
 
@@ -138,7 +152,7 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_memory(args: argparse.Namespace) -> int:
-    from .bench.memory import parse_size, run_memory_bench
+    from .bench.memory import run_memory_bench
 
     ram, disk = parse_size(args.store_ram, what="--store-ram"), parse_size(args.store_disk, what="--store-disk")
     result = run_memory_bench(
@@ -167,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--dtype", default="float32", help="float32 (CPU default), bfloat16, float16 or auto")
     run.add_argument("--system", default=None, help="system prompt")
+    run.add_argument("--memory-budget", type=int, default=None, metavar="TOKENS", help="working-memory budget in tokens (default: unbounded, exact)")
+    run.add_argument("--policy", default="window", help="what to compress or evict: window, infinipot, proxy-attention, merge")
+    run.add_argument("--positions", default="keep", help="keep (original positions) or reindex (re-rotate to contiguous)")
+    run.add_argument("--store-ram", default="256MB", help="long-term store quota in RAM (default 256MB)")
+    run.add_argument("--store-disk", default="0", help="long-term store quota on disk, e.g. 20GB (default 0)")
+    run.add_argument("--retrieve", type=int, default=4, metavar="K", help="stored chunks a question may bring back (0: off)")
+    run.add_argument("--verbose", action="store_true", help="print memory events as they happen")
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check-model", help="check that streaming gives the logits of one offline prefill")

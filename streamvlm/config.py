@@ -7,11 +7,32 @@ so a typo fails at start-up rather than minutes into a stream.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig", "MemoryConfig", "POLICIES"]
+__all__ = ["parse_size", "ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig", "MemoryConfig", "POLICIES"]
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """Parse a byte size such as ``2GB``, ``512MB``, ``1.5GiB``, ``64k`` or ``100000`` (bytes).
+
+    Units are binary and case-insensitive (``1MB`` = ``1MiB`` = 2**20 bytes, matching the 256 MiB
+    default of ``MemoryConfig.store_ram_bytes``). Raises :class:`ConfigError` naming ``what`` for
+    anything else (empty, negative, unknown unit).
+    """
+    match = _SIZE.match(text) if isinstance(text, str) else None
+    unit = match.group("unit").lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise ConfigError(f"{what} {text!r}: expected a size in bytes like 100000, 512MB or 2GB")
+    return int(float(match.group("number")) * _UNITS[unit])
+
+
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from streamvlm.bench.memory import parse_size
+from streamvlm.config import parse_size
 from streamvlm.errors import ConfigError
 
 SUMMARY_KEYS = {

@@ -15,7 +15,6 @@ against an uncompressed cache (a short unbounded run on the same model and frame
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import sys
 from collections.abc import Iterator
@@ -29,29 +28,10 @@ from ..engine.check import synthetic_frames
 from ..errors import ConfigError
 from ..models import ModelAdapter, load_model
 
-__all__ = ["run_memory_bench", "parse_size", "rss_bytes", "stream_frames"]
+__all__ = ["run_memory_bench", "rss_bytes", "stream_frames"]
 
 QUESTIONS = ("What colour is the square?", "Where was the square at the start?", "What is in the background?")
 _BASE_FRAMES = 64
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-_SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
-
-
-def parse_size(text: str, *, what: str = "size") -> int:
-    """Parse a byte size such as ``2GB``, ``512MB``, ``1.5GiB``, ``64k`` or ``100000`` (bytes).
-
-    Units are binary and case-insensitive (``1MB`` = ``1MiB`` = 2**20 bytes, matching the 256 MiB
-    default of ``MemoryConfig.store_ram_bytes``). Raises :class:`ConfigError` naming ``what`` for
-    anything else (empty, negative, unknown unit).
-    """
-    match = _SIZE.match(text) if isinstance(text, str) else None
-    unit = match.group("unit").lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise ConfigError(f"{what} {text!r}: expected a size in bytes like 100000, 512MB or 2GB")
-    return int(float(match.group("number")) * _UNITS[unit])
-
-
 def rss_bytes() -> int:
     """This process's resident set size in bytes (peak RSS where ``/proc`` is missing)."""
     try:

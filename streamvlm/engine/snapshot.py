@@ -21,7 +21,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 
 from ..config import MemoryConfig, SamplingConfig, SessionConfig
 from ..errors import InputError
