@@ -159,6 +159,23 @@ def _cmd_bench_memory(args: argparse.Namespace) -> int:
         ModelConfig(model=args.model), args.frames, args.policy, budget_tokens=args.budget, store_ram_bytes=ram, store_disk_bytes=disk,
         sample_every=args.sample_every, progress=not args.quiet,
     )
+    if args.plot:
+        from .bench.plot import plot_memory_samples
+
+        plot_memory_samples(result, args.plot)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
+    from .bench.retrieval import run_retrieval_bench
+
+    if args.chunks < 1:
+        raise ConfigError("--chunks must be >= 1")
+    result = run_retrieval_bench(args.chunks, layers=args.layers, kv_heads=args.kv_heads, q_heads=args.q_heads, head_dim=args.head_dim, top_k=args.top_k)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -218,7 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--json", metavar="OUT", help="write the result to this file")
     mem.add_argument("--fast", action="store_true", help="accepted for symmetry with run: this benchmark always streams as fast as possible")
     mem.add_argument("--quiet", action="store_true", help="no progress bar")
+    mem.add_argument("--plot", metavar="PNG", help="also draw the samples to this PNG file")
     mem.set_defaults(func=_cmd_bench_memory)
+
+    ret = bench_sub.add_parser("retrieval", help="search latency of the long-term store at a model's layer sizes")
+    ret.add_argument("--chunks", type=int, default=10_000, help="stored chunks (default 10000)")
+    ret.add_argument("--layers", type=int, default=30, help="default: SmolVLM2-256M's 30 layers")
+    ret.add_argument("--kv-heads", type=int, default=3)
+    ret.add_argument("--q-heads", type=int, default=9)
+    ret.add_argument("--head-dim", type=int, default=64)
+    ret.add_argument("--top-k", type=int, default=4)
+    ret.add_argument("--json", metavar="OUT", help="write the result to this file")
+    ret.set_defaults(func=_cmd_bench_retrieval)
     return parser
 
 

@@ -79,3 +79,17 @@ def test_bench_memory_writes_the_documented_json(tmp_path):
     assert summary["rss_growth_ratio"] > 0
     # 40 frames in a bounded working memory stand for more frames per MiB than an uncompressed cache.
     assert summary["frames_per_working_mb"] > summary["uncompressed_frames_per_working_mb"] > 0
+
+
+def test_plot_and_retrieval_bench(tmp_path):
+    from streamvlm.bench.plot import plot_memory_samples
+    from streamvlm.bench.retrieval import run_retrieval_bench
+
+    samples = [{"frame": f, "working_bytes": 1000 + f, "store_ram_bytes": 10 * f + 1, "store_disk_bytes": 0, "rss_bytes": 2**28} for f in (10, 20, 30)]
+    out = plot_memory_samples({"samples": samples, "model": "m", "policy": "window", "budget_tokens": 300}, tmp_path / "p.png")
+    import cv2
+
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape == (520, 900, 3) and (img < 250).any()
+    result = run_retrieval_bench(200, layers=2, kv_heads=1, q_heads=2, head_dim=8, chunk_tokens=4, question_tokens=3, repeats=3)
+    assert result["chunks"] == 200 and result["search_s"] > 0 and result["fetch_top_k_disk_s"] > 0

@@ -149,3 +149,65 @@ def test_reindex_keeps_positions_contiguous(adapter):
         assert b.position_start == a.position_end
     assert session.runner.next_position == working[-1].position_end
     assert any(e.kind == "reindexed" for e in session.drain_events())
+
+
+def _feed_and_capture(session: StreamSession, frames) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Ingest frames; remember each frame chunk's keys (layer 0) and positions as fed."""
+    from streamvlm.memory import cache as kv
+
+    captured = {}
+    for i, f in enumerate(frames):
+        session.ingest(f, float(i))
+        chunk = [c for c in session.memory.ledger.all() if c.kind == "frame"][-1]
+        if chunk.tier == "working":
+            start = session.memory.ledger.offset(chunk.chunk_id)
+            keys, _ = kv.extract(session.runner.cache, start, start + chunk.tokens_held)
+            captured.setdefault(chunk.chunk_id, (keys[0], session.memory.positions[chunk.chunk_id].clone()))
+    return captured
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+def test_keys_and_positions_always_move_together(adapter, positions, monkeypatch):
+    """No path shifts positions without re-rotating: un-rotating a chunk's keys by its booked positions
+    gives the same position-free keys as when it was fed, after evictions, re-indexing and rebases."""
+    from streamvlm.memory import cache as kv
+
+    monkeypatch.setattr(adapter, "max_positions", lambda: 300)  # keep mode rebases past 150
+    session = StreamSession(adapter, SessionConfig(system_prompt="Watch."), MemoryConfig(budget_tokens=200, positions=positions))
+    captured = _feed_and_capture(session, synthetic_frames(24, seed=8))
+    rotator = session.memory.rotator
+    assert any(e.kind == "reindexed" for e in session.drain_events())
+    assert session.runner.next_position <= 300
+    checked = 0
+    for chunk in session.memory.ledger.working():
+        if chunk.kind != "frame" or chunk.chunk_id not in captured:
+            continue
+        start = session.memory.ledger.offset(chunk.chunk_id)
+        keys_now = kv.extract(session.runner.cache, start, start + chunk.tokens_held)[0][0]
+        keys_then, positions_then = captured[chunk.chunk_id]
+        now_free = rotator.unrotate(keys_now.float(), session.memory.positions[chunk.chunk_id])
+        then_free = rotator.unrotate(keys_then.float(), positions_then)
+        assert torch.allclose(now_free, then_free, atol=1e-4)
+        checked += 1
+    assert checked >= 1
+
+
+def test_closing_the_session_removes_the_store_files(smol, tmp_path):
+    store_dir = tmp_path / "store"
+    session = StreamSession(smol, SessionConfig(system_prompt="Watch."),
+                            MemoryConfig(budget_tokens=200, store_ram_bytes=0, store_disk_bytes=10**8, store_dir=str(store_dir)))
+    for i, f in enumerate(synthetic_frames(10, seed=3)):
+        session.ingest(f, float(i))
+    assert session.stats()["store_disk_bytes"] > 0 and any(store_dir.iterdir())
+    assert any(e.kind == "spilled" for e in session.drain_events()) or session.stats()["store_ram_bytes"] == 0
+    session.close()
+    assert not store_dir.exists() or not any(store_dir.iterdir())
+
+
+def test_single_frame_larger_than_the_budget_is_refused(smol):
+    from streamvlm.errors import CapacityError
+
+    session = StreamSession(smol, SessionConfig(system_prompt="Watch."), MemoryConfig(budget_tokens=45, text_budget_tokens=10))
+    with pytest.raises(CapacityError, match="does not fit"):
+        session.ingest(synthetic_frames(1)[0], 0.0)
+    assert session.stats()["frames"] == 0

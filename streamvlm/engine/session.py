@@ -236,6 +236,27 @@ class StreamSession:
         stream._gen = self._generate(question.strip(), float(t), sampling or self.config.sampling, stream, return_logits)
         return stream
 
+    def probe(self, prompts: list[str]) -> list[float]:
+        """P(yes) for each yes/no ``prompt`` about the context as it is now, e.g. "Is the kettle boiling?".
+
+        Each prompt is asked as a question on a throw-away extension of the cache that is rolled back, so
+        probing never changes memory or the dialogue. The probability is renormalised over the model's
+        "yes" and "no" first tokens.
+        """
+        self._check_idle()
+        yes, no = self.adapter.yes_no_ids()
+        out = []
+        for prompt in prompts:
+            if not prompt.strip():
+                raise QuestionError("a probe prompt is empty")
+            with self.scratch():
+                logits = self.runner.prefill(self.adapter.question_ids(prompt.strip()))
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            pair = torch.stack([torch.logsumexp(log_probs[yes], 0), torch.logsumexp(log_probs[no], 0)])
+            out.append(float(torch.softmax(pair, 0)[0]))
+        self.runner.take_times()
+        return out
+
     # ---- internals -----------------------------------------------------------------------------------
     def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool) -> Iterator[str]:
         self._check_idle()  # another stream may have started since this one was created

@@ -110,6 +110,14 @@ class ModelAdapter(ABC):
         """Ids an answer may never contain: image placeholders and markers (they need pixels behind them)."""
         return frozenset()
 
+    def yes_no_ids(self) -> tuple[list[int], list[int]]:
+        """First token ids of the spellings of "yes" and "no" an answer can start with (for yes/no probes)."""
+        def first_ids(words: tuple[str, ...]) -> list[int]:
+            return sorted({ids[0] for w in words if (ids := self.text_ids(w))})
+
+        yes, no = first_ids(("yes", "Yes", " yes", " Yes", "YES")), first_ids(("no", "No", " no", " No", "NO"))
+        return [i for i in yes if i not in no], [i for i in no if i not in yes]
+
     # ---- frames ---------------------------------------------------------------------------------
     @abstractmethod
     def prepare_frame(self, image: np.ndarray, pts_s: float, source_id: str = "default") -> PreparedFrame:

@@ -1,0 +1,299 @@
+"""The live worker: the one bridge between a model thread and asyncio.
+
+One thread owns the :class:`StreamSession` (the model is not thread-safe and a forward pass blocks);
+asyncio code talks to it only through this class. The thread always picks the most urgent work:
+
+1. control: user messages, watches, cancel (cheap, and they may cancel what is running);
+2. answers the dialogue controller asked for (a user's first);
+3. yes/no probes for watches and deferred questions;
+4. the newest frame — frames are never queued: a frame that arrives while another waits replaces it
+   (the older one is counted as dropped), so the worker drops rather than falls behind.
+
+Before a frame may reach the vision tower it is compared with the last frame read (mean absolute
+difference of 32x32 grey thumbnails, 0..255): below ``dedup_threshold`` it is skipped, so a static
+camera costs almost nothing; one frame is read at least every ``dedup_max_skip_s`` to keep time moving.
+
+Everything the worker produces arrives on :meth:`events` as :class:`WorkerEvent` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..dialogue import (
+    Acknowledge,
+    Alert,
+    AnswerNow,
+    CancelGeneration,
+    ControllerConfig,
+    DialogueController,
+    GiveUp,
+    Narrate,
+    Poll,
+    TriggerSpec,
+)
+from ..errors import ConfigError, StreamVLMError
+from ..types import Frame
+from .session import StreamSession
+
+__all__ = ["LiveWorker", "WorkerConfig", "WorkerEvent", "WorkerCounters"]
+
+NARRATION_PROMPT = "In one short sentence, what changed in the video just now?"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    dedup_threshold: float = 2.0  # mean |difference| of 32x32 grey thumbnails (0..255) below which a frame is skipped
+    dedup_max_skip_s: float = 10.0  # read at least one frame this often even when nothing changes
+
+    def __post_init__(self) -> None:
+        if not self.dedup_threshold >= 0:
+            raise ConfigError("dedup_threshold: must be >= 0 (0 disables skipping)")
+        if not self.dedup_max_skip_s > 0:
+            raise ConfigError("dedup_max_skip_s: must be > 0")
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    """Something for the client: ``kind`` is one of
+
+    ``answer.delta`` (``request_id``, ``text``), ``answer.done`` (``request_id``, ``answer``, ``trigger``),
+    ``acknowledged`` (``request_id``, ``condition``), ``alert`` (``watch_id``, ``condition``, ``t``,
+    ``evidence_t``, ``source_id``), ``gave_up`` (``request_id``, ``question``, ``reason``),
+    ``memory`` (``memory_event``), ``error`` (``message``, ``request_id``).
+    """
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerCounters:
+    received: int = 0
+    skipped: int = 0  # near-duplicates, never encoded
+    dropped: int = 0  # replaced by a newer frame before the model was free
+    ingested: int = 0
+    lag_s: list[float] = field(default_factory=list)  # capture (submit) to start of ingest, per ingested frame
+    busy_s: float = 0.0  # seconds the model thread spent working
+
+
+class LiveWorker:
+    """Drive a session live. Create, ``await start()``, feed frames and requests, read :meth:`events`, ``await stop()``."""
+
+    def __init__(
+        self,
+        session: StreamSession,
+        controller: ControllerConfig | None = None,
+        config: WorkerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session = session
+        self.config = config or WorkerConfig()
+        self.controller = DialogueController(controller or ControllerConfig())
+        self.counters = WorkerCounters()
+        self._clock = clock
+        self._cv = threading.Condition()
+        self._control: deque[tuple[str, tuple]] = deque()
+        self._answers: deque[AnswerNow | Narrate] = deque()
+        self._polls: deque[Poll] = deque()
+        self._frame: tuple[Frame, float] | None = None
+        self._last_thumb: np.ndarray | None = None
+        self._last_read_t = -float("inf")
+        self._cancel = threading.Event()
+        self._running_id: str | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: asyncio.Queue[WorkerEvent] | None = None
+        self._ids = itertools.count(1)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._events = asyncio.Queue()
+        self._thread = threading.Thread(target=self._run, name="streamvlm-model", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the model thread after the step it is in; pending work is discarded."""
+        with self._cv:
+            self._stopping = True
+            self._cancel.set()
+            self._cv.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def events(self) -> AsyncIterator[WorkerEvent]:
+        """Every event, in order, until the worker stops."""
+        assert self._events is not None, "start() first"
+        while True:
+            event = await self._events.get()
+            if event.kind == "stopped":
+                return
+            yield event
+
+    # ---- input (call from the event loop or any thread) ----------------------------------------------
+    def submit_frame(self, frame: Frame) -> str:
+        """Offer a frame. Returns ``skipped`` (near-duplicate), ``queued`` or ``replaced`` (an older waiting frame was dropped)."""
+        self.counters.received += 1
+        thumb = cv2.resize(cv2.cvtColor(frame.image, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+        if (
+            self._last_thumb is not None
+            and frame.pts_s - self._last_read_t < self.config.dedup_max_skip_s
+            and float(np.abs(thumb - self._last_thumb).mean()) < self.config.dedup_threshold
+        ):
+            self.counters.skipped += 1
+            self._control_event("changed", frame.pts_s, False)
+            return "skipped"
+        self._last_thumb, self._last_read_t = thumb, frame.pts_s
+        with self._cv:
+            replaced = self._frame is not None
+            if replaced:
+                self.counters.dropped += 1
+            self._frame = (frame, self._clock())
+            self._cv.notify()
+        return "replaced" if replaced else "queued"
+
+    def ask(self, text: str, t: float | None = None, request_id: str | None = None) -> str:
+        """Send a user message (a question, or "tell me when ..."); returns its request id."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        self._control_event("message", request_id, text, t)
+        return request_id
+
+    def watch(self, watch_id: str, condition: str, t: float | None = None, spec: TriggerSpec | None = None) -> None:
+        self._control_event("watch", watch_id, condition, t, spec)
+
+    def unwatch(self, watch_id: str, t: float | None = None) -> None:
+        self._control_event("unwatch", watch_id, t)
+
+    def cancel(self) -> None:
+        """Stop the answer being generated (if any) and drop queued ones."""
+        self._cancel.set()
+        self._control_event("cancel")
+
+    def end_stream(self) -> None:
+        self._control_event("end")
+
+    def _control_event(self, kind: str, *args: Any) -> None:
+        with self._cv:
+            self._control.append((kind, args))
+            self._cv.notify()
+
+    # ---- the model thread ----------------------------------------------------------------------------
+    def _emit(self, kind: str, **data: Any) -> None:
+        assert self._loop is not None and self._events is not None
+        self._loop.call_soon_threadsafe(self._events.put_nowait, WorkerEvent(kind, data))
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._control or self._answers or self._polls or self._frame):
+                        self._cv.wait()
+                    if self._stopping:
+                        return
+                    if self._control:
+                        job: tuple[str, Any] = ("control", self._control.popleft())
+                    elif self._answers:
+                        job = ("answer", self._answers.popleft())
+                    elif self._polls:
+                        job = ("poll", self._polls.popleft())
+                    else:
+                        job, self._frame = ("frame", self._frame), None
+                started = time.perf_counter()
+                try:
+                    getattr(self, f"_do_{job[0]}")(job[1])
+                except StreamVLMError as exc:
+                    self._emit("error", message=str(exc), request_id=None)
+                self.counters.busy_s += time.perf_counter() - started
+        finally:
+            self._emit("stopped")
+
+    def _now(self) -> float:
+        return max(self.session.last_t, self.controller.last_t or 0.0, 0.0)
+
+    def _act(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, (AnswerNow, Narrate)):
+                self._answers.append(action)
+            elif isinstance(action, Poll):
+                self._polls.append(action)
+            elif isinstance(action, CancelGeneration):
+                if self._running_id == action.request_id:
+                    self._cancel.set()
+            elif isinstance(action, Alert):
+                self._emit("alert", watch_id=action.watch_id, condition=action.condition, t=action.t, evidence_t=action.evidence_t)
+            elif isinstance(action, Acknowledge):
+                self._emit("acknowledged", request_id=action.request_id, condition=action.condition)
+            elif isinstance(action, GiveUp):
+                self._emit("gave_up", request_id=action.request_id, question=action.question, reason=action.reason)
+
+    def _do_control(self, item: tuple[str, tuple]) -> None:
+        kind, args = item
+        c = self.controller
+        t = self._now()
+        if kind == "message":
+            request_id, text, at = args
+            self._act(c.user_message(request_id, text, max(t, at or 0.0)))
+        elif kind == "watch":
+            watch_id, condition, at, spec = args
+            self._act(c.add_watch(watch_id, condition, max(t, at or 0.0), spec))
+        elif kind == "unwatch":
+            self._act(c.remove_watch(args[0], max(t, args[1] or 0.0)))
+        elif kind == "cancel":
+            self._answers.clear()
+            self._act(c.cancel(t))
+        elif kind == "changed":
+            self._act(c.frame_changed(max(t, args[0]), args[1]))
+        elif kind == "end":
+            self._act(c.stream_ended(t))
+
+    def _do_frame(self, item: tuple[Frame, float]) -> None:
+        frame, received = item
+        self.counters.lag_s.append(self._clock() - received)
+        self.session.ingest(frame)
+        self.counters.ingested += 1
+        for event in self.session.drain_events():
+            self._emit("memory", memory_event=event)
+        self._act(self.controller.frame_changed(frame.pts_s, True))
+        self._act(self.controller.frame(frame.pts_s, frame.source_id))
+
+    def _do_poll(self, poll: Poll) -> None:
+        scores = self.session.probe([p.prompt for p in poll.probes])
+        self._act(self.controller.scores(self._now(), {p.probe_id: s for p, s in zip(poll.probes, scores)}))
+
+    def _do_answer(self, action: AnswerNow | Narrate) -> None:
+        question = NARRATION_PROMPT if isinstance(action, Narrate) else action.question
+        trigger = "commentary" if isinstance(action, Narrate) else action.trigger
+        request_id = action.request_id
+        self._cancel.clear()
+        self._running_id = request_id
+        self._act(self.controller.generation_started(request_id, self._now()))
+        stream = self.session.ask_stream(question, self._now())
+        try:
+            for delta in stream:
+                self._emit("answer.delta", request_id=request_id, text=delta)
+                if self._control:  # a new message may interrupt this answer
+                    with self._cv:
+                        pending = list(self._control)
+                        self._control.clear()
+                    for item in pending:
+                        self._do_control(item)
+                if self._cancel.is_set():
+                    break
+        finally:
+            stream.close()
+            self._running_id = None
+        self._emit("answer.done", request_id=request_id, answer=stream.answer, trigger=trigger)
+        self._act(self.controller.generation_finished(request_id, self._now()))

@@ -1,0 +1,129 @@
+"""The live worker with a real tiny model on a real event loop: priorities, dropping, dedup, alerts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from streamvlm import Frame, SamplingConfig, SessionConfig, StreamSession
+from streamvlm.dialogue import ControllerConfig, TriggerSpec
+from streamvlm.engine.check import synthetic_frames
+from streamvlm.engine.worker import LiveWorker, WorkerConfig
+
+ALWAYS = TriggerSpec(kind="threshold", on=0.0, off=0.0, m=1, n=1)  # fires on the first probe: tests the plumbing
+
+
+def frames(n: int, seed: int = 0) -> list[Frame]:
+    return [Frame(img, float(i), "cam") for i, img in enumerate(synthetic_frames(n, seed=seed))]
+
+
+async def collect(worker: LiveWorker, until, timeout: float = 60.0) -> list:
+    seen = []
+
+    async def run():
+        async for event in worker.events():
+            seen.append(event)
+            if until(event, seen):
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return seen
+
+
+def session(adapter, max_new_tokens: int = 4) -> StreamSession:
+    return StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens)))
+
+
+def test_probe_leaves_cache_and_ledger_identical(adapter):
+    s = session(adapter)
+    for f in frames(2):
+        s.ingest(f)
+    keys = [layer.keys.clone() for layer in s.runner.cache.layers]
+    books = s.memory.ledger.to_dict()
+    p = s.probe(["Is there a red square?", "Is the door open?"])
+    assert len(p) == 2 and all(0.0 <= x <= 1.0 for x in p)
+    assert s.memory.ledger.to_dict() == books
+    assert all(torch.equal(layer.keys, k) for layer, k in zip(s.runner.cache.layers, keys))
+    assert s.probe(["Is there a red square?"])[0] == pytest.approx(p[0], abs=1e-6)  # deterministic
+
+
+def test_answers_stream_with_evidence(smol):
+    async def main():
+        worker = LiveWorker(session(smol))
+        await worker.start()
+        for f in frames(3):
+            worker.submit_frame(f)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        rid = worker.ask("What do you see?")
+        events = await collect(worker, lambda e, _: e.kind == "answer.done")
+        await worker.stop()
+        return rid, events, worker.counters
+
+    rid, events, counters = asyncio.run(main())
+    done = events[-1]
+    assert done.data["request_id"] == rid and done.data["trigger"] == "user"
+    assert [e.pts_s for e in done.data["answer"].evidence][-1] == 2.0
+    deltas = "".join(e.data["text"] for e in events if e.kind == "answer.delta")
+    assert deltas.strip() == done.data["answer"].text
+    assert counters.received == 3 and counters.ingested + counters.dropped + counters.skipped == 3
+
+
+def test_latest_frame_wins_and_duplicates_are_skipped(smol):
+    async def main():
+        worker = LiveWorker(session(smol), config=WorkerConfig(dedup_threshold=2.0))
+        fs = frames(5, seed=1)
+        results = [worker.submit_frame(f) for f in fs]  # before start: the model is not free yet
+        same = Frame(fs[-1].image.copy(), 5.0, "cam")
+        results.append(worker.submit_frame(same))
+        await worker.start()
+        await asyncio.sleep(0.5)
+        await worker.stop()
+        return results, worker.counters, worker.session
+
+    results, counters, s = asyncio.run(main())
+    assert results[:5] == ["queued"] + ["replaced"] * 4 and results[5] == "skipped"
+    assert (counters.received, counters.dropped, counters.skipped, counters.ingested) == (6, 4, 1, 1)
+    assert [e.pts_s for e in s.frames] == [4.0]  # only the newest frame reached the model
+    assert len(counters.lag_s) == 1 and counters.lag_s[0] >= 0
+
+
+def test_watch_alerts_and_deferred_questions_are_answered(smol):
+    async def main():
+        worker = LiveWorker(session(smol), ControllerConfig(default_trigger=ALWAYS))
+        await worker.start()
+        worker.watch("w1", "a red square is visible")
+        rid = worker.ask("Tell me when a blue circle appears.")
+        await asyncio.sleep(0.1)
+        worker.submit_frame(frames(1)[0])
+        events = await collect(worker, lambda e, seen: any(x.kind == "alert" for x in seen) and any(x.kind == "answer.done" for x in seen))
+        await worker.stop()
+        return rid, events
+
+    rid, events = asyncio.run(main())
+    kinds = [e.kind for e in events]
+    assert "acknowledged" in kinds and kinds.index("acknowledged") < kinds.index("answer.done")
+    alert = next(e for e in events if e.kind == "alert")
+    assert alert.data["watch_id"] == "w1" and alert.data["evidence_t"] == 0.0
+    done = next(e for e in events if e.kind == "answer.done")
+    assert done.data["request_id"] == rid and done.data["trigger"] == "deferred"
+
+
+def test_cancel_stops_a_long_answer(smol):
+    async def main():
+        worker = LiveWorker(session(smol, max_new_tokens=3000))
+        await worker.start()
+        worker.submit_frame(frames(1)[0])
+        await asyncio.sleep(0.2)
+        worker.ask("Tell me everything.")
+        events = await collect(worker, lambda e, _: e.kind == "answer.delta")
+        worker.cancel()
+        events += await collect(worker, lambda e, _: e.kind == "answer.done")
+        await worker.stop()
+        return events
+
+    events = asyncio.run(main())
+    answer = events[-1].data["answer"]
+    assert answer.finish_reason in ("cancelled", "stop") and len(answer.token_ids) < 3000
