@@ -183,6 +183,19 @@ def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_live(args: argparse.Namespace) -> int:
+    from .bench.live import run_live_bench
+
+    if not (args.fps > 0 and args.duration > 0):
+        raise ConfigError("--fps and --duration must be > 0")
+    result = run_live_bench(ModelConfig(model=args.model), args.fps, args.duration, budget_tokens=args.budget, probe_every=args.probe_every)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamvlm", description="Watch live video with a vision-language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("--top-k", type=int, default=4)
     ret.add_argument("--json", metavar="OUT", help="write the result to this file")
     ret.set_defaults(func=_cmd_bench_retrieval)
+
+    live = bench_sub.add_parser("live", help="a synthetic camera at real time through the live worker")
+    live.add_argument("--model", default="smolvlm-256m-random")
+    live.add_argument("--fps", type=float, default=2.0)
+    live.add_argument("--duration", type=float, default=60.0, help="seconds of video (played in real time)")
+    live.add_argument("--budget", type=int, default=2048, help="working-memory budget in tokens")
+    live.add_argument("--probe-every", type=int, default=2, help="probe watches every N ingested frames")
+    live.add_argument("--json", metavar="OUT", help="write the result to this file")
+    live.set_defaults(func=_cmd_bench_live)
     return parser
 
 

@@ -127,3 +127,34 @@ def test_cancel_stops_a_long_answer(smol):
     events = asyncio.run(main())
     answer = events[-1].data["answer"]
     assert answer.finish_reason in ("cancelled", "stop") and len(answer.token_ids) < 3000
+
+
+def test_bench_live_reports_the_documented_figures(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "live.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamvlm.cli", "bench", "live", "--model", "tiny-smolvlm", "--fps", "5", "--duration", "3",
+         "--budget", "600", "--json", str(out)], capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    frames = result["frames"]
+    assert frames["received"] == 15 and frames["skipped"] >= 1  # the static middle third is skipped
+    assert frames["ingested"] + frames["skipped"] + frames["dropped"] == frames["received"]
+    assert result["ttft_idle_s"] > 0 and result["ttft_load_s"] > 0
+    assert 0 <= result["lag_p50_s"] <= result["lag_p95_s"]
+    assert result["change_reaction_s"] is not None
+
+
+def test_batched_probes_equal_probes_one_by_one(adapter):
+    s = session(adapter)
+    for f in frames(2, seed=4):
+        s.ingest(f)
+    prompts = ["Is there a red square?", "Is the door open now?", "Is it raining?"]
+    together = s.probe(prompts)
+    alone = [s.probe([p])[0] for p in prompts]
+    assert together == pytest.approx(alone, abs=1e-5)

@@ -114,6 +114,41 @@ class Runner:
         self.next_position = position
 
     @torch.inference_mode()
+    def last_logits_of_branches(self, branches: list[list[int]]) -> torch.Tensor:
+        """Feed several independent continuations of the context in one forward and roll them back.
+
+        Every branch starts at the current position and sees the cache and itself only (a
+        block-diagonal 4-D attention mask), exactly as if it were fed alone. Returns the last token's
+        logits of each branch, ``[len(branches), V]``. The cache is unchanged afterwards.
+        """
+        held = self.cache_length
+        ids = [token for branch in branches for token in branch]
+        pieces = [self.adapter.position_ids(branch, self.next_position, [])[0] for branch in branches]
+        positions = torch.cat(pieces, dim=-1)
+        if self.adapter.position_rows == 1:
+            positions = positions[0]
+        total = len(ids)
+        mask = torch.zeros(1, 1, total, held + total, dtype=torch.bool)
+        mask[..., :held] = True
+        ends, start = [], 0
+        for branch in branches:
+            end = start + len(branch)
+            mask[0, 0, start:end, held + start : held + end] = torch.ones(len(branch), len(branch), dtype=torch.bool).tril()
+            ends.append(end - 1)
+            start = end
+        if self.model.config.get_text_config()._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        device = self.adapter.device
+        try:
+            out = self.model(
+                input_ids=torch.tensor([ids], device=device), position_ids=positions.to(device), attention_mask=mask.to(device),
+                past_key_values=self.cache, use_cache=True, logits_to_keep=0,
+            )
+        finally:
+            self._crop_to(held)
+        return out.logits[0, ends].float()
+
+    @torch.inference_mode()
     def query_vectors(self, ids: list[int], *, rotated: bool) -> torch.Tensor:
         """Each layer's query vectors for ``ids`` fed at the end of the context, ``[layers, q_heads, n, head_dim]``.
 

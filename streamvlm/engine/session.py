@@ -239,23 +239,21 @@ class StreamSession:
     def probe(self, prompts: list[str]) -> list[float]:
         """P(yes) for each yes/no ``prompt`` about the context as it is now, e.g. "Is the kettle boiling?".
 
-        Each prompt is asked as a question on a throw-away extension of the cache that is rolled back, so
-        probing never changes memory or the dialogue. The probability is renormalised over the model's
-        "yes" and "no" first tokens.
+        All prompts are asked at once, each as a question on its own throw-away extension of the cache
+        (one forward with a block-diagonal mask, exactly equal to asking them one by one), and rolled
+        back: probing never changes memory or the dialogue. The probability is renormalised over the
+        model's "yes" and "no" first tokens.
         """
         self._check_idle()
+        if not prompts:
+            return []
+        if any(not p.strip() for p in prompts):
+            raise QuestionError("a probe prompt is empty")
         yes, no = self.adapter.yes_no_ids()
-        out = []
-        for prompt in prompts:
-            if not prompt.strip():
-                raise QuestionError("a probe prompt is empty")
-            with self.scratch():
-                logits = self.runner.prefill(self.adapter.question_ids(prompt.strip()))
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            pair = torch.stack([torch.logsumexp(log_probs[yes], 0), torch.logsumexp(log_probs[no], 0)])
-            out.append(float(torch.softmax(pair, 0)[0]))
-        self.runner.take_times()
-        return out
+        logits = self.runner.last_logits_of_branches([self.adapter.question_ids(p.strip()) for p in prompts])
+        log_probs = torch.log_softmax(logits, dim=-1)
+        pair = torch.stack([torch.logsumexp(log_probs[:, yes], -1), torch.logsumexp(log_probs[:, no], -1)], dim=-1)
+        return [float(p) for p in torch.softmax(pair, dim=-1)[:, 0]]
 
     # ---- internals -----------------------------------------------------------------------------------
     def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool) -> Iterator[str]:

@@ -84,6 +84,7 @@ class WorkerCounters:
     dropped: int = 0  # replaced by a newer frame before the model was free
     ingested: int = 0
     lag_s: list[float] = field(default_factory=list)  # capture (submit) to start of ingest, per ingested frame
+    ingested_pts: list[float] = field(default_factory=list)  # the timestamps of the ingested frames, same order
     busy_s: float = 0.0  # seconds the model thread spent working
 
 
@@ -113,6 +114,7 @@ class LiveWorker:
         self._cancel = threading.Event()
         self._running_id: str | None = None
         self._stopping = False
+        self._busy = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: asyncio.Queue[WorkerEvent] | None = None
@@ -142,6 +144,12 @@ class LiveWorker:
             if event.kind == "stopped":
                 return
             yield event
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is waiting or running."""
+        with self._cv:
+            return not (self._control or self._answers or self._polls or self._frame or self._busy)
 
     # ---- input (call from the event loop or any thread) ----------------------------------------------
     def submit_frame(self, frame: Frame) -> str:
@@ -211,11 +219,14 @@ class LiveWorker:
                         job = ("poll", self._polls.popleft())
                     else:
                         job, self._frame = ("frame", self._frame), None
+                    self._busy = True
                 started = time.perf_counter()
                 try:
                     getattr(self, f"_do_{job[0]}")(job[1])
                 except StreamVLMError as exc:
                     self._emit("error", message=str(exc), request_id=None)
+                finally:
+                    self._busy = False
                 self.counters.busy_s += time.perf_counter() - started
         finally:
             self._emit("stopped")
@@ -262,6 +273,7 @@ class LiveWorker:
     def _do_frame(self, item: tuple[Frame, float]) -> None:
         frame, received = item
         self.counters.lag_s.append(self._clock() - received)
+        self.counters.ingested_pts.append(frame.pts_s)
         self.session.ingest(frame)
         self.counters.ingested += 1
         for event in self.session.drain_events():
