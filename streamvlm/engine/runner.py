@@ -36,12 +36,16 @@ class StepTimes:
 class Runner:
     """Model tensors for one stream. Create one per stream with the adapter of a loaded model."""
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, adapter: ModelAdapter, *, keep_ids: bool = True) -> None:
         self.adapter = adapter
         self.model = adapter.model
         self.cache = DynamicCache(config=self.model.config.get_text_config())
         self.next_position = 0  # the position the next token takes
-        self.ids: list[int] = []  # every token fed, in order (the logical stream)
+        # Every token fed, in order, while the cache holds exactly that sequence (``keep_ids``); a bounded
+        # memory edits the cache, so its sessions keep only the count, and memory stays bounded.
+        self.keep_ids = keep_ids
+        self.ids: list[int] = []
+        self.seen = 0  # tokens fed (the logical length)
         self.times = StepTimes()
         self.last_positions = torch.empty(adapter.position_rows, 0, dtype=torch.long)  # of the last call, [rows, n]
         self._max_positions = adapter.max_positions()
@@ -49,7 +53,7 @@ class Runner:
     # ---- lengths ------------------------------------------------------------------------------------
     @property
     def logical_length(self) -> int:
-        return len(self.ids)
+        return self.seen
 
     @property
     def cache_length(self) -> int:
@@ -101,7 +105,7 @@ class Runner:
 
     def mark(self) -> tuple[int, int, int]:
         """A point to come back to with :meth:`rollback`: (tokens held, next position, tokens seen)."""
-        return (self.cache_length, self.next_position, len(self.ids))
+        return (self.cache_length, self.next_position, self.seen)
 
     def rollback(self, mark: tuple[int, int, int]) -> None:
         """Forget every token fed after ``mark``; the cache returns to exactly what it held then.
@@ -110,7 +114,9 @@ class Runner:
         """
         held, position, seen = mark
         self._crop_to(held)
-        del self.ids[seen:]
+        if self.keep_ids:
+            del self.ids[len(self.ids) - (self.seen - seen) :]
+        self.seen = seen
         self.next_position = position
 
     @torch.inference_mode()
@@ -220,5 +226,7 @@ class Runner:
             raise
         self.next_position = next_position
         self.last_positions = positions.reshape(positions.shape[0] if positions.dim() == 3 else 1, -1).cpu()
-        self.ids.extend(ids)
+        self.seen += len(ids)
+        if self.keep_ids:
+            self.ids.extend(ids)
         return out.logits[0].float()

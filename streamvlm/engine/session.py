@@ -95,7 +95,7 @@ class StreamSession:
     def _restore(self, adapter: ModelAdapter, config: SessionConfig, memory: MemoryConfig) -> None:
         self.adapter = adapter
         self.config = config
-        self.runner = Runner(adapter)
+        self.runner = Runner(adapter, keep_ids=not memory.bounded)
         self.memory = MemoryManager(memory, self.runner)
         self._last_t = -math.inf
         self._generating = False
@@ -140,7 +140,8 @@ class StreamSession:
 
     def drain_events(self) -> list[MemoryEvent]:
         """Memory events (compression, eviction, spill, drop) since the last call, oldest first."""
-        events, self.memory.events = self.memory.events, []
+        events = list(self.memory.events)
+        self.memory.events.clear()
         return events
 
     def close(self) -> None:

@@ -64,7 +64,7 @@ def save_session(session: StreamSession, path: str | Path) -> Path:
         "session_config": asdict(session.config),
         "memory_config": asdict(memory.config),
         "layers": len(kv._layers(session.runner.cache)),
-        "runner": {"next_position": session.runner.next_position, "ids": session.runner.ids},
+        "runner": {"next_position": session.runner.next_position, "seen": session.runner.seen, "ids": session.runner.ids},
         "last_t": session.last_t if math.isfinite(session.last_t) else None,
         "ledger": memory.ledger.to_dict(),
         "compactions": memory.compactions,
@@ -114,6 +114,7 @@ def load_session(adapter: ModelAdapter, path: str | Path) -> StreamSession:
     kv.load_tensors(session.runner.cache, tensors, layers)
     session.runner.next_position = int(manifest["runner"]["next_position"])
     session.runner.ids = [int(i) for i in manifest["runner"]["ids"]]
+    session.runner.seen = int(manifest["runner"]["seen"])
     session._last_t = -math.inf if manifest["last_t"] is None else float(manifest["last_t"])
     memory = session.memory
     memory.ledger = Ledger.from_dict(manifest["ledger"])

@@ -12,7 +12,7 @@ No torch, no I/O: the memory manager reads these books to plan, and the cache ad
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 __all__ = ["Chunk", "Ledger", "Plan", "WORKING", "STORE", "MERGED", "DROPPED"]
 
@@ -20,7 +20,7 @@ WORKING, STORE, MERGED, DROPPED = "working", "store", "merged", "dropped"
 DIALOGUE = ("question", "answer")
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     chunk_id: int
     kind: str  # "system" | "frame" | "question" | "answer"
@@ -137,7 +137,7 @@ class Ledger:
 
     # ---- snapshots -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"next_id": self._next_id, "working": list(self._working), "chunks": [vars(c).copy() for c in self.all()]}
+        return {"next_id": self._next_id, "working": list(self._working), "chunks": [asdict(c) for c in self.all()]}
 
     @classmethod
     def from_dict(cls, data: dict) -> Ledger:

@@ -14,6 +14,7 @@ working memory is exactly as it was.
 from __future__ import annotations
 
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,8 @@ class MemoryManager:
         self.runner = runner
         self.ledger = Ledger()
         self.policy = make_policy(config.policy)
-        self.events: list[MemoryEvent] = []
+        # Undrained events are kept up to a bound (a session nobody reads must not grow); the oldest go first.
+        self.events: deque[MemoryEvent] = deque(maxlen=4096)
         self.positions: dict[int, torch.Tensor] = {}  # working chunk -> positions rotated into its keys, [rows, n]
         self.suspended = False  # inside a scratch extension: no enforcement
         self.compactions = 0
@@ -190,7 +192,7 @@ class MemoryManager:
         record = ChunkRecord(chunk.chunk_id, "text" if chunk.is_dialogue else "frame", chunk.t_start, chunk.t_end, chunk.source_id,
                              chunk.position_start, chunk.position_end, chunk.tokens_held)
         chunk.tier = STORE
-        chunk.epoch = self.compactions  # type: ignore[attr-defined]
+        chunk.epoch = self.compactions
         for event in self.store.put(record, keys, values, index):
             if event.kind == "dropped":
                 self.ledger.set_tier(event.chunk_id, DROPPED)
@@ -256,7 +258,7 @@ class MemoryManager:
         evidence = []
         for record, keys, values in records:
             chunk = self.ledger[record.chunk_id]
-            if getattr(chunk, "epoch", 0) == self.compactions:
+            if chunk.epoch == self.compactions:
                 delta = 0  # positions untouched since eviction: the original place is still right
             else:
                 delta = place - record.position_start
