@@ -73,7 +73,8 @@ class Runner:
     def encode(self, frame: PreparedFrame) -> Any:
         """Run the vision tower on one frame. The result is meant for one :meth:`prefill`."""
         t0 = time.perf_counter()
-        out = self.adapter.encode(frame)
+        with self.adapter.lock:
+            out = self.adapter.encode(frame)
         self.times.vision_s += time.perf_counter() - t0
         self.times.calls["encode"] += 1
         return out
@@ -146,10 +147,11 @@ class Runner:
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         device = self.adapter.device
         try:
-            out = self.model(
-                input_ids=torch.tensor([ids], device=device), position_ids=positions.to(device), attention_mask=mask.to(device),
-                past_key_values=self.cache, use_cache=True, logits_to_keep=0,
-            )
+            with self.adapter.lock:
+                out = self.model(
+                    input_ids=torch.tensor([ids], device=device), position_ids=positions.to(device), attention_mask=mask.to(device),
+                    past_key_values=self.cache, use_cache=True, logits_to_keep=0,
+                )
         finally:
             self._crop_to(held)
         return out.logits[0, ends].float()
@@ -213,14 +215,15 @@ class Runner:
             positions = positions[0]
         held = self.cache_length
         try:
-            out = self.model(
-                input_ids=torch.tensor([ids], device=device),
-                position_ids=positions.to(device),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=keep,
-                **self.adapter.forward_kwargs(encoded),
-            )
+            with self.adapter.lock:
+                out = self.model(
+                    input_ids=torch.tensor([ids], device=device),
+                    position_ids=positions.to(device),
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=keep,
+                    **self.adapter.forward_kwargs(encoded),
+                )
         except BaseException:
             self._crop_to(held)
             raise

@@ -67,7 +67,7 @@ class WorkerConfig:
 class WorkerEvent:
     """Something for the client: ``kind`` is one of
 
-    ``answer.delta`` (``request_id``, ``text``), ``answer.done`` (``request_id``, ``answer``, ``trigger``),
+    ``answer.started`` (``request_id``, ``trigger``), ``answer.delta`` (``request_id``, ``text``), ``answer.done`` (``request_id``, ``answer``, ``trigger``),
     ``acknowledged`` (``request_id``, ``condition``), ``alert`` (``watch_id``, ``condition``, ``t``,
     ``evidence_t``, ``source_id``), ``gave_up`` (``request_id``, ``question``, ``reason``),
     ``memory`` (``memory_event``), ``error`` (``message``, ``request_id``).
@@ -292,6 +292,7 @@ class LiveWorker:
         self._cancel.clear()
         self._running_id = request_id
         self._act(self.controller.generation_started(request_id, self._now()))
+        self._emit("answer.started", request_id=request_id, trigger=trigger)
         stream = self.session.ask_stream(question, self._now())
         try:
             for delta in stream:

@@ -7,6 +7,7 @@ is called, and how its positions are numbered. It owns no cache and keeps no str
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -56,6 +57,8 @@ class ModelAdapter(ABC):
         self.image_processor = image_processor
         self.source = source
         self.model.eval()
+        #: Held around every forward: sessions that share one loaded model take turns on it.
+        self.lock = threading.RLock()
 
     # ---- identity -----------------------------------------------------------------------------
     @property
