@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["parse_size", "ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig", "MemoryConfig", "POLICIES"]
+__all__ = ["parse_size", "ServerConfig", "ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig", "MemoryConfig", "POLICIES"]
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -189,3 +189,44 @@ class MemoryConfig:
         if self.budget_tokens is None:
             return None
         return self.text_budget_tokens if self.text_budget_tokens is not None else self.budget_tokens // 4
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The WebSocket server: where it listens, who may connect, and how much it takes on.
+
+    Binding anywhere but loopback requires a ``token`` (sent as ``Authorization: Bearer ...`` or, from
+    a browser, ``?access_token=...``). Browser connections (with an ``Origin`` header) must come from
+    the server's own address or one of ``allowed_origins``. At most ``max_sessions`` sessions run at
+    once, each with a working-memory budget of ``session_budget_tokens`` under a global cap of
+    ``global_budget_tokens``; a session left by its client can be resumed for ``resume_window_s``.
+    ``max_session_s`` (None: unlimited) ends sessions after that long, with a ``session.go_away``
+    ``go_away_notice_s`` before. Events (answers, alerts) are logged to SQLite at ``event_db``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_sessions: int = 8
+    session_budget_tokens: int = 4096
+    global_budget_tokens: int = 8 * 4096
+    resume_window_s: float = 60.0
+    max_session_s: float | None = None
+    go_away_notice_s: float = 10.0
+    event_db: str | None = None
+    stats_every_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        _require(self.host in _LOOPBACK or bool(self.token), "token",
+                 f"a token is required to bind to {self.host!r}; pass --token or bind to 127.0.0.1")
+        _require(self.max_sessions >= 1, "max_sessions", "must be >= 1")
+        _require(self.session_budget_tokens >= 16, "session_budget_tokens", "must be >= 16")
+        _require(self.global_budget_tokens >= self.session_budget_tokens, "global_budget_tokens", "must be >= session_budget_tokens")
+        _require(self.resume_window_s >= 0, "resume_window_s", "must be >= 0")
+        _require(self.max_session_s is None or self.max_session_s > 0, "max_session_s", "must be > 0 or None")
+        _require(self.stats_every_s > 0, "stats_every_s", "must be > 0")

@@ -93,6 +93,8 @@ APPLICATION_ERROR_CODES: Mapping[str, str] = {
     "watch_not_found": "watch.delete of an id not watched",
     "invalid_resume_handle": "?resume= names no session that can still be resumed",
     "server_error": "the server failed; the session goes on unless a go_away follows",
+    "session_limit": "the server is full (sessions or memory); the connection is closed after this error",
+    "setting_locked": "session.update of a setting that cannot change once the stream has started",
 }
 
 CLIENT_EVENT_TYPES = (
