@@ -2,7 +2,10 @@
 
 ``streamvlm run [VIDEO]``          play a video through the model as if live and answer timed questions
 ``streamvlm check-model MODEL``    prove streamed == offline logits for a checkpoint, print JSON
-``streamvlm bench latency ...``    time to first token, streamed vs. re-reading every frame
+``streamvlm bench latency|memory|retrieval|live|serve``   benchmarks
+``streamvlm serve``                the realtime WebSocket API and the web client on one port
+``streamvlm watch SOURCE``         monitor a camera and raise alerts (SQLite log, webhook, JSONL)
+``streamvlm events``               list logged answers and alerts
 ``streamvlm bench memory ...``     working memory, store and RSS over a long stream under a token budget
 
 Errors from the exception tree print one line on stderr and exit with status 2.
@@ -196,6 +199,83 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
     return 0
 
 
+def _events_db(path: str | None) -> Path:
+    from .config import streamvlm_home
+
+    return Path(path) if path else streamvlm_home() / "events.db"
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import ServerConfig
+    from .models import load_model
+    from .server.app import serve_forever
+
+    config = ServerConfig(
+        host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allowed_origin or ()),
+        max_sessions=args.max_sessions, session_budget_tokens=args.session_budget, global_budget_tokens=args.global_budget,
+        resume_window_s=args.resume_window, event_db=str(_events_db(args.event_db)),
+    )
+    print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
+    adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
+    try:
+        asyncio.run(serve_forever(adapter, config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .models import load_model
+    from .watch import run_watch
+
+    if not args.alert:
+        raise ConfigError("watch needs at least one --alert CONDITION")
+    print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
+    adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
+    memory = MemoryConfig(budget_tokens=args.memory_budget, policy=args.policy)
+    try:
+        raised = asyncio.run(run_watch(adapter, args.source, args.alert, event_db=_events_db(args.event_db), webhook=args.webhook,
+                                       jsonl=Path(args.log) if args.log else None, memory=memory, duration_s=args.duration))
+    except KeyboardInterrupt:
+        return 130
+    print(f"streamvlm: {raised} alert(s) raised", file=sys.stderr)
+    return 0
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from .server.eventlog import EventLog
+
+    db = _events_db(args.db)
+    if not db.exists():
+        raise ConfigError(f"no event log at {db}")
+    since = None
+    if args.since:
+        try:
+            since = float(args.since)
+        except ValueError as exc:
+            raise ConfigError(f"--since {args.since!r}: expected a Unix time in seconds") from exc
+    log = EventLog(db)
+    for event in log.list(since=since, session=args.session, limit=args.limit):
+        print(json.dumps(event))
+    log.close()
+    return 0
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench.serve import run_serve_bench
+
+    result = run_serve_bench(args.model, sessions=args.sessions, fps=args.fps, duration=args.duration)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamvlm", description="Watch live video with a vision-language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +349,48 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--probe-every", type=int, default=2, help="probe watches every N ingested frames")
     live.add_argument("--json", metavar="OUT", help="write the result to this file")
     live.set_defaults(func=_cmd_bench_live)
+
+    bserve = bench_sub.add_parser("serve", help="concurrent realtime sessions against one server")
+    bserve.add_argument("--model", default="tiny-smolvlm")
+    bserve.add_argument("--sessions", type=int, default=8)
+    bserve.add_argument("--fps", type=float, default=2.0)
+    bserve.add_argument("--duration", type=float, default=30.0)
+    bserve.add_argument("--json", metavar="OUT", help="write the result to this file")
+    bserve.set_defaults(func=_cmd_bench_serve)
+
+    srv = sub.add_parser("serve", help="serve the realtime WebSocket API and the web client")
+    srv.add_argument("--model", default="tiny-smolvlm", help="preset, Hub id or local path")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --token)")
+    srv.add_argument("--port", type=int, default=8765)
+    srv.add_argument("--token", default=None, help="bearer token clients must present")
+    srv.add_argument("--allowed-origin", action="append", help="extra browser origin allowed to connect (repeatable)")
+    srv.add_argument("--max-sessions", type=int, default=8)
+    srv.add_argument("--session-budget", type=int, default=4096, help="working-memory tokens per session")
+    srv.add_argument("--global-budget", type=int, default=8 * 4096, help="working-memory tokens across sessions")
+    srv.add_argument("--resume-window", type=float, default=60.0, help="seconds a dropped session can be resumed")
+    srv.add_argument("--event-db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
+    srv.add_argument("--dtype", default="float32")
+    srv.set_defaults(func=_cmd_serve)
+
+    wat = sub.add_parser("watch", help="monitor a camera (RTSP/HTTP/file/webcam index) and raise alerts")
+    wat.add_argument("source", help="rtsp://..., http://..., a file, or a webcam index like 0")
+    wat.add_argument("--alert", action="append", metavar="CONDITION", help='a condition to alert on, e.g. "a person falls" (repeatable)')
+    wat.add_argument("--model", default="tiny-smolvlm")
+    wat.add_argument("--webhook", default=None, help="POST every alert here (retried; the backlog survives restarts)")
+    wat.add_argument("--log", default=None, metavar="JSONL", help="append every event to this JSON-lines file")
+    wat.add_argument("--event-db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
+    wat.add_argument("--memory-budget", type=int, default=4096)
+    wat.add_argument("--policy", default="merge", help="memory policy (default merge: static cameras cost little)")
+    wat.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until the source ends)")
+    wat.add_argument("--dtype", default="float32")
+    wat.set_defaults(func=_cmd_watch)
+
+    evs = sub.add_parser("events", help="list logged answers and alerts")
+    evs.add_argument("--since", default=None, help="Unix time in seconds")
+    evs.add_argument("--session", default=None)
+    evs.add_argument("--limit", type=int, default=1000)
+    evs.add_argument("--db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
+    evs.set_defaults(func=_cmd_events)
     return parser
 
 

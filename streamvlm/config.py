@@ -7,12 +7,14 @@ so a typo fails at start-up rather than minutes into a stream.
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["parse_size", "ServerConfig", "ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig", "MemoryConfig", "POLICIES"]
+__all__ = ["streamvlm_home", "parse_size", "ServerConfig", "ModelConfig", "SamplingConfig", "SessionConfig", "IngestConfig", "MemoryConfig", "POLICIES"]
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -32,6 +34,11 @@ def parse_size(text: str, *, what: str = "size") -> int:
         raise ConfigError(f"{what} {text!r}: expected a size in bytes like 100000, 512MB or 2GB")
     return int(float(match.group("number")) * _UNITS[unit])
 
+
+
+def streamvlm_home() -> Path:
+    """Where streamvlm keeps presets and the event log: ``$STREAMVLM_HOME``, default ``~/.cache/streamvlm``."""
+    return Path(os.environ.get("STREAMVLM_HOME", Path.home() / ".cache" / "streamvlm"))
 
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")

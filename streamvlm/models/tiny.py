@@ -13,7 +13,6 @@ The presets directory is ``$STREAMVLM_HOME/presets`` (default ``~/.cache/streamv
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..config import streamvlm_home
 
 __all__ = ["PRESETS", "preset_dir", "ensure_preset", "is_preset"]
 
@@ -40,10 +41,6 @@ a square, a triangle and a circle move across the frame from left to right. firs
 before, earlier, later, now, seconds, minutes, frame, video, camera, left, right, top, bottom, center.
 zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 : . , ? ! ' " - ( )
 """
-
-
-def _home() -> Path:
-    return Path(os.environ.get("STREAMVLM_HOME", Path.home() / ".cache" / "streamvlm"))
 
 
 def _build_tokenizer(specials: list[str], vocab_size: int, *, eos: str, pad: str, extra_special: dict[str, str] | None = None) -> Any:
@@ -201,7 +198,7 @@ def is_preset(name: str) -> bool:
 
 
 def preset_dir(name: str) -> Path:
-    return _home() / "presets" / f"{name}-r{_RECIPE_VERSION}"
+    return streamvlm_home() / "presets" / f"{name}-r{_RECIPE_VERSION}"
 
 
 def ensure_preset(name: str, *, seed: int = 0) -> Path:
