@@ -39,6 +39,7 @@ from streamvlm.protocol import (
     SessionUpdate,
     WatchCreate,
     WatchDelete,
+    WebRTCOffer,
     conversation_item_created,
     decode_frame,
     encode_frame,
@@ -57,12 +58,13 @@ from streamvlm.protocol import (
     session_updated,
     watch_created,
     watch_deleted,
+    webrtc_answer,
 )
 from streamvlm.types import Evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENT_ID = re.compile(r"^evt_\d{6,}$")
-CLIENT_EVENTS = (SessionUpdate, ItemCreate, ResponseCreate, ResponseCancel, FrameAppend, WatchCreate, WatchDelete)
+CLIENT_EVENTS = (SessionUpdate, ItemCreate, ResponseCreate, ResponseCancel, FrameAppend, WatchCreate, WatchDelete, WebRTCOffer)
 
 
 def _image(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
@@ -135,6 +137,7 @@ ROUND_TRIP_EVENTS = [
                                                                            window=10, min_history=4)),
     WatchCreate("w3", "a dog", trigger=TriggerSpec(kind="sum", threshold=2.0, baseline=0.3)),
     WatchDelete("fall-1", event_id="c7"),
+    WebRTCOffer("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n", event_id="c8"),
 ]
 
 
@@ -633,6 +636,7 @@ def test_server_builders_produce_valid_events() -> None:
         session_resumption_update("rh_abc", True),
         session_resumption_update(None, False),
         session_go_away(10_000),
+        webrtc_answer("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n"),
         error_event("watch_not_found", "no watch 'x'", "watch_id", "c9"),
         error_event("server_error", "model failed"),
     ]

@@ -42,6 +42,7 @@ from .messages import (
     SessionUpdate,
     WatchCreate,
     WatchDelete,
+    WebRTCOffer,
     conversation_item_created,
     error_event,
     input_frame_stats,
@@ -58,6 +59,7 @@ from .messages import (
     session_resumption_update,
     session_updated,
     watch_created,
+    webrtc_answer,
     watch_deleted,
 )
 
@@ -88,6 +90,8 @@ __all__ = [
     "SessionUpdate",
     "WatchCreate",
     "WatchDelete",
+    "WebRTCOffer",
+    "webrtc_answer",
     "conversation_item_created",
     "decode_frame",
     "decode_image",

@@ -49,6 +49,8 @@ __all__ = [
     "FrameAppend",
     "WatchCreate",
     "WatchDelete",
+    "WebRTCOffer",
+    "webrtc_answer",
     "ClientEvent",
     "parse_client_message",
     "parse_client_object",
@@ -105,6 +107,7 @@ CLIENT_EVENT_TYPES = (
     "input_frame.append",
     "watch.create",
     "watch.delete",
+    "webrtc.offer",
 )
 
 SERVER_EVENT_TYPES = (
@@ -121,6 +124,7 @@ SERVER_EVENT_TYPES = (
     "input_frame.stats",
     "session.resumption_update",
     "session.go_away",
+    "webrtc.answer",
     "error",
 )
 
@@ -450,8 +454,27 @@ class WatchDelete:
         return _client_dict(self, watch_id=self.watch_id)
 
 
+@dataclass(frozen=True)
+class WebRTCOffer:
+    """``webrtc.offer``: start sending video over WebRTC; reply :func:`webrtc_answer`.
+
+    The video track's frames enter the same ingest path as frames sent over the socket.
+    """
+
+    # The SDP offer text (at most 64 KiB).
+    sdp: str
+    # The client's event_id, or None.
+    event_id: str | None = None
+
+    type: ClassVar[str] = "webrtc.offer"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object a client sends for this event."""
+        return _client_dict(self, sdp=self.sdp)
+
+
 #: Any client event :func:`parse_client_message` can return.
-ClientEvent = Union[SessionUpdate, ItemCreate, ResponseCreate, ResponseCancel, FrameAppend, WatchCreate, WatchDelete]
+ClientEvent = Union[SessionUpdate, ItemCreate, ResponseCreate, ResponseCancel, FrameAppend, WatchCreate, WatchDelete, WebRTCOffer]
 
 
 def _client_dict(event: Any, **body: Any) -> dict[str, Any]:
@@ -646,6 +669,13 @@ def _parse_watch_delete(obj: dict[str, Any], event_id: str | None, limits: Limit
     return WatchDelete(event_id=event_id, watch_id=_watch_id(_required(obj, "watch_id", ""), "watch_id"))
 
 
+def _parse_webrtc_offer(obj: dict[str, Any], event_id: str | None, limits: Limits) -> WebRTCOffer:
+    sdp = _required(obj, "sdp", "")
+    if not isinstance(sdp, str) or not sdp.startswith("v=0") or len(sdp) > 65536:
+        raise ProtocolError("invalid_value", "sdp must be an SDP offer (text starting with 'v=0', at most 64 KiB)", "sdp", event_id)
+    return WebRTCOffer(event_id=event_id, sdp=sdp)
+
+
 _PARSERS = {
     "session.update": _parse_session_update,
     "conversation.item.create": _parse_item_create,
@@ -654,6 +684,7 @@ _PARSERS = {
     "input_frame.append": _parse_frame_append,
     "watch.create": _parse_watch_create,
     "watch.delete": _parse_watch_delete,
+    "webrtc.offer": _parse_webrtc_offer,
 }
 
 
@@ -818,6 +849,11 @@ def session_resumption_update(new_handle: str | None, resumable: bool) -> dict[s
 def session_go_away(time_left_ms: int) -> dict[str, Any]:
     """``session.go_away``: the server will close the connection in ``time_left_ms``; the client should resume."""
     return _server("session.go_away", time_left_ms=_count(time_left_ms, "time_left_ms"))
+
+
+def webrtc_answer(sdp: str) -> dict[str, Any]:
+    """``webrtc.answer``: the server's SDP answer to a ``webrtc.offer``."""
+    return _server("webrtc.answer", sdp=sdp)
 
 
 def error_event(code: str, message: str, param: str | None = None, client_event_id: str | None = None) -> dict[str, Any]:

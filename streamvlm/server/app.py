@@ -86,6 +86,7 @@ class _Session:
         self.opened_at = time.monotonic()
         self.events_task: asyncio.Task | None = None
         self.warned = False  # a go_away was sent
+        self.peer: Any = None  # the WebRTC peer connection, if the client sends video that way
 
     def settings(self) -> dict[str, Any]:
         s = self.session_config
@@ -106,6 +107,9 @@ class _Session:
         return self.worker
 
     async def close(self) -> None:
+        if self.peer is not None:
+            await self.peer.close()
+            self.peer = None
         if self.worker is not None:
             self.worker.cancel()
             await self.worker.stop()
@@ -389,6 +393,21 @@ class StreamServer:
             spec = event.spec(session.controller_config.default_trigger)
             worker.watch(event.watch_id, event.condition, spec=spec)
             session.send(p.watch_created(event.watch_id, event.condition, spec))
+        elif isinstance(event, p.WebRTCOffer):
+            from .webrtc import accept_offer, loopback_ice_only
+
+            worker = await session.ensure_worker()
+            session.started = True
+            if self.config.host in ("127.0.0.1", "localhost", "::1"):
+                loopback_ice_only()
+            if session.peer is not None:
+                await session.peer.close()
+
+            def on_frame(image, pts: float) -> None:
+                worker.submit_frame(Frame(image, max(pts, worker.session.last_t, 0.0), "webrtc"))
+
+            sdp, session.peer = await accept_offer(event.sdp, on_frame)
+            session.send(p.webrtc_answer(sdp))
         elif isinstance(event, p.WatchDelete):
             if session.watches.pop(event.watch_id, None) is None:
                 session.send(p.error_event("watch_not_found", f"no watch {event.watch_id!r}", "watch_id", cid))
