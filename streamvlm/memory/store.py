@@ -307,6 +307,40 @@ def _quota(name: str, value: object) -> int:
     return int(value)
 
 
+class _IndexMatrix:
+    """Index entries as one layer-major float32 matrix ``[layers, capacity, kv_heads * head_dim]``.
+
+    Appends are amortised O(1) (the capacity doubles); a removal shifts the entries after it (drops
+    are rare). Searching reads it in place, so a question costs one batched matrix-vector product.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self._buf: torch.Tensor | None = None
+
+    def append(self, chunk_id: int, index: torch.Tensor) -> None:
+        row = index.detach().to("cpu", torch.float32).reshape(index.shape[0], -1)
+        n = len(self.ids)
+        if self._buf is None or n == self._buf.shape[1]:
+            grown = torch.empty(row.shape[0], max(16, 2 * n), row.shape[1])
+            if self._buf is not None:
+                grown[:, :n] = self._buf[:, :n]
+            self._buf = grown
+        self._buf[:, n] = row
+        self.ids.append(chunk_id)
+
+    def remove(self, chunk_id: int) -> None:
+        pos = self.ids.index(chunk_id)
+        n = len(self.ids)
+        assert self._buf is not None
+        self._buf[:, pos : n - 1] = self._buf[:, pos + 1 : n].clone()
+        self.ids.pop(pos)
+
+    def view(self) -> tuple[list[int], torch.Tensor]:
+        assert self._buf is not None
+        return self.ids, self._buf[:, : len(self.ids)]
+
+
 class LongTermStore:
     """Two-tier (RAM, then disk) store of evicted KV chunks with a RAM index for retrieval.
 
@@ -333,7 +367,7 @@ class LongTermStore:
         self._dropped_chunks = 0
         self._dropped_bytes = 0
         self._dropped_up_to: float | None = None
-        self._stacked: tuple[list[int], torch.Tensor] | None = None
+        self._matrix = _IndexMatrix()  # the same entries, layer-major, for fast search
         self._closed = False
         self._tag = uuid.uuid4().hex[:8]
         self.load_events: tuple[StoreEvent, ...] = ()
@@ -544,7 +578,7 @@ class LongTermStore:
         self._nbytes[record.chunk_id] = nbytes
         self._index[record.chunk_id] = index
         self._index_used += index.numel() * index.element_size()
-        self._stacked = None
+        self._matrix.append(record.chunk_id, index)
 
     def _forget_ram(self, chunk_id: int) -> None:
         """Remove a chunk's tensors from the RAM tier (no-op for a new chunk that never entered it)."""
@@ -566,7 +600,7 @@ class LongTermStore:
         del self._nbytes[chunk_id]
         index = self._index.pop(chunk_id)
         self._index_used -= index.numel() * index.element_size()
-        self._stacked = None
+        self._matrix.remove(chunk_id)
         self._dropped_chunks += 1
         self._dropped_bytes += event.bytes
         if self._dropped_up_to is None or event.t_end > self._dropped_up_to:
@@ -613,23 +647,26 @@ class LongTermStore:
             raise ConfigError(f"top_k must be an int >= 0, got {top_k!r}")
         if not self._index or top_k == 0:
             return []
-        ids, stacked = self._stacked_index()
-        scores = self._layer_scores(queries, stacked)
+        ids, matrix = self._matrix.view()
+        scores = self._layer_scores(queries, matrix, self._kv_heads())
         combined = self._combine_layers(scores)
-        order = torch.sort(combined, descending=True, stable=True).indices[: int(top_k)]
-        return [(ids[i], float(combined[i])) for i in order.tolist()]
+        k = min(int(top_k), len(ids))
+        kth = torch.topk(combined, k).values[-1]
+        candidates = torch.nonzero(combined >= kth).flatten().tolist()  # ties at the cut are kept, then ordered by id
+        ranked = sorted(candidates, key=lambda i: (-float(combined[i]), ids[i]))[:k]
+        return [(ids[i], float(combined[i])) for i in ranked]
 
-    def _stacked_index(self) -> tuple[list[int], torch.Tensor]:
-        """``(ids, [chunks, layers, kv_heads, head_dim] float32)``, ids ascending; cached until put/drop."""
-        if self._stacked is None:
-            ids = sorted(self._index)
-            self._stacked = (ids, torch.stack([self._index[i].float() for i in ids]))
-        return self._stacked
+    def _kv_heads(self) -> int:
+        return int(next(iter(self._index.values())).shape[1])
 
     @staticmethod
-    def _layer_scores(queries: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-        """``[chunks, layers]``: mean over query heads and tokens of ``q . index / sqrt(head_dim)``."""
-        _, layers, kv_heads, head_dim = stacked.shape
+    def _layer_scores(queries: torch.Tensor, matrix: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """``[chunks, layers]``: mean over query heads and tokens of ``q . index / sqrt(head_dim)``.
+
+        ``matrix`` is the index, layer-major: ``[layers, chunks, kv_heads * head_dim]``.
+        """
+        layers, _, width = matrix.shape
+        head_dim = width // kv_heads
         if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or not queries.is_floating_point():
             raise InputError("queries must be a float tensor [layers, q_heads, n_q, head_dim]")
         q_layers, q_heads, n_q, q_dim = queries.shape
@@ -642,8 +679,8 @@ class LongTermStore:
         if not bool(torch.isfinite(q).all()):
             raise InputError("queries hold NaN or infinite values")
         # The score is linear in q: average the tokens, then sum each kv head's group of query heads.
-        grouped = q.mean(dim=2).reshape(layers, kv_heads, q_heads // kv_heads, head_dim).sum(dim=2)
-        return torch.einsum("clkd,lkd->cl", stacked, grouped) / (q_heads * math.sqrt(head_dim))
+        grouped = q.mean(dim=2).reshape(layers, kv_heads, q_heads // kv_heads, head_dim).sum(dim=2).reshape(layers, width, 1)
+        return torch.bmm(matrix, grouped)[..., 0].T / (q_heads * math.sqrt(head_dim))
 
     @staticmethod
     def _combine_layers(scores: torch.Tensor) -> torch.Tensor:
@@ -809,7 +846,7 @@ class LongTermStore:
         self._ram_order.clear()
         self._disk_order.clear()
         self._ram_used = self._disk_used = self._index_used = 0
-        self._stacked = None
+        self._matrix = _IndexMatrix()
 
     @property
     def closed(self) -> bool:
