@@ -54,6 +54,15 @@ def _clock(t: float) -> str:
     return f"{int(minutes):02d}:{seconds:04.1f}"
 
 
+def _emit_json(result: dict, path: str | None) -> int:
+    """Print a benchmark result and, with ``--json OUT``, write it there too."""
+    text = json.dumps(result, indent=2)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _random_label(model: str) -> str:
     from .models.tiny import is_preset
 
@@ -147,11 +156,7 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
     if not counts or counts[0] < 1:
         raise ConfigError("--frames needs at least one count >= 1")
     result = run_latency_bench(ModelConfig(model=args.model), counts, repeats=args.repeats, progress=not args.quiet)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    return 0
+    return _emit_json(result, args.json)
 
 
 def _cmd_bench_memory(args: argparse.Namespace) -> int:
@@ -166,11 +171,7 @@ def _cmd_bench_memory(args: argparse.Namespace) -> int:
         from .bench.plot import plot_memory_samples
 
         plot_memory_samples(result, args.plot)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    return 0
+    return _emit_json(result, args.json)
 
 
 def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
@@ -179,11 +180,7 @@ def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
     if args.chunks < 1:
         raise ConfigError("--chunks must be >= 1")
     result = run_retrieval_bench(args.chunks, layers=args.layers, kv_heads=args.kv_heads, q_heads=args.q_heads, head_dim=args.head_dim, top_k=args.top_k)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    return 0
+    return _emit_json(result, args.json)
 
 
 def _cmd_bench_live(args: argparse.Namespace) -> int:
@@ -192,11 +189,7 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
     if not (args.fps > 0 and args.duration > 0):
         raise ConfigError("--fps and --duration must be > 0")
     result = run_live_bench(ModelConfig(model=args.model), args.fps, args.duration, budget_tokens=args.budget, probe_every=args.probe_every)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    return 0
+    return _emit_json(result, args.json)
 
 
 def _events_db(path: str | None) -> Path:
@@ -269,11 +262,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from .bench.serve import run_serve_bench
 
     result = run_serve_bench(args.model, sessions=args.sessions, fps=args.fps, duration=args.duration)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    return 0
+    return _emit_json(result, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:

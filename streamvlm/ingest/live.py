@@ -49,6 +49,7 @@ import numpy as np
 
 from streamvlm.errors import ConfigError, SourceError
 from streamvlm.types import Frame
+from streamvlm.ingest.file import _to_rgb
 
 __all__ = ["SourceConfig", "SourceEvent", "LiveSource", "EVENT_KINDS"]
 
@@ -551,19 +552,6 @@ def _release(capture: Any) -> None:
         capture.release()
     except Exception:  # noqa: BLE001 - releasing must not raise in the reader
         pass
-
-
-def _to_rgb(raw: np.ndarray) -> np.ndarray:
-    """Converts a decoded OpenCV image (BGR, BGRA or grey) to HxWx3 uint8 RGB, C-contiguous."""
-    if raw.dtype != np.uint8:
-        raw = cv2.convertScaleAbs(raw)
-    if raw.ndim == 2 or raw.shape[2] == 1:
-        rgb = cv2.cvtColor(raw, cv2.COLOR_GRAY2RGB)
-    elif raw.shape[2] == 4:
-        rgb = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGB)
-    else:
-        rgb = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
-    return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
 def _to_ms(seconds: float) -> int:
