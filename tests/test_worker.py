@@ -158,3 +158,25 @@ def test_batched_probes_equal_probes_one_by_one(adapter):
     together = s.probe(prompts)
     alone = [s.probe([p])[0] for p in prompts]
     assert together == pytest.approx(alone, abs=1e-5)
+
+
+def test_a_burst_with_duplicates_never_runs_time_backwards(smol):
+    """A skipped duplicate's time can overtake a frame still waiting: no error, time only moves forward."""
+
+    async def main():
+        worker = LiveWorker(session(smol))
+        fs = frames(3, seed=2)
+        worker.submit_frame(fs[0])
+        worker.submit_frame(Frame(fs[0].image.copy(), 5.0, "cam"))  # duplicate of the waiting frame, later time
+        await worker.start()
+        worker.submit_frame(fs[1])
+        await asyncio.sleep(0.5)
+        worker.ask("What now?")
+        events = await collect(worker, lambda e, _: e.kind in ("answer.done", "error"))
+        await worker.stop()
+        return events, worker.session
+
+    events, s = asyncio.run(main())
+    assert events[-1].kind == "answer.done", events[-1]
+    times = [e.pts_s for e in s.frames]
+    assert times == sorted(times)

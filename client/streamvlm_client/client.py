@@ -221,7 +221,7 @@ class AsyncClient:
         ``url`` is ``ws://host:port`` (the path defaults to ``/v1/realtime``); ``token`` is sent as
         ``Authorization: Bearer``; ``resume`` a resumption handle of an earlier connection, to continue
         that session (same id, conversation, watches and memory). Returns once ``session.created``
-        arrived. A handle refused as ``invalid_resume_handle`` is retried for ``resume_retry_s``
+        and the first resumption handle arrived. A handle refused as ``invalid_resume_handle`` is retried for ``resume_retry_s``
         seconds, since the server may not have noticed the old connection drop yet. Raises
         :class:`ClientError` (``connection_failed``, ``http_error``, ``session_limit``,
         ``invalid_resume_handle``) or TimeoutError after ``open_timeout`` seconds.
@@ -275,7 +275,14 @@ class AsyncClient:
         self._ws = ws
         self._lost = False
         self._dispatch(first)
+        # The server follows session.created with a resumption handle: have it before returning.
+        handle = self._loop.create_future() if self._loop is not None else None
+        if handle is not None:
+            self._waiters.append((frozenset({"session.resumption_update"}), None, handle))
         self._reader = asyncio.create_task(self._read(ws), name="streamvlm-client-reader")
+        if handle is not None:
+            with contextlib.suppress(asyncio.TimeoutError, ClientError):
+                await asyncio.wait_for(asyncio.shield(handle), min(self.open_timeout, 2.0))
 
     async def reconnect(self) -> None:
         """Drop the connection and resume the session on a new one with the latest :attr:`handle`.
@@ -753,9 +760,9 @@ class AsyncClient:
         frames: Iterator[Any] | None = None if live else iter(source)  # type: ignore[arg-type]
         last_pts: float | None = None
         task = asyncio.create_task(sender(), name="streamvlm-client-sender")
-        start = time.monotonic()
+        start = began = time.monotonic()
         try:
-            while duration is None or time.monotonic() - start < duration:
+            while duration is None or time.monotonic() - began < duration:
                 if task.done():
                     break  # the sender failed: its exception is raised below
                 if live:
@@ -843,6 +850,8 @@ class Client:
 
     def _call(self, awaitable: Awaitable[_T]) -> _T:
         if self._closed:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # never started: no "was never awaited" warning
             raise ClientError("connection_closed", "the client is closed")
 
         async def run() -> _T:

@@ -265,21 +265,24 @@ class LiveWorker:
         elif kind == "cancel":
             self._answers.clear()
             self._act(c.cancel(t))
-        elif kind == "changed":
-            self._act(c.frame_changed(max(t, args[0]), args[1]))
+        elif kind == "changed":  # a skipped duplicate: nothing changed, and the clock does not move for it
+            self._act(c.frame_changed(t, args[1]))
         elif kind == "end":
             self._act(c.stream_ended(t))
 
     def _do_frame(self, item: tuple[Frame, float]) -> None:
         frame, received = item
         self.counters.lag_s.append(self._clock() - received)
-        self.counters.ingested_pts.append(frame.pts_s)
-        self.session.ingest(frame)
+        # A skipped near-duplicate or a question may have moved the stream clock past this frame while
+        # it waited; it is read at the current time rather than refused, so time never runs backwards.
+        t = max(frame.pts_s, self._now())
+        self.counters.ingested_pts.append(t)
+        self.session.ingest(frame, t)
         self.counters.ingested += 1
         for event in self.session.drain_events():
             self._emit("memory", memory_event=event)
-        self._act(self.controller.frame_changed(frame.pts_s, True))
-        self._act(self.controller.frame(frame.pts_s, frame.source_id))
+        self._act(self.controller.frame_changed(t, True))
+        self._act(self.controller.frame(t, frame.source_id))
 
     def _do_poll(self, poll: Poll) -> None:
         scores = self.session.probe([p.prompt for p in poll.probes])
