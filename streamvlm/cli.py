@@ -208,7 +208,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allowed_origin or ()),
         max_sessions=args.max_sessions, session_budget_tokens=args.session_budget, global_budget_tokens=args.global_budget,
-        resume_window_s=args.resume_window, event_db=str(_events_db(args.event_db)),
+        resume_window_s=args.resume_window, event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
     )
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
     adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
@@ -358,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--global-budget", type=int, default=8 * 4096, help="working-memory tokens across sessions")
     srv.add_argument("--resume-window", type=float, default=60.0, help="seconds a dropped session can be resumed")
     srv.add_argument("--event-db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
+    srv.add_argument("--ice-server", action="append", metavar="URL", help="STUN/TURN server for WebRTC peers off this machine (repeatable)")
     srv.add_argument("--dtype", default="float32")
     srv.set_defaults(func=_cmd_serve)
 

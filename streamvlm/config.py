@@ -226,6 +226,7 @@ class ServerConfig:
     go_away_notice_s: float = 10.0
     event_db: str | None = None
     stats_every_s: float = 2.0
+    ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for WebRTC peers beyond this machine (none needed on localhost)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")

@@ -195,3 +195,24 @@ def test_binding_elsewhere_requires_a_token():
     with pytest.raises(ConfigError, match="token"):
         ServerConfig(host="0.0.0.0")
     assert ServerConfig(host="0.0.0.0", token="t").token == "t"
+
+
+def test_go_away_comes_before_the_server_ends_a_session(smol):
+    async def main():
+        server, url, _ = await started(smol, max_session_s=1.5, go_away_notice_s=1.0)
+        try:
+            async with connect(url) as ws:
+                notice = await next_of(ws, "session.go_away", timeout=10)
+                assert 0 <= notice["time_left_ms"] <= 1000
+                closed_at = asyncio.get_running_loop().time()
+                try:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+                except Exception:
+                    pass
+                assert ws.close_code == 1001
+                assert asyncio.get_running_loop().time() - closed_at < 5
+        finally:
+            await server.stop()
+
+    run(main())

@@ -11,7 +11,8 @@ asyncio code talks to it only through this class. The thread always picks the mo
 
 Before a frame may reach the vision tower it is compared with the last frame read (mean absolute
 difference of 32x32 grey thumbnails, 0..255): below ``dedup_threshold`` it is skipped, so a static
-camera costs almost nothing; one frame is read at least every ``dedup_max_skip_s`` to keep time moving.
+camera costs almost nothing; one frame is read at least every ``dedup_max_skip_s`` (default 30 s) to
+keep time moving.
 
 Everything the worker produces arrives on :meth:`events` as :class:`WorkerEvent` objects.
 """
@@ -54,7 +55,7 @@ NARRATION_PROMPT = "In one short sentence, what changed in the video just now?"
 @dataclass(frozen=True)
 class WorkerConfig:
     dedup_threshold: float = 2.0  # mean |difference| of 32x32 grey thumbnails (0..255) below which a frame is skipped
-    dedup_max_skip_s: float = 10.0  # read at least one frame this often even when nothing changes
+    dedup_max_skip_s: float = 30.0  # read at least one frame this often even when nothing changes
 
     def __post_init__(self) -> None:
         if not self.dedup_threshold >= 0:

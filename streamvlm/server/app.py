@@ -406,7 +406,7 @@ class StreamServer:
             def on_frame(image, pts: float) -> None:
                 worker.submit_frame(Frame(image, max(pts, worker.session.last_t, 0.0), "webrtc"))
 
-            sdp, session.peer = await accept_offer(event.sdp, on_frame)
+            sdp, session.peer = await accept_offer(event.sdp, on_frame, ice_servers=self.config.ice_servers)
             session.send(p.webrtc_answer(sdp))
         elif isinstance(event, p.WatchDelete):
             if session.watches.pop(event.watch_id, None) is None:
