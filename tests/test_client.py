@@ -47,10 +47,12 @@ def test_async_client_through_a_whole_session_and_a_resume(smol):
                 deltas: list[str] = []
                 reply = await client.answer("What do you see?", on_delta=deltas.append, timeout=60)
                 assert reply["status"] in ("completed", "incomplete") and reply["trigger"] == "user"
-                assert isinstance(reply["text"], str) and reply["text"] == reply["output_text"] and deltas
+                assert isinstance(reply["text"], str) and reply["text"] == reply["output_text"]
+                assert "".join(deltas).strip() == reply["text"].strip()  # the streamed pieces make the answer
                 assert [e["pts_s"] for e in reply["evidence"]][-1] == 2.0
                 assert all(e["source_id"] == "cam" for e in reply["evidence"])
-                assert reply["ttft_s"] is not None and 0 < reply["ttft_s"] <= reply["latency_s"]
+                assert (reply["ttft_s"] is None) == (not deltas)  # no text, no first token time
+                assert reply["ttft_s"] is None or 0 < reply["ttft_s"] <= reply["latency_s"]
                 # refusals: locally (never sent) and by the server (with its code)
                 with pytest.raises(ProtocolError):
                     await client.answer("")
@@ -77,9 +79,14 @@ def test_async_client_through_a_whole_session_and_a_resume(smol):
                 await client.update(max_new_tokens=3000)
                 first = asyncio.Event()
                 long = asyncio.create_task(client.answer("Tell me everything.", on_delta=lambda _: first.set()))
-                await asyncio.wait_for(first.wait(), 30)
-                await client.cancel()
-                assert (await asyncio.wait_for(long, 30))["status"] == "cancelled"
+                started_streaming = asyncio.create_task(first.wait())
+                await asyncio.wait({long, started_streaming}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+                if first.is_set():  # a random model may end its answer at once; cancel only what streams
+                    await client.cancel()
+                    assert (await asyncio.wait_for(long, 30))["status"] == "cancelled"
+                else:
+                    started_streaming.cancel()
+                    assert (await asyncio.wait_for(long, 30))["status"] in ("completed", "incomplete")
                 handle = client.handle
             assert not client.connected
             # a new connection with the handle continues the same session, memory included

@@ -293,23 +293,21 @@ class AsyncClient:
         """
         if self.handle is None:
             raise ClientError("no_handle", "no session.resumption_update was received; nothing to resume")
-        ws, reader = self._ws, self._reader
-        self._ws = None
-        if ws is not None:
-            await ws.close()
-        if reader is not None:
-            await reader
+        await self._disconnect()
         await self._open(self.handle)
 
     async def close(self) -> None:
         """Close the connection (idempotent). The session stays resumable on the server for its resume window."""
+        await self._disconnect()
+        self._connection_lost()
+
+    async def _disconnect(self) -> None:
         ws, reader = self._ws, self._reader
         self._ws = None
         if ws is not None:
             await ws.close()
         if reader is not None:
             await reader
-        self._connection_lost()
 
     async def __aenter__(self) -> AsyncClient:
         return self

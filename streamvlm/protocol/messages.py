@@ -28,7 +28,7 @@ import numpy as np
 
 from ..dialogue.triggers import TriggerSpec
 from ..errors import ConfigError, InputError
-from .frames import Limits, ProtocolError, check_source_id, decode_image
+from .frames import Limits, ProtocolError, _utf8_ok, check_source_id, decode_image
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -157,14 +157,6 @@ def _path(base: str, name: str) -> str:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _utf8_ok(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _bad(param: str, message: str) -> ProtocolError:
