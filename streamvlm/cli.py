@@ -155,7 +155,8 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
         raise ConfigError(f"--frames {args.frames!r}: expected comma-separated integers like 16,64,128") from exc
     if not counts or counts[0] < 1:
         raise ConfigError("--frames needs at least one count >= 1")
-    result = run_latency_bench(ModelConfig(model=args.model), counts, repeats=args.repeats, progress=not args.quiet)
+    result = run_latency_bench(ModelConfig(model=args.model), counts, repeats=args.repeats, progress=not args.quiet,
+                               memory_budget=args.memory_budget, naive=not args.no_naive)
     return _emit_json(result, args.json)
 
 
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--repeats", type=int, default=3, help="questions timed per stream length (median reported)")
     lat.add_argument("--json", metavar="OUT", help="write the result to this file")
     lat.add_argument("--quiet", action="store_true", help="no progress bar")
+    lat.add_argument("--memory-budget", type=int, default=None, metavar="TOKENS", help="bound the streamed session's working memory")
+    lat.add_argument("--no-naive", action="store_true", help="skip the re-reading baseline (minutes per count)")
     lat.set_defaults(func=_cmd_bench_latency)
     mem = bench_sub.add_parser("memory", help="working memory, store and RSS over a long stream under a token budget")
     mem.add_argument("--model", default="smolvlm-256m-random")

@@ -107,3 +107,15 @@ def test_bench_latency_writes_the_documented_json(tmp_path):
     ingest = result["ingest"]
     assert ingest["frames"] == 4
     assert ingest["vision_s"] > 0 and ingest["prefill_s"] > 0 and ingest["overhead_s"] >= 0
+
+
+def test_bench_latency_with_a_memory_budget_and_no_baseline(tmp_path):
+    out = tmp_path / "lat.json"
+    proc = run_cli("bench", "latency", "--model", "tiny-smolvlm", "--frames", "3,12", "--repeats", "1", "--memory-budget", "200",
+                   "--no-naive", "--json", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["memory_budget_tokens"] == 200
+    for r in result["results"]:
+        assert r["ttft_naive_s"] is None and r["ratio"] is None and r["ttft_stream_s"] > 0
+    assert result["results"][-1]["context_tokens"] <= 200  # the working memory stayed within its budget
