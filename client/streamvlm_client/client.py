@@ -638,11 +638,7 @@ class AsyncClient:
 
         self._updates.append(entry)
         self._by_event_id[event_id] = refused
-        try:
-            await ws.send(json.dumps(event))
-        except ConnectionClosed as exc:
-            raise ClientError("connection_closed", "the connection ended while sending") from exc
-        return await asyncio.wait_for(asyncio.shield(future), timeout)
+        return await self._send_and_wait(ws, event, future, timeout)
 
     async def watch(self, watch_id: str, condition: str, cooldown_s: float | None = None,
                     trigger: Mapping[str, Any] | None = None, *, timeout: float | None = None) -> dict[str, Any]:
@@ -686,6 +682,11 @@ class AsyncClient:
             _settle(future, error=error)
 
         self._by_event_id[event_id] = refused
+        return await self._send_and_wait(ws, event, future, timeout)
+
+    @staticmethod
+    async def _send_and_wait(ws: Any, event: dict[str, Any], future: asyncio.Future, timeout: float | None) -> Any:
+        """Send ``event`` and wait for the server's reply to settle ``future``."""
         try:
             await ws.send(json.dumps(event))
         except ConnectionClosed as exc:

@@ -7,6 +7,7 @@ is called, and how its positions are numbered. It owns no cache and keeps no str
 
 from __future__ import annotations
 
+import functools
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class ModelAdapter(ABC):
         """Ids an answer may never contain: image placeholders and markers (they need pixels behind them)."""
         return frozenset()
 
+    @functools.cache  # noqa: B019 - one adapter per loaded model; the ids never change
     def yes_no_ids(self) -> tuple[list[int], list[int]]:
         """First token ids of the spellings of "yes" and "no" an answer can start with (for yes/no probes)."""
         def first_ids(words: tuple[str, ...]) -> list[int]:
