@@ -24,7 +24,7 @@ import torch
 
 from ..config import streamvlm_home
 
-__all__ = ["PRESETS", "preset_dir", "ensure_preset", "is_preset"]
+__all__ = ["PRESETS", "preset_dir", "ensure_preset", "is_preset", "build_tokenizer", "SMOL_SPECIALS", "SMOL_TEMPLATE"]
 
 #: Bumped when a preset's recipe changes, so stale builds are not reused.
 _RECIPE_VERSION = 1
@@ -43,22 +43,29 @@ zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 : . , 
 """
 
 
-def _build_tokenizer(specials: list[str], vocab_size: int, *, eos: str, pad: str, extra_special: dict[str, str] | None = None) -> Any:
-    """A byte-level BPE tokenizer over the built-in text, with ``specials`` first and padded to ``vocab_size``.
+def build_tokenizer(
+    specials: list[str], vocab_size: int, *, eos: str, pad: str, corpus: str = _CORPUS, split_digits: bool = False,
+    extra_special: dict[str, str] | None = None,
+) -> Any:
+    """A byte-level BPE tokenizer over ``corpus``, with ``specials`` first and padded to ``vocab_size``.
 
     Padding entries are ordinary vocabulary items named ``<r123>`` so every id the model can emit decodes
-    to visible text.
+    to visible text. ``split_digits`` makes every digit its own token (so a time can be copied digit by
+    digit).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=min(vocab_size, 600), special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.train_from_iterator([corpus] * 4, trainer)
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
     for i in range(len(vocab), vocab_size):
@@ -100,7 +107,7 @@ def _qwen_text(tok: Any, vocab: int, hidden: int, layers: int, heads: int, kv: i
 def _build_tiny_qwen25(out: Path) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    tok = _build_tokenizer(_QWEN_SPECIALS, 640, eos="<|im_end|>", pad="<|endoftext|>")
+    tok = build_tokenizer(_QWEN_SPECIALS, 640, eos="<|im_end|>", pad="<|endoftext|>")
     tok.chat_template = _QWEN_TEMPLATE
     cfg = Qwen2_5_VLConfig(
         text_config=_qwen_text(tok, 640, 64, 2, 4, 2, 128, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
@@ -115,7 +122,7 @@ def _build_tiny_qwen25(out: Path) -> None:
 def _build_tiny_qwen3(out: Path) -> None:
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    tok = _build_tokenizer(_QWEN_SPECIALS, 640, eos="<|im_end|>", pad="<|endoftext|>")
+    tok = build_tokenizer(_QWEN_SPECIALS, 640, eos="<|im_end|>", pad="<|endoftext|>")
     tok.chat_template = _QWEN_TEMPLATE
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
     cfg = Qwen3VLConfig(
@@ -130,8 +137,8 @@ def _build_tiny_qwen3(out: Path) -> None:
 
 
 # ---- SmolVLM2 ---------------------------------------------------------------------------------------
-_SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<global-img>", "<image>"]
-_SMOL_TEMPLATE = (
+SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<global-img>", "<image>"]
+SMOL_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] | capitalize }}: {{ m['content'] }}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
@@ -140,8 +147,8 @@ _SMOL_TEMPLATE = (
 def _build_smolvlm(out: Path, *, vocab: int, vision: dict, text: dict, scale_factor: int, image_side: int) -> None:
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
 
-    tok = _build_tokenizer(_SMOL_SPECIALS, vocab, eos="<end_of_utterance>", pad="<|endoftext|>")
-    tok.chat_template = _SMOL_TEMPLATE
+    tok = build_tokenizer(SMOL_SPECIALS, vocab, eos="<end_of_utterance>", pad="<|endoftext|>")
+    tok.chat_template = SMOL_TEMPLATE
     cfg = SmolVLMConfig(
         vision_config=dict(image_size=image_side, **vision),
         text_config=dict(model_type="llama", vocab_size=vocab, pad_token_id=tok.pad_token_id,

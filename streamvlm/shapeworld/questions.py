@@ -23,10 +23,12 @@ import numpy as np
 from streamvlm.errors import ConfigError
 from streamvlm.shapeworld.world import COLOURS, SHAPES, Episode
 
-__all__ = ["QA", "CATEGORIES", "make_questions", "FORWARD_TOLERANCE_S"]
+__all__ = ["QA", "CATEGORIES", "make_questions", "candidates", "FORWARD_TOLERANCE_S", "WHEN_TOLERANCE_S", "clock", "parse_clock", "spoken_answer", "is_correct"]
 
 CATEGORIES: tuple[str, ...] = ("realtime", "backward", "forward", "probe")
 FORWARD_TOLERANCE_S = 2.0
+#: A "when did ... appear?" answer counts as correct within this many seconds of the truth.
+WHEN_TOLERANCE_S = 1.0
 _FORWARD_HORIZON_S = 15.0  # a forward question is asked at most this long before the appearance
 
 
@@ -49,7 +51,8 @@ def _visible_combos(episode: Episode, t: float) -> list[tuple[str, str]]:
     return [(s.colour, s.shape) for s in episode.visible(t)]
 
 
-def _candidates(episode: Episode) -> dict[str, list[QA]]:
+def candidates(episode: Episode) -> dict[str, list[QA]]:
+    """Every well-defined question of each category at every half second of ``episode`` (see the module doc)."""
     events = sorted(episode.events, key=lambda e: e.t)
     enters = [e for e in events if e.kind == "enter"]
     changes = [e for e in events if e.kind == "change_colour"]
@@ -118,7 +121,7 @@ def make_questions(episode: Episode, rng_seed: int, per_category: int = 2) -> li
     if not isinstance(per_category, int) or isinstance(per_category, bool) or per_category < 0:
         raise ConfigError(f"per_category must be an integer >= 0, got {per_category!r}")
     rng = np.random.default_rng(int(rng_seed))
-    cands = _candidates(episode)
+    cands = candidates(episode)
     chosen: list[QA] = []
     for cat in CATEGORIES:
         pool = cands[cat]
@@ -137,3 +140,43 @@ def make_questions(episode: Episode, rng_seed: int, per_category: int = 2) -> li
             chosen.extend(pool[i] for i in sorted(idx))
     chosen.sort(key=lambda q: (q.t, CATEGORIES.index(q.category)))
     return chosen
+
+
+def clock(t: float) -> str:
+    """``t`` seconds as the ``MM:SS`` clock the engine writes before every frame (``"00:12"``)."""
+    minutes, seconds = divmod(int(t), 60)
+    return f"{minutes:02d}:{seconds:02d}"
+
+
+def parse_clock(text: str) -> float | None:
+    """Seconds from an answer that gives a time: ``"00:12"``, ``"1:05"``, ``"12"``, ``"12 seconds"``; else None."""
+    words = text.strip().rstrip(".").split()
+    if not words:
+        return None
+    head = words[0]
+    parts = head.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        return None
+    value = 0
+    for p in parts:
+        value = value * 60 + int(p)
+    return float(value)
+
+
+def _is_time_question(qa: QA) -> bool:
+    return qa.category == "forward" or qa.question.startswith("When did")
+
+
+def spoken_answer(qa: QA) -> str:
+    """The answer as the model says it: times as ``MM:SS`` clocks (copied from frame timestamps), else the word."""
+    return clock(float(qa.answer)) if _is_time_question(qa) else qa.answer
+
+
+def is_correct(qa: QA, text: str) -> bool:
+    """Whether an answer ``text`` to ``qa`` is right: times within ``WHEN_TOLERANCE_S`` (or the question's own
+    tolerance), words by exact match after lower-casing and stripping punctuation."""
+    if _is_time_question(qa):
+        got = parse_clock(text)
+        tolerance = qa.tolerance_s if qa.tolerance_s is not None else WHEN_TOLERANCE_S
+        return got is not None and abs(got - float(qa.answer)) <= tolerance
+    return text.strip().strip(".!?").lower() == qa.answer

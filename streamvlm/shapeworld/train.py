@@ -1,0 +1,309 @@
+"""Train the ShapeWorld model from scratch on this machine's CPU, from a seed.
+
+Every training example is one ShapeWorld stream laid out token for token as the engine lays it out
+at inference: the conversation start, then for each frame its ``Frame from MM:SS:`` text and visual
+tokens, and at half seconds questions with their answers and the turn ends, as
+:class:`~streamvlm.engine.session.StreamSession` writes them. The pieces come from the
+:class:`~streamvlm.models.smolvlm.SmolVLMAdapter` itself, so training and serving cannot drift apart.
+Only answer tokens (and the end of turn after them) carry a loss.
+
+Questions cover the benchmark's categories (see :mod:`streamvlm.shapeworld.questions`), plus the two
+yes/no probe wordings the engine uses ("Is there a red circle now?" and the dialogue controller's
+"Is it true that a red circle appears right now? Answer yes or no.") and "Tell me when a red circle
+appears." asked once it is on screen (the deferred question's final answer). A warm-up of short
+2-4-frame streams with present-tense questions comes first.
+
+Seeds: training episodes use seeds from :data:`TRAIN_SEED_BASE` up; evaluation during training uses
+:data:`EVAL_SEED_BASE`; the quality benchmark uses seeds below both, so it is held out.
+
+Run: ``python -m streamvlm.shapeworld.train --steps N --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..dialogue.controller import DEFAULT_PROBE_TEMPLATE
+from ..models.smolvlm import SmolVLMAdapter
+from .model import FRAME_SIZE, SYSTEM_PROMPT, build_untrained
+from .questions import QA, candidates, clock, spoken_answer
+from .world import COLOURS, SHAPES, Episode, make_episode
+
+__all__ = ["TrainConfig", "StreamLayout", "train", "TRAIN_SEED_BASE", "EVAL_SEED_BASE"]
+
+TRAIN_SEED_BASE = 1_000_000
+EVAL_SEED_BASE = 500_000
+_IGNORE = -100
+# Relative frequency of each kind of training question.
+_MIX = {"count": 2, "shape": 2, "probe": 4, "first": 1, "when": 3, "tell": 1}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1400
+    batch: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    short_steps: int = 150  # the first steps use 2-4-frame streams with present-tense questions only
+    min_duration_s: int = 6
+    max_duration_s: int = 24
+    ask_probability: float = 0.9  # chance a question is asked at each half second
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 100
+    eval_streams: int = 32
+
+
+@dataclass
+class Stream:
+    """One training stream: token ids, per-token targets (``-100`` where no loss), frames, answer spans."""
+
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
+    answers: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, first label index, end)
+
+
+class StreamLayout:
+    """Builds token layouts with the engine's own adapter (chat format, frame segments, turn ends)."""
+
+    def __init__(self, adapter: SmolVLMAdapter) -> None:
+        self.adapter = adapter
+        self.start = adapter.conversation_start(SYSTEM_PROMPT)
+        self.turn_end = adapter.turn_end_ids()
+        self.stop = adapter.end_of_utterance_id
+        blank = np.full((FRAME_SIZE, FRAME_SIZE, 3), 40, np.uint8)
+        self._frame_cache: dict[int, list[int]] = {}
+        # The engine reads frames through the image processor; training computes the same pixels directly.
+        reference = adapter.prepare_frame(blank, 0.0).pixels["pixel_values"][0, 0].numpy()
+        if not np.allclose(reference, self.pixels(blank), atol=1e-6):
+            raise RuntimeError("training pixels differ from the image processor's; the recipe is out of date")
+
+    def frame_ids(self, t: float) -> list[int]:
+        key = int(t)
+        if key not in self._frame_cache:
+            self._frame_cache[key] = self.adapter.prepare_frame(np.full((FRAME_SIZE, FRAME_SIZE, 3), 40, np.uint8), t).input_ids
+        return self._frame_cache[key]
+
+    @staticmethod
+    def pixels(image: np.ndarray) -> np.ndarray:
+        return ((image.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+    def stream(self, episode: Episode, questions: list[tuple[float, str, str, str]]) -> Stream:
+        """Lay out ``episode`` at 1 frame/s with ``questions`` = (t, kind, question, answer text), sorted by t."""
+        out = Stream()
+        out.ids.extend(self.start)
+        out.labels.extend([_IGNORE] * len(self.start))
+        pending = list(questions)
+        for t in episode.frame_times():
+            seg = self.frame_ids(t)
+            out.ids.extend(seg)
+            out.labels.extend([_IGNORE] * len(seg))
+            out.frames.append(self.pixels(episode.render(t)))
+            while pending and pending[0][0] < t + 1:
+                _, kind, question, answer = pending.pop(0)
+                q = self.adapter.question_ids(question)
+                a = self.adapter.text_ids(" " + answer)
+                out.ids.extend(q)
+                out.labels.extend([_IGNORE] * (len(q) - 1) + [a[0]])
+                first = len(out.labels) - 1
+                out.ids.extend(a)
+                out.labels.extend(a[1:] + [self.stop])
+                out.answers.append((kind, first, len(out.labels)))
+                out.ids.extend(self.turn_end)
+                out.labels.extend([_IGNORE] * len(self.turn_end))
+        return out
+
+
+def _pick_questions(episode: Episode, rng: np.random.Generator, *, short: bool, ask_probability: float) -> list[tuple[float, str, str, str]]:
+    """Questions for a training stream: at most one per half second, kinds drawn by ``_MIX``."""
+    by_t: dict[float, dict[str, list[QA]]] = {}
+    for cat, qas in candidates(episode).items():
+        for qa in qas:
+            by_t.setdefault(qa.t, {}).setdefault(cat, []).append(qa)
+    kinds = [k for k in _MIX if not short or k in ("count", "shape", "probe")]
+    weights = np.array([_MIX[k] for k in kinds], dtype=float)
+    out = []
+    for t, cats in sorted(by_t.items()):
+        if rng.random() > ask_probability:
+            continue
+        for _ in range(4):  # a few tries to find a kind that has a question here
+            kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+            item = _question_of_kind(episode, t, kind, cats, rng)
+            if item is not None:
+                out.append((t, kind, *item))
+                break
+    return out
+
+
+def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, list[QA]], rng: np.random.Generator) -> tuple[str, str] | None:
+    def pick(items: list[QA]) -> QA | None:
+        return items[int(rng.integers(len(items)))] if items else None
+
+    realtime = cats.get("realtime", [])
+    backward = cats.get("backward", [])
+    if kind == "count":
+        qa = pick([q for q in realtime if q.question.startswith("How many")])
+    elif kind == "shape":
+        qa = pick([q for q in realtime if q.question.startswith("What shape")])
+    elif kind == "first":
+        qa = pick([q for q in backward if q.question.startswith("What colour")])
+    elif kind == "when":
+        qa = pick([q for q in backward if q.question.startswith("When did")])
+    elif kind == "tell":  # the deferred question's final answer: asked once the thing is on screen
+        on_screen = {(s.colour, s.shape) for s in episode.visible(t)}
+        whens = [q for q in backward if q.question.startswith("When did") and tuple(q.question.split()[3:5]) in on_screen]
+        qa = pick(whens)
+        if qa is not None:
+            colour, shape = qa.question.split()[3:5]
+            return f"Tell me when a {colour} {shape} appears.", clock(float(qa.answer))
+    else:  # probe, half of them yes, in either wording
+        on_screen = sorted({(s.colour, s.shape) for s in episode.visible(t)})
+        if on_screen and rng.random() < 0.5:
+            colour, shape = on_screen[int(rng.integers(len(on_screen)))]
+            answer = "yes"
+        else:
+            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in on_screen]
+            colour, shape = absent[int(rng.integers(len(absent)))]
+            answer = "no"
+        if rng.random() < 0.5:
+            return f"Is there a {colour} {shape} now?", answer
+        return DEFAULT_PROBE_TEMPLATE.format(condition=f"a {colour} {shape} appears"), answer
+    return None if qa is None else (qa.question, spoken_answer(qa))
+
+
+def make_stream(layout: StreamLayout, seed: int, duration_s: int, cfg: TrainConfig, *, short: bool) -> Stream:
+    """The training stream for episode ``seed`` (``duration_s`` frames at 1 frame/s) with its questions."""
+    rng = np.random.default_rng([seed, 17])
+    episode = make_episode(seed, duration_s=float(duration_s), fps=1.0, size=FRAME_SIZE)
+    prob = 1.0 if short else cfg.ask_probability
+    return layout.stream(episode, _pick_questions(episode, rng, short=short, ask_probability=prob))
+
+
+def _duration(rng: np.random.Generator, cfg: TrainConfig, short: bool) -> int:
+    return int(rng.integers(2, 5)) if short else int(rng.integers(cfg.min_duration_s, cfg.max_duration_s + 1))
+
+
+def _batch_logits(model, streams: list[Stream], pad_id: int, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for a right-padded batch of streams and the matching label tensor."""
+    width = max(len(s.ids) for s in streams)
+    ids = torch.full((len(streams), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(streams), width), _IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(streams), width), dtype=torch.long)
+    for i, s in enumerate(streams):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        labels[i, : len(s.labels)] = torch.tensor(s.labels)
+        mask[i, : len(s.ids)] = 1
+    pixels = torch.from_numpy(np.stack([f for s in streams for f in s.frames]))[:, None]
+    features = torch.cat(model.model.get_image_features(pixels, return_dict=True).pooler_output)
+    embeds = model.get_input_embeddings()(ids)
+    slots = ids == image_token_id
+    embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+    hidden = model.model.text_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    return model.lm_head(hidden), labels
+
+
+def _evaluate(model, streams: list[Stream], pad_id: int, image_token_id: int) -> dict[str, float]:
+    """Share of answers whose every token is the greedy choice, per kind (teacher-forced = greedy decode)."""
+    right: dict[str, list[int]] = {}
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(streams), 8):
+            chunk = streams[i : i + 8]
+            logits, labels = _batch_logits(model, chunk, pad_id, image_token_id)
+            guess = logits.argmax(-1)
+            for b, s in enumerate(chunk):
+                for kind, lo, hi in s.answers:
+                    ok = bool((guess[b, lo:hi] == labels[b, lo:hi]).all())
+                    right.setdefault(kind, []).append(int(ok))
+    model.train()
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())}
+
+
+def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
+    """Train from scratch and save the checkpoint (model, tokenizer, processor, ``training.json``) to ``out``.
+
+    Progress goes to ``log`` every ``eval_every`` steps; the checkpoint is rewritten at each evaluation,
+    so an interrupted run leaves its latest state behind.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_untrained(out, seed=cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out, backend="pil")
+    adapter = SmolVLMAdapter(model, tokenizer, processor, source=str(out))
+    layout = StreamLayout(adapter)
+    pad_id, image_token_id = int(tokenizer.pad_token_id), adapter.image_token_id
+    eval_rng = np.random.default_rng(EVAL_SEED_BASE)
+    eval_streams = [make_stream(layout, EVAL_SEED_BASE + i, int(eval_rng.integers(12, 25)), cfg, short=False)
+                    for i in range(cfg.eval_streams)]
+    eval_streams.sort(key=lambda s: len(s.ids))  # similar lengths batch with little padding
+    batch_rng = np.random.default_rng([cfg.seed, 29])
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    history: list[dict] = []
+    started = time.perf_counter()
+    losses: list[float] = []
+    next_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
+    for step in range(cfg.steps):
+        short = step < cfg.short_steps
+        duration = _duration(batch_rng, cfg, short)  # one length per batch: little padding
+        streams = [make_stream(layout, next_seed + i, duration, cfg, short=short) for i in range(cfg.batch)]
+        next_seed += cfg.batch
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        logits, labels = _batch_logits(model, streams, pad_id, image_token_id)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=_IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            scores = _evaluate(model, eval_streams, pad_id, image_token_id)
+            entry = {"step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
+                     "loss": round(float(np.mean(losses)), 4), "eval": scores}
+            history.append(entry)
+            losses.clear()
+            log(json.dumps(entry))
+            model.save_pretrained(out)
+            (out / "training.json").write_text(json.dumps({"config": cfg.__dict__, "history": history}, indent=1))
+    return {"config": cfg.__dict__, "history": history}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamvlm.shapeworld.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint to")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--batch", type=int, default=TrainConfig.batch)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads, eval_every=args.eval_every)
+    train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
