@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import IngestConfig, MemoryConfig, ModelConfig, SamplingConfig, SessionConfig, parse_size
+from .config import POLICIES, IngestConfig, MemoryConfig, ModelConfig, SamplingConfig, SessionConfig, parse_size
 from .errors import ConfigError, StreamVLMError
 
 __all__ = ["main", "parse_timed_question"]
@@ -193,6 +193,37 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
     return _emit_json(result, args.json)
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    from .bench.quality import QualityConfig, run_quality
+    from .models import load_model
+
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    try:
+        budgets = tuple(float(b) / 100 for b in args.budgets.split(",") if b.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--budgets {args.budgets!r}: expected comma-separated percentages like 50,25,10") from exc
+    cfg = QualityConfig(episodes=args.episodes, duration_s=args.duration, budgets=budgets, policies=policies, seed_base=args.seed)
+    adapter = load_model(ModelConfig(model=args.model))
+    result = run_quality(adapter, cfg, sweep=not args.no_sweep, progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
+    if args.plot:
+        from .bench.plot import plot_quality
+
+        plot_quality(result, args.plot)
+    return _emit_json(result, args.json)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .demo import DemoConfig, run_demo
+    from .models import load_model
+
+    adapter = load_model(ModelConfig(model=args.model))
+    cfg = DemoConfig(seed=args.seed, duration_s=args.duration, realtime=not args.fast, draw=False if args.no_draw else None)
+    asyncio.run(run_demo(adapter, cfg))
+    return 0
+
+
 def _events_db(path: str | None) -> Path:
     from .config import streamvlm_home
 
@@ -290,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="print memory events as they happen")
     run.set_defaults(func=_cmd_run)
 
+    demo = sub.add_parser("demo", help="a ShapeWorld stream through the shipped model at real time, answers checked")
+    demo.add_argument("--model", default="shapeworld", help="default: the ShapeWorld model shipped in the package")
+    demo.add_argument("--seed", type=int, default=7, help="episode seed (default 7, held out from training)")
+    demo.add_argument("--duration", type=float, default=24.0, help="seconds of stream (default 24)")
+    demo.add_argument("--fast", action="store_true", help="as fast as the model reads instead of real time")
+    demo.add_argument("--no-draw", action="store_true", help="do not draw frames on the terminal")
+    demo.set_defaults(func=_cmd_demo)
+
     check = sub.add_parser("check-model", help="check that streaming gives the logits of one offline prefill")
     check.add_argument("model", help="preset, Hub id or local path")
     check.add_argument("--frames", type=int, default=8)
@@ -341,6 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--probe-every", type=int, default=2, help="probe watches every N ingested frames")
     live.add_argument("--json", metavar="OUT", help="write the result to this file")
     live.set_defaults(func=_cmd_bench_live)
+
+    qual = bench_sub.add_parser("quality", help="answer accuracy on held-out ShapeWorld episodes, and a memory sweep")
+    qual.add_argument("--model", default="shapeworld", help="default: the shipped ShapeWorld model")
+    qual.add_argument("--episodes", type=int, default=12, help="held-out episodes per configuration (default 12)")
+    qual.add_argument("--duration", type=float, default=24.0, help="seconds per episode at 1 frame/s (default 24)")
+    qual.add_argument("--seed", type=int, default=0, help="first episode seed (default 0; training uses seeds >= 500000)")
+    qual.add_argument("--budgets", default="50,25,10", help="working-memory budgets, %% of the episode's tokens (default 50,25,10)")
+    qual.add_argument("--policies", default=",".join(POLICIES), help="memory policies to sweep, comma-separated (default: all)")
+    qual.add_argument("--no-sweep", action="store_true", help="full memory only")
+    qual.add_argument("--json", metavar="OUT", help="write the result to this file")
+    qual.add_argument("--plot", metavar="PNG", help="draw accuracy against budget for every policy to this PNG")
+    qual.add_argument("--quiet", action="store_true", help="no progress lines")
+    qual.set_defaults(func=_cmd_bench_quality)
 
     bserve = bench_sub.add_parser("serve", help="concurrent realtime sessions against one server")
     bserve.add_argument("--model", default="tiny-smolvlm")

@@ -19,9 +19,11 @@ from .qwen import QwenVLAdapter
 from .smolvlm import SmolVLMAdapter
 from .tiny import PRESETS, ensure_preset, is_preset
 
-__all__ = ["ModelAdapter", "PreparedFrame", "QwenVLAdapter", "SmolVLMAdapter", "load_model", "PRESETS", "ADAPTERS"]
+__all__ = ["ModelAdapter", "PreparedFrame", "QwenVLAdapter", "SmolVLMAdapter", "load_model", "PRESETS", "ADAPTERS", "SHAPEWORLD"]
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (QwenVLAdapter, SmolVLMAdapter)
+#: The model trained on ShapeWorld that ships inside the package (see docs/shapeworld.md).
+SHAPEWORLD = "shapeworld"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -36,7 +38,8 @@ def _adapter_for(model_type: str) -> type[ModelAdapter]:
 def load_model(spec: ModelConfig | str) -> ModelAdapter:
     """Load a checkpoint and return the adapter for its family.
 
-    ``spec`` is a :class:`ModelConfig` or just the model string. Presets are built on first use. Raises
+    ``spec`` is a :class:`ModelConfig` or just the model string: a Hub id, a path, a random-weight
+    preset (built on first use) or ``"shapeworld"``, the trained model that ships with the package. Raises
     :class:`ModelError` when the id or path cannot be found, the family is unsupported, or the files are
     incomplete; the message says which.
     """
@@ -44,15 +47,22 @@ def load_model(spec: ModelConfig | str) -> ModelAdapter:
 
     cfg = spec if isinstance(spec, ModelConfig) else ModelConfig(model=spec)
     source = str(ensure_preset(cfg.model)) if is_preset(cfg.model) else cfg.model
-    if not is_preset(cfg.model) and (source.startswith((".", "/", "~")) or Path(source).exists()):
+    if cfg.model == SHAPEWORLD:
+        from ..shapeworld.model import checkpoint_dir
+
+        source = str(checkpoint_dir())
+        if not (checkpoint_dir() / "config.json").exists():
+            raise ModelError(f"the ShapeWorld checkpoint is missing from {source}; reinstall streamvlm, or train it with "
+                             "python -m streamvlm.shapeworld.train --out DIR and pass --model DIR")
+    elif not is_preset(cfg.model) and (source.startswith((".", "/", "~")) or Path(source).exists()):
         if not Path(source).expanduser().is_dir():
             raise ModelError(f"model path {source!r} is not a directory with a checkpoint (config.json)")
         source = str(Path(source).expanduser())
     try:
         hf_config = AutoConfig.from_pretrained(source, revision=cfg.revision)
     except (OSError, ValueError) as exc:
-        presets = ", ".join(PRESETS)
-        raise ModelError(f"cannot load model {cfg.model!r}: {exc}. Presets that need no download: {presets}") from exc
+        presets = ", ".join([*PRESETS, SHAPEWORLD])
+        raise ModelError(f"cannot load model {cfg.model!r}: {exc}. Models that need no download: {presets}") from exc
     adapter_cls = _adapter_for(str(hf_config.model_type))
     try:
         model = AutoModelForImageTextToText.from_pretrained(

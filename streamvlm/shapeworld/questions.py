@@ -16,6 +16,7 @@ answer is well-defined (a unique referent). All ground truth is computed from th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 from streamvlm.errors import ConfigError
 from streamvlm.shapeworld.world import COLOURS, SHAPES, Episode
 
-__all__ = ["QA", "CATEGORIES", "make_questions", "candidates", "FORWARD_TOLERANCE_S", "WHEN_TOLERANCE_S", "clock", "parse_clock", "spoken_answer", "is_correct"]
+__all__ = ["QA", "CATEGORIES", "make_questions", "candidates", "FORWARD_TOLERANCE_S", "WHEN_TOLERANCE_S", "clock", "parse_clock", "spoken_answer", "is_correct", "appearances", "watch_target"]
 
 CATEGORIES: tuple[str, ...] = ("realtime", "backward", "forward", "probe")
 FORWARD_TOLERANCE_S = 2.0
@@ -180,3 +181,26 @@ def is_correct(qa: QA, text: str) -> bool:
         tolerance = qa.tolerance_s if qa.tolerance_s is not None else WHEN_TOLERANCE_S
         return got is not None and abs(got - float(qa.answer)) <= tolerance
     return text.strip().strip(".!?").lower() == qa.answer
+
+
+def appearances(episode: Episode, colour: str, shape: str) -> list[float]:
+    """Whole seconds at which a ``colour shape`` starts to be on screen (it enters, or a shape changes into it).
+
+    These are the moments a watch for "a <colour> <shape> appears" should alert.
+    """
+    out, before = [], False
+    for t in range(int(math.ceil(episode.duration_s))):
+        now = (colour, shape) in _visible_combos(episode, float(t))
+        if now and not before:
+            out.append(float(t))
+        before = now
+    return out
+
+
+def watch_target(episode: Episode) -> tuple[str, str]:
+    """A ``(colour, shape)`` worth watching for: the first to enter between 25 % and 85 % of the episode
+    (else the last to enter), so a watch set at the start has something to wait for."""
+    enters = [e for e in episode.events if e.kind == "enter"]
+    middle = [e for e in enters if 0.25 * episode.duration_s <= e.t <= 0.85 * episode.duration_s]
+    pick = middle[0] if middle else enters[-1]
+    return pick.colour, pick.shape

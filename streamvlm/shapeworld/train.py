@@ -49,7 +49,7 @@ _MIX = {"count": 2, "shape": 2, "probe": 4, "first": 1, "when": 3, "tell": 1}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1400
+    steps: int = 3000
     batch: int = 8
     lr: float = 1e-3
     warmup_steps: int = 100  # linear learning-rate warm-up
@@ -59,7 +59,7 @@ class TrainConfig:
     ask_probability: float = 0.9  # chance a question is asked at each half second
     seed: int = 0
     threads: int = 2
-    eval_every: int = 100
+    eval_every: int = 200
     eval_streams: int = 32
 
 

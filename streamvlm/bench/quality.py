@@ -1,0 +1,209 @@
+"""``streamvlm bench quality``: answer quality on held-out ShapeWorld episodes, and what memory does to it.
+
+Protocol (OVO-Bench style): each episode is streamed at 1 frame/s into a fresh
+:class:`~streamvlm.engine.session.StreamSession`; every question is asked at its time, after the
+frames up to it and before the next, through the same :class:`~streamvlm.dialogue.DialogueController`
+the live worker uses. Forward requests ("Tell me when a red circle appears.") are deferred by the
+controller, polled with yes/no probes on every frame and answered when its trigger rule fires: they
+count as right when that happens within ``FORWARD_TOLERANCE_S`` of the appearance. One standing
+watch per episode (a thing that appears in it) measures alert precision and recall at the same
+tolerance. Answers are greedy.
+
+The sweep repeats this at working-memory budgets of 50 %, 25 % and 10 % of the tokens the episode
+produces with full memory, for every policy, with retrieval on and off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..config import POLICIES, MemoryConfig, SamplingConfig, SessionConfig
+from ..dialogue import (
+    AnswerNow,
+    Alert,
+    ControllerConfig,
+    DialogueController,
+    GiveUp,
+    Narrate,
+    Poll,
+)
+from ..engine.session import StreamSession
+from ..errors import ConfigError
+from ..models.base import ModelAdapter
+from ..shapeworld import FORWARD_TOLERANCE_S, QA, Episode, make_episode, make_questions
+from ..shapeworld.questions import appearances, is_correct, watch_target
+
+__all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts"]
+
+#: Categories reported, in order; "when" is the subset of backward questions answered with a time.
+REPORTED = ("realtime", "backward", "when", "forward", "probe")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    episodes: int = 12
+    duration_s: float = 24.0
+    per_category: int = 2
+    seed_base: int = 0  # held out: training uses seeds from 500,000 up
+    budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
+    policies: tuple[str, ...] = tuple(POLICIES)
+    retrieval_top_k: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.episodes, int) or self.episodes < 1:
+            raise ConfigError(f"episodes: must be an integer >= 1, got {self.episodes!r}")
+        if not 6 <= self.duration_s <= 3600:
+            raise ConfigError(f"duration_s: must be between 6 and 3600 seconds, got {self.duration_s!r}")
+        if any(not 0 < b < 1 for b in self.budgets):
+            raise ConfigError(f"budgets: fractions of the full-memory tokens in (0, 1), got {self.budgets!r}")
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown:
+            raise ConfigError(f"policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
+
+
+@dataclass
+class EpisodeScore:
+    """Right/asked per category, alert matches, and the tokens the episode produced."""
+
+    right: dict[str, int] = field(default_factory=dict)
+    asked: dict[str, int] = field(default_factory=dict)
+    alerts_true: int = 0  # alerts within tolerance of a truth event (matched one to one)
+    alerts: int = 0
+    truths: int = 0
+    tokens: int = 0
+    answers: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, category: str, ok: bool) -> None:
+        self.asked[category] = self.asked.get(category, 0) + 1
+        self.right[category] = self.right.get(category, 0) + int(ok)
+
+    def merge(self, other: "EpisodeScore") -> None:
+        for k, v in other.asked.items():
+            self.asked[k] = self.asked.get(k, 0) + v
+            self.right[k] = self.right.get(k, 0) + other.right.get(k, 0)
+        self.alerts_true += other.alerts_true
+        self.alerts += other.alerts
+        self.truths += other.truths
+        self.tokens += other.tokens
+        self.answers.extend(other.answers)
+
+    def summary(self) -> dict[str, Any]:
+        acc = {k: round(self.right.get(k, 0) / self.asked[k], 4) for k in REPORTED if self.asked.get(k)}
+        precision = self.alerts_true / self.alerts if self.alerts else 0.0
+        recall = self.alerts_true / self.truths if self.truths else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {
+            "accuracy": acc,
+            "asked": {k: self.asked[k] for k in REPORTED if self.asked.get(k)},
+            "alerts": {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+                       "raised": self.alerts, "truth": self.truths},
+        }
+
+
+def match_alerts(alerts: Iterable[float], truth: Iterable[float], tolerance: float = FORWARD_TOLERANCE_S) -> int:
+    """How many alerts match a distinct truth time within ``tolerance`` (greedy in time order)."""
+    free = sorted(truth)
+    hits = 0
+    for a in sorted(alerts):
+        for i, t in enumerate(free):
+            if abs(a - t) <= tolerance:
+                hits += 1
+                del free[i]
+                break
+    return hits
+
+
+def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: QualityConfig) -> EpisodeScore:
+    """Stream episode ``seed`` through a fresh session under ``memory`` and score every answer and alert."""
+    episode = make_episode(seed, duration_s=cfg.duration_s, fps=1.0, size=64)
+    questions = make_questions(episode, rng_seed=seed, per_category=cfg.per_category)
+    session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=12)), memory)
+    controller = DialogueController(ControllerConfig(probe_every_frames=1))
+    score = EpisodeScore()
+    colour, shape = watch_target(episode)
+    pending: dict[str, QA] = {}
+    alerts: list[float] = []
+
+    def act(actions: list, t: float) -> None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            if isinstance(action, Poll):
+                values = session.probe([p.prompt for p in action.probes])
+                queue.extend(controller.scores(t, {p.probe_id: v for p, v in zip(action.probes, values)}))
+            elif isinstance(action, AnswerNow) and not isinstance(action, Narrate):
+                queue.extend(controller.generation_started(action.request_id, t))
+                answer = session.ask(action.question, t)
+                qa = pending.pop(action.request_id, None)
+                if qa is not None:
+                    if qa.category == "forward":  # the deferred answer: right when it comes in time
+                        ok = abs(t - float(qa.answer)) <= FORWARD_TOLERANCE_S
+                    else:
+                        ok = is_correct(qa, answer.text)
+                    category = "when" if qa.question.startswith("When did") else qa.category
+                    score.add(category, ok)
+                    if category == "when":
+                        score.add("backward", ok)
+                    score.answers.append({"seed": seed, "t": t, "question": qa.question, "truth": qa.answer,
+                                          "answer": answer.text, "ok": ok})
+                queue.extend(controller.generation_finished(action.request_id, t))
+            elif isinstance(action, Alert):
+                alerts.append(action.t)
+            elif isinstance(action, GiveUp):
+                qa = pending.pop(action.request_id, None)
+                if qa is not None:
+                    score.add(qa.category, False)
+
+    act(controller.add_watch("watch", f"a {colour} {shape} appears", 0.0), 0.0)
+    remaining = list(questions)
+    for t, image in episode.frames():
+        session.ingest(image, t)
+        act(controller.frame(t), t)
+        while remaining and remaining[0].t < t + 1:
+            qa = remaining.pop(0)
+            request_id = f"q{len(pending)}-{qa.t}"
+            pending[request_id] = qa
+            act(controller.user_message(request_id, qa.question, qa.t), qa.t)
+    act(controller.stream_ended(episode.duration_s), episode.duration_s)
+    for qa in pending.values():  # never answered
+        score.add(qa.category, False)
+    truth = appearances(episode, colour, shape)
+    score.alerts, score.truths = len(alerts), len(truth)
+    score.alerts_true = match_alerts(alerts, truth)
+    score.tokens = session.stats()["logical_tokens"]
+    session.close()
+    return score
+
+
+def run_quality(
+    adapter: ModelAdapter, cfg: QualityConfig, *, sweep: bool = True, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Full memory on ``cfg.episodes`` held-out episodes, then (``sweep``) every budget x policy x retrieval."""
+    seeds = [cfg.seed_base + i for i in range(cfg.episodes)]
+    say = progress or (lambda _msg: None)
+    full = EpisodeScore()
+    tokens: dict[int, int] = {}
+    for seed in seeds:
+        one = run_episode(adapter, seed, MemoryConfig(), cfg)
+        tokens[seed] = one.tokens
+        full.merge(one)
+    result: dict[str, Any] = {"model": adapter.source, "config": {**cfg.__dict__}, "full": full.summary(), "sweep": []}
+    result["full"]["answers"] = full.answers
+    say(f"full memory: {full.summary()['accuracy']} alerts {full.summary()['alerts']}")
+    if not sweep:
+        return result
+    for fraction in cfg.budgets:
+        for policy in cfg.policies:
+            for top_k in (cfg.retrieval_top_k, 0):
+                total = EpisodeScore()
+                for seed in seeds:
+                    budget = max(1, int(tokens[seed] * fraction))
+                    memory = replace(MemoryConfig(), budget_tokens=budget, policy=policy, retrieval_top_k=top_k)
+                    total.merge(run_episode(adapter, seed, memory, cfg))
+                row = {"budget": fraction, "policy": policy, "retrieval": top_k > 0, **total.summary()}
+                result["sweep"].append(row)
+                say(f"budget {fraction:.0%} {policy} retrieval={'on' if top_k else 'off'}: {row['accuracy']} "
+                    f"alerts f1 {row['alerts']['f1']}")
+    return result

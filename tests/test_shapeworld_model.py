@@ -1,0 +1,216 @@
+"""The ShapeWorld model: training layout equals serving, the recipe trains, the shipped checkpoint answers,
+and the quality benchmark and demo score answers against the ground truth."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamvlm.bench.quality import EpisodeScore, QualityConfig, match_alerts, run_episode, run_quality
+from streamvlm.cli import main
+from streamvlm.config import MemoryConfig, SessionConfig
+from streamvlm.engine.session import StreamSession
+from streamvlm.errors import ConfigError, ModelError
+from streamvlm.models import load_model
+from streamvlm.models.smolvlm import SmolVLMAdapter
+from streamvlm.shapeworld import QA, make_episode, make_questions
+from streamvlm.shapeworld.model import SYSTEM_PROMPT, build_untrained, checkpoint_dir
+from streamvlm.shapeworld.questions import appearances, clock, is_correct, parse_clock, spoken_answer, watch_target
+from streamvlm.shapeworld.train import StreamLayout, TrainConfig, _batch_logits, make_stream, train
+
+SHIPPED = (checkpoint_dir() / "config.json").exists()
+needs_checkpoint = pytest.mark.skipif(not SHIPPED, reason="the ShapeWorld checkpoint is not in this tree")
+
+
+# -- answers and ground truth --------------------------------------------------------------------------------
+
+
+def test_clock_round_trip() -> None:
+    assert clock(7.9) == "00:07" and clock(125) == "02:05"
+    assert parse_clock("00:12") == 12 and parse_clock(" 1:05.") == 65 and parse_clock("12 seconds") == 12
+    assert parse_clock("red") is None and parse_clock("") is None and parse_clock("1:2:3:4") is None
+
+
+def test_is_correct_times_within_tolerance_words_exact() -> None:
+    when = QA(9.5, "backward", "When did the red circle appear?", "7")
+    assert spoken_answer(when) == "00:07"
+    assert is_correct(when, "00:08") and is_correct(when, "00:06") and not is_correct(when, "00:09")
+    shape = QA(3.5, "realtime", "What shape is on screen now?", "circle")
+    assert spoken_answer(shape) == "circle"
+    assert is_correct(shape, " Circle.") and not is_correct(shape, "circles")
+
+
+def test_appearances_are_rising_edges_of_visibility() -> None:
+    for seed in range(6):
+        ep = make_episode(seed, duration_s=30)
+        colour, shape = watch_target(ep)
+        times = appearances(ep, colour, shape)
+        assert times, "the watched thing appears"
+        for t in times:
+            now = {(s.colour, s.shape) for s in ep.visible(t)}
+            before = {(s.colour, s.shape) for s in ep.visible(t - 1)} if t >= 1 else set()
+            assert (colour, shape) in now and (colour, shape) not in before
+
+
+def test_match_alerts_one_to_one_within_tolerance() -> None:
+    assert match_alerts([5.0, 5.5, 20.0], [4.0, 30.0]) == 1  # two alerts near one truth count once
+    assert match_alerts([], [1.0]) == 0 and match_alerts([3.0], [0.0]) == 0
+
+
+# -- the training layout is the engine's layout ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory: pytest.TempPathFactory) -> SmolVLMAdapter:
+    out = tmp_path_factory.mktemp("shapeworld-untrained")
+    build_untrained(out, seed=1)
+    return load_model(str(out))
+
+
+def test_training_logits_equal_streaming_logits(untrained: SmolVLMAdapter) -> None:
+    """The loss is taken exactly where, and on exactly what, the engine computes its answer."""
+    layout = StreamLayout(untrained)
+    ep = make_episode(11, duration_s=5, fps=1.0, size=64)
+    question = "How many shapes are visible?"
+    stream = layout.stream(ep, [(4.5, "count", question, str(len(ep.visible(4.5))))])
+    kind, first, _end = stream.answers[0]
+    with torch.no_grad():
+        logits, labels = _batch_logits(untrained.model, [stream], untrained.tokenizer.pad_token_id, untrained.image_token_id)
+    session = StreamSession(untrained, SessionConfig(system_prompt=SYSTEM_PROMPT))
+    for t, image in ep.frames():
+        session.ingest(image, t)
+    answer_stream = session.ask_stream(question, 4.5, return_logits=True)
+    for _ in answer_stream:
+        pass
+    streamed = answer_stream.logits
+    assert session.runner.ids[: first + 1] == stream.ids[: first + 1]
+    assert labels[0, first].item() == stream.labels[first]
+    diff = (logits[0, first] - streamed[len(untrained.question_ids(question)) - 1]).abs().max().item()
+    assert diff < 1e-4, diff
+    session.close()
+
+
+def test_training_runs_and_the_result_loads(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=3, batch=2, warmup_steps=1, short_steps=1, min_duration_s=6, max_duration_s=7, eval_every=3, eval_streams=2)
+    history = train(cfg, tmp_path, log=lambda _line: None)["history"]
+    assert history[-1]["step"] == 3 and np.isfinite(history[-1]["loss"])
+    assert json.loads((tmp_path / "training.json").read_text())["config"]["steps"] == 3
+    adapter = load_model(str(tmp_path))
+    assert isinstance(adapter, SmolVLMAdapter) and adapter.image_seq_len == 4
+
+
+def test_training_streams_are_deterministic(untrained: SmolVLMAdapter) -> None:
+    layout = StreamLayout(untrained)
+    a, b = (make_stream(layout, 123, 10, TrainConfig(), short=False) for _ in range(2))
+    assert a.ids == b.ids and a.labels == b.labels and all(np.array_equal(x, y) for x, y in zip(a.frames, b.frames))
+
+
+# -- the shipped checkpoint --------------------------------------------------------------------------------------
+
+
+@needs_checkpoint
+def test_shipped_checkpoint_is_small_and_documented() -> None:
+    size = sum(p.stat().st_size for p in checkpoint_dir().iterdir())
+    assert size <= 20 * 2**20
+    card = (checkpoint_dir() / "README.md").read_text()
+    assert "python -m streamvlm.shapeworld.train" in card
+
+
+@needs_checkpoint
+def test_shipped_checkpoint_answers_fixed_questions() -> None:
+    """Held-out episodes (seeds 100-105; training uses 500,000 and up), questions fixed by seed."""
+    adapter = load_model("shapeworld")
+    right = asked = 0
+    wrong = []
+    for seed in range(100, 106):
+        ep = make_episode(seed, duration_s=16, fps=1.0, size=64)
+        qas = [q for q in make_questions(ep, rng_seed=seed, per_category=2) if q.category in ("realtime", "probe", "backward")]
+        session = StreamSession(adapter, SessionConfig())
+        pending = list(qas)
+        for t, image in ep.frames():
+            session.ingest(image, t)
+            while pending and pending[0].t < t + 1:
+                qa = pending.pop(0)
+                text = session.ask(qa.question, qa.t).text
+                asked += 1
+                if is_correct(qa, text):
+                    right += 1
+                else:
+                    wrong.append((seed, qa.question, qa.answer, text))
+        session.close()
+    assert asked >= 30
+    assert right / asked >= 0.8, wrong
+
+
+# -- the benchmark and the demo ----------------------------------------------------------------------------------
+
+
+def test_quality_config_rejects_bad_values() -> None:
+    with pytest.raises(ConfigError):
+        QualityConfig(budgets=(1.5,))
+    with pytest.raises(ConfigError):
+        QualityConfig(policies=("nope",))
+    with pytest.raises(ConfigError):
+        QualityConfig(episodes=0)
+
+
+def test_run_episode_scores_every_question(untrained: SmolVLMAdapter) -> None:
+    cfg = QualityConfig(episodes=1, duration_s=10, per_category=1)
+    score = run_episode(untrained, 3, MemoryConfig(), cfg)
+    qas = make_questions(make_episode(3, duration_s=10, fps=1.0, size=64), rng_seed=3, per_category=1)
+    # every question is scored once ("when" questions count in backward too)
+    whens = sum(q.question.startswith("When did") for q in qas)
+    assert sum(score.asked.values()) == len(qas) + whens
+    assert score.tokens > 0 and score.truths >= 1
+
+
+def test_sweep_stays_inside_its_budget(untrained: SmolVLMAdapter) -> None:
+    cfg = QualityConfig(episodes=1, duration_s=10, per_category=1, budgets=(0.5,), policies=("window",))
+    result = run_quality(untrained, cfg)
+    assert [(r["budget"], r["policy"], r["retrieval"]) for r in result["sweep"]] == [(0.5, "window", True), (0.5, "window", False)]
+    assert set(result["full"]["accuracy"]) <= {"realtime", "backward", "when", "forward", "probe"}
+
+
+def test_episode_score_summary() -> None:
+    s = EpisodeScore()
+    s.add("realtime", True)
+    s.add("realtime", False)
+    s.alerts, s.alerts_true, s.truths = 2, 1, 1
+    out = s.summary()
+    assert out["accuracy"]["realtime"] == 0.5
+    assert out["alerts"]["precision"] == 0.5 and out["alerts"]["recall"] == 1.0 and abs(out["alerts"]["f1"] - 2 / 3) < 1e-3
+
+
+@needs_checkpoint
+def test_bench_quality_cli_writes_json_and_plot(tmp_path: Path) -> None:
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    rc = main(["bench", "quality", "--episodes", "1", "--duration", "8", "--budgets", "25", "--policies", "window",
+               "--json", str(out), "--plot", str(png), "--quiet"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "shapeworld" and len(result["sweep"]) == 2
+    assert png.stat().st_size > 1000
+
+
+@needs_checkpoint
+def test_demo_prints_answers_against_truth() -> None:
+    from streamvlm.demo import DemoConfig, run_demo
+
+    out = io.StringIO()
+    summary = asyncio.run(run_demo(load_model("shapeworld"), DemoConfig(realtime=False, draw=True), out))
+    text = out.getvalue()
+    assert summary["questions"] >= 3 and summary["frames_read"] >= 1
+    assert "truth:" in text and ("✓" in text or "✗" in text)
+    assert "\x1b[38;2;" in text  # frames drawn with 24-bit colour half blocks
+    assert summary["correct"] >= summary["questions"] // 2
+
+
+def test_unknown_checkpoint_dir_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError):
+        load_model(str(tmp_path / "missing"))
