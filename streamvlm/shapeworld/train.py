@@ -34,11 +34,11 @@ import torch
 
 from ..dialogue.controller import DEFAULT_PROBE_TEMPLATE
 from ..models.smolvlm import SmolVLMAdapter
-from .model import FRAME_SIZE, SYSTEM_PROMPT, build_untrained
+from .model import FRAME_SIZE, SYSTEM_PROMPT, VOCAB_SIZE, build_untrained
 from .questions import QA, candidates, clock, spoken_answer
 from .world import COLOURS, SHAPES, Episode, make_episode
 
-__all__ = ["TrainConfig", "StreamLayout", "train", "TRAIN_SEED_BASE", "EVAL_SEED_BASE"]
+__all__ = ["TrainConfig", "StreamLayout", "train", "model_card", "TRAIN_SEED_BASE", "EVAL_SEED_BASE"]
 
 TRAIN_SEED_BASE = 1_000_000
 EVAL_SEED_BASE = 500_000
@@ -49,7 +49,7 @@ _MIX = {"count": 2, "shape": 2, "probe": 4, "first": 1, "when": 3, "tell": 1}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 1800
     batch: int = 8
     lr: float = 1e-3
     warmup_steps: int = 100  # linear learning-rate warm-up
@@ -287,7 +287,58 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
             log(json.dumps(entry))
             model.save_pretrained(out)
             (out / "training.json").write_text(json.dumps({"config": cfg.__dict__, "history": history}, indent=1))
+    (out / "README.md").write_text(model_card(cfg, history, sum(p.numel() for p in model.parameters())))
     return {"config": cfg.__dict__, "history": history}
+
+
+def model_card(cfg: TrainConfig, history: list[dict], params: int) -> str:
+    """The checkpoint's README: what it is, the data, the command that reproduces it, and its curve."""
+    last = history[-1] if history else {"step": 0, "minutes": 0, "eval": {}}
+    rows = "\n".join(
+        f"| {h['step']} | {h['minutes']:.1f} | {h['loss']:.3f} | "
+        + " | ".join(f"{h['eval'].get(k, 0):.2f}" for k in _MIX) + " |"
+        for h in history
+    )
+    return f"""# ShapeWorld model
+
+A {params / 1e6:.2f} M-parameter vision-language model in the SmolVLM architecture
+(`SmolVLMForConditionalGeneration`: 2-layer vision tower of width 64 on 8 px patches of 64x64
+frames, pixel shuffle 4 -> 4 visual tokens per frame, 4-layer Llama of width 128, a {VOCAB_SIZE}-entry
+byte-level BPE tokenizer with one token per digit), trained from scratch by streamvlm on ShapeWorld
+streams only. It knows nothing but ShapeWorld: coloured circles, squares and triangles on a dark
+background. It exists so that answer quality can be measured offline; see docs/shapeworld.md.
+
+## Data
+
+Every example is a ShapeWorld stream at 1 frame/s laid out exactly as the engine lays it out (system
+prompt, `Frame from MM:SS:` + visual tokens per frame, questions and answers with turn ends). Episodes
+use seeds {TRAIN_SEED_BASE:,} and up ({cfg.batch} per step); evaluation during training uses seeds
+{EVAL_SEED_BASE:,} and up; the quality benchmark and the demo use seeds below both. The first
+{cfg.short_steps} steps are 2-4-frame streams with present-tense questions; then {cfg.min_duration_s}-{cfg.max_duration_s}
+frames with a question at each half second with probability {cfg.ask_probability}. Question kinds and weights:
+{", ".join(f"{k} {v}" for k, v in _MIX.items())} (count: "How many shapes are visible?"; shape: "What shape
+is on screen now?"; probe: "Is there a red circle now?" or the dialogue controller's "Is it true that a
+red circle appears right now? Answer yes or no."; first: "What colour was the first shape?"; when:
+"When did the red circle appear?" answered as the `MM:SS` of its first frame; tell: "Tell me when a red
+circle appears." asked once it is on screen, answered with that time). Only answer tokens carry a loss.
+
+## Training
+
+```
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads}
+```
+
+AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
+learning rate, gradient clipping at 1.0, float32 on {cfg.threads} CPU threads: {last['minutes']:.0f} minutes here
+for {last['step']} steps.
+
+Held-out teacher-forced accuracy during training ({cfg.eval_streams} streams of 12-24 frames; an answer counts
+when every token is the greedy choice, which is exactly what greedy decoding would say):
+
+| step | minutes | loss | {" | ".join(_MIX)} |
+|---|---|---|{"---|" * len(_MIX)}
+{rows}
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
