@@ -42,7 +42,10 @@ def test_async_client_through_a_whole_session_and_a_resume(smol):
                 assert settings["sampling"]["max_new_tokens"] == 12
                 for i, img in enumerate(synthetic_frames(3)):
                     await client.send_frame(img, float(i), "cam")
-                stats = await client.wait_for("input_frame.stats", predicate=lambda e: e["received"] >= 3, timeout=30)
+                # answers do not wait for frames still being read: wait until all three are accounted for
+                stats = await client.wait_for(
+                    "input_frame.stats", predicate=lambda e: e["received"] == 3 and e["skipped"] + e["dropped"] + e["ingested"] == 3, timeout=30
+                )
                 assert stats["received"] == 3 and client.frame_stats["received"] == 3
                 deltas: list[str] = []
                 reply = await client.answer("What do you see?", on_delta=deltas.append, timeout=60)

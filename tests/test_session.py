@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -204,3 +205,122 @@ def test_a_second_stream_cannot_interleave_with_the_first(smol):
 def test_a_question_before_any_frame_is_answered_at_time_zero(smol):
     answer = StreamSession(smol).ask("Is anyone there?", sampling=SamplingConfig(max_new_tokens=2))
     assert answer.asked_at_s == 0.0 and answer.evidence == ()
+
+
+def _keys(session: StreamSession) -> list[torch.Tensor]:
+    return [layer.keys.clone() for layer in session.runner.cache.layers]
+
+
+def test_encode_then_commit_equals_ingest(adapter):
+    """The two halves of a frame read give exactly what ingest() gives: same tokens, same cache, same logits."""
+    frames = synthetic_frames(3, seed=6)
+    whole, split = StreamSession(adapter), StreamSession(adapter)
+    for i, f in enumerate(frames):
+        whole.ingest(f, float(i))
+        encoded = split.encode_frame(f, float(i))
+        assert split.runner.ids == whole.runner.ids[: len(split.runner.ids)] and len(split.frames) == i  # nothing joined yet
+        result = split.commit_frame(encoded)
+        assert encoded.committed and result.pts_s == float(i) and result.tokens == encoded.tokens
+        assert result.vision_s > 0 and result.total_s >= result.vision_s + result.prefill_s
+    assert split.runner.ids == whole.runner.ids
+    for a, b in zip(_keys(split), _keys(whole)):
+        assert torch.equal(a, b)
+    q = "What moved?"
+    one = whole.ask_stream(q, return_logits=True)
+    two = split.ask_stream(q, return_logits=True)
+    one.result(), two.result()
+    assert torch.equal(one.logits, two.logits)
+
+
+def test_a_question_between_encode_and_commit_is_exact(adapter):
+    """Answered while a frame is encoded (also from inside the paused vision tower), then the frame is committed:
+    the context is exactly "question, then frame", as one offline forward computes it."""
+    frames = synthetic_frames(2, seed=7)
+    cfg = SessionConfig(sampling=SamplingConfig(max_new_tokens=3))
+    reference = StreamSession(adapter, cfg)
+    reference.ingest(frames[0], 0.0)
+    ref_answer = reference.ask("What is there?", 0.5)
+    reference.ingest(frames[1], 1.0)
+
+    plain = StreamSession(adapter, cfg)
+    plain.ingest(frames[0], 0.0)
+    features = plain.encode_frame(frames[1], 1.0)._features
+
+    session = StreamSession(adapter, cfg)
+    session.ingest(frames[0], 0.0)
+    answers = []
+
+    paused = []
+
+    def pause():  # called between vision layers, the encode suspended on the stack
+        if not answers:
+            t0 = time.perf_counter()
+            answers.append(session.ask("What is there?", 0.5))
+            paused.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    encoded = session.encode_frame(frames[1], 1.0, pause=pause)
+    wall = time.perf_counter() - t0
+    assert len(answers) == 1 and answers[0].token_ids == ref_answer.token_ids
+    assert [e.pts_s for e in answers[0].evidence] == [0.0]  # the frame being encoded is not evidence yet
+    assert encoded.vision_s <= wall - paused[0] + 1e-3  # the pause is not counted as vision time
+    got, want = _flatten(encoded._features), _flatten(features)
+    assert got and len(got) == len(want)
+    for a, b in zip(got, want):  # the paused encode equals an uninterrupted one, bit for bit
+        assert torch.equal(a, b)
+    session.commit_frame(encoded)
+    assert session.runner.ids == reference.runner.ids
+    for a, b in zip(_keys(session), _keys(reference)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    before = len(session.runner.ids)
+    stream = session.ask_stream("And now?", return_logits=True)
+    stream.result()
+    n = len(adapter.question_ids("And now?"))
+    ref = offline_logits(adapter, session, frames, [0.0, 1.0])
+    assert torch.allclose(stream.logits[:n], ref[before : before + n], atol=1e-4, rtol=0)
+
+
+def _flatten(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flatten(v)]
+    if hasattr(value, "to_tuple"):
+        return _flatten(value.to_tuple())
+    return []
+
+
+def test_commit_frame_rules(smol):
+    from streamvlm.engine.session import Preempted
+
+    frames = synthetic_frames(3, seed=8)
+    session = StreamSession(smol)
+    session.ingest(frames[0], 0.0)
+    encoded = session.encode_frame(frames[1], 1.0)
+    held = (list(session.runner.ids), session.runner.cache_length, session.last_t)
+    with pytest.raises(Preempted):  # abandoned at a layer boundary: nothing changed, and it can be committed later
+        session.commit_frame(encoded, preempt=lambda: True)
+    assert (list(session.runner.ids), session.runner.cache_length, session.last_t) == held and not encoded.committed
+    assert all(layer.keys.shape[-2] == held[1] for layer in session.runner.cache.layers)
+    with pytest.raises(FrameError, match="this session"):
+        StreamSession(smol).commit_frame(encoded)
+    session.ask("Anything?", 3.0, sampling=SamplingConfig(max_new_tokens=2))  # the clock moves past the frame
+    with pytest.raises(TimestampError):
+        session.commit_frame(encoded)  # at its own time 1.0: refused, unchanged
+    result = session.commit_frame(encoded, 3.0)  # re-timed: new timestamp tokens, the same vision output
+    assert result.pts_s == 3.0 and session.frames[-1].pts_s == 3.0 and session.last_t == 3.0
+    with pytest.raises(FrameError, match="already committed"):
+        session.commit_frame(encoded, 4.0)
+    assert len(session.frames) == 2
+
+    # re-timing is exact: encoded for 1.0, committed at 3.0 == ingested at 3.0
+    a, b = StreamSession(smol), StreamSession(smol)
+    a.ingest(frames[0], 0.0)
+    b.ingest(frames[0], 0.0)
+    a.commit_frame(a.encode_frame(frames[2], 1.0), 3.0)
+    b.ingest(frames[2], 3.0)
+    assert a.runner.ids == b.runner.ids
+    for x, y in zip(_keys(a), _keys(b)):
+        assert torch.equal(x, y)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -71,23 +73,37 @@ def test_answers_stream_with_evidence(smol):
     assert counters.received == 3 and counters.ingested + counters.dropped + counters.skipped == 3
 
 
+async def wait_idle(worker: LiveWorker, timeout: float = 60.0) -> None:
+    async def run():
+        while not worker.idle:
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(run(), timeout)
+
+
+def balanced(counters, pending: int = 0) -> bool:
+    return counters.received == counters.skipped + counters.dropped + counters.ingested + pending
+
+
 def test_latest_frame_wins_and_duplicates_are_skipped(smol):
     async def main():
         worker = LiveWorker(session(smol), config=WorkerConfig(dedup_threshold=2.0))
         fs = frames(5, seed=1)
         results = [worker.submit_frame(f) for f in fs]  # before start: the model is not free yet
-        same = Frame(fs[-1].image.copy(), 5.0, "cam")
-        results.append(worker.submit_frame(same))
+        results.append(worker.submit_frame(Frame(fs[-1].image.copy(), 5.0, "cam")))  # same view, later: replaces the waiting one
+        assert worker.pending == 1 and balanced(worker.counters, 1)
         await worker.start()
-        await asyncio.sleep(0.5)
+        await wait_idle(worker)
+        results.append(worker.submit_frame(Frame(fs[-1].image.copy(), 6.0, "cam")))  # same view as the frame read: skipped
+        await asyncio.sleep(0.2)
         await worker.stop()
         return results, worker.counters, worker.session
 
     results, counters, s = asyncio.run(main())
-    assert results[:5] == ["queued"] + ["replaced"] * 4 and results[5] == "skipped"
-    assert (counters.received, counters.dropped, counters.skipped, counters.ingested) == (6, 4, 1, 1)
-    assert [e.pts_s for e in s.frames] == [4.0]  # only the newest frame reached the model
-    assert len(counters.lag_s) == 1 and counters.lag_s[0] >= 0
+    assert results == ["queued"] + ["replaced"] * 5 + ["skipped"]
+    assert (counters.received, counters.dropped, counters.skipped, counters.ingested) == (7, 5, 1, 1) and balanced(counters)
+    assert [e.pts_s for e in s.frames] == [5.0]  # only the newest frame reached the model
+    assert len(counters.lag_s) == 1 and counters.lag_s[0] >= 0 and counters.ingested_pts == [5.0]
 
 
 def test_watch_alerts_and_deferred_questions_are_answered(smol):
@@ -148,6 +164,8 @@ def test_bench_live_reports_the_documented_figures(tmp_path):
     assert result["ttft_idle_s"] > 0 and result["ttft_load_s"] > 0
     assert 0 <= result["lag_p50_s"] <= result["lag_p95_s"]
     assert result["change_reaction_s"] is not None
+    assert len(result["lag_by_frame"]) == frames["ingested"] and result["lag_max_s"] >= result["lag_p95_s"]
+    assert set(result["preemptions"]) == {"encode_pauses", "prefill_restarts"} and result["torch_threads"] >= 1
 
 
 def test_batched_probes_equal_probes_one_by_one(adapter):
@@ -161,7 +179,7 @@ def test_batched_probes_equal_probes_one_by_one(adapter):
 
 
 def test_a_burst_with_duplicates_never_runs_time_backwards(smol):
-    """A skipped duplicate's time can overtake a frame still waiting: no error, time only moves forward."""
+    """A frame that waited may be older than the stream clock (a refreshed duplicate, a question): no error, time only moves forward."""
 
     async def main():
         worker = LiveWorker(session(smol))
@@ -180,3 +198,129 @@ def test_a_burst_with_duplicates_never_runs_time_backwards(smol):
     assert events[-1].kind == "answer.done", events[-1]
     times = [e.pts_s for e in s.frames]
     assert times == sorted(times)
+
+
+class Instrumented:
+    """A session's runner with a log of its steps, and slow layers: the tiny model made as slow as a real one."""
+
+    def __init__(self, s: StreamSession, *, vision_sleep: float = 0.0, frame_prefill_sleep: float = 0.0) -> None:
+        self.log: list[tuple[str, float]] = []
+        self.encoding, self.frame_prefill = threading.Event(), threading.Event()
+        runner = s.runner
+        encode, prefill = runner.encode, runner.prefill
+        in_frame_prefill = False
+
+        def logged_encode(frame, **kw):
+            self.log.append(("encode", frame.pts_s))
+            self.encoding.set()
+            out = encode(frame, **kw)
+            self.log.append(("encoded", frame.pts_s))
+            return out
+
+        def logged_prefill(ids, **kw):
+            nonlocal in_frame_prefill
+            frame = kw.get("encoded") is not None
+            self.log.append(("frame prefill" if frame else "prefill", time.perf_counter()))
+            in_frame_prefill = frame
+            if frame:
+                self.frame_prefill.set()
+            try:
+                return prefill(ids, **kw)
+            finally:
+                in_frame_prefill = False
+
+        def slow_vision(module, args):
+            time.sleep(vision_sleep)
+
+        def slow_frame_prefill(module, args):
+            if in_frame_prefill:
+                time.sleep(frame_prefill_sleep)
+
+        runner.encode, runner.prefill = logged_encode, logged_prefill
+        model = s.adapter.model.model
+        self.handles = [layer.register_forward_pre_hook(slow_vision) for layer in model.vision_model.encoder.layers]
+        self.handles += [layer.register_forward_pre_hook(slow_frame_prefill) for layer in s.adapter.text_layers()]
+
+    def close(self) -> None:
+        for handle in self.handles:  # the adapter is shared by other tests
+            handle.remove()
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.log]
+
+
+def run_question_during(smol, step: str) -> tuple:
+    """Frame 0.0 in memory; frame 1.0 submitted; a question asked once the worker is in ``step`` of reading it."""
+    s = session(smol)
+    s.ingest(frames(1)[0].image, 0.0)
+    probe = Instrumented(s, vision_sleep=0.6 if step == "encode" else 0.0, frame_prefill_sleep=0.6 if step == "prefill" else 0.0)
+
+    async def main():
+        worker = LiveWorker(s)
+        await worker.start()
+        assert worker.submit_frame(Frame(frames(2, seed=3)[1].image, 1.0, "cam")) == "queued"
+        started = probe.encoding if step == "encode" else probe.frame_prefill
+        assert await asyncio.to_thread(started.wait, 30)
+        rid = worker.ask("What do you see?")
+        events = await collect(worker, lambda e, _: e.kind == "answer.done")
+        await wait_idle(worker)
+        await worker.stop()
+        return rid, events, worker.counters
+
+    try:
+        rid, events, counters = asyncio.run(main())
+    finally:
+        probe.close()
+    return s, probe, rid, events, counters
+
+
+def test_an_answer_asked_while_a_frame_is_encoded_is_served_before_its_prefill(smol):
+    s, probe, rid, events, counters = run_question_during(smol, "encode")
+    kinds = probe.kinds()
+    # the question's prefill ran inside the frame's encode (between "encode" and "encoded"), the frame's prefill after it
+    assert kinds.count("encode") == 1 and kinds.count("encoded") == 1 and kinds.count("frame prefill") == 1
+    assert kinds.index("encode") < kinds.index("prefill") < kinds.index("encoded") < kinds.index("frame prefill")
+    done = events[-1]
+    assert done.data["request_id"] == rid
+    assert [e.pts_s for e in done.data["answer"].evidence] == [0.0]  # the frames committed when it was asked
+    assert [e.pts_s for e in s.frames] == [0.0, 1.0]  # and the encoded frame joined afterwards, once
+    assert counters.paused >= 1 and counters.restarted == 0
+    assert (counters.ingested, counters.dropped) == (1, 0) and balanced(counters) and counters.ingested_pts == [1.0]
+
+
+def test_an_answer_asked_during_a_frame_prefill_abandons_it_and_the_frame_follows(smol):
+    s, probe, rid, events, counters = run_question_during(smol, "prefill")
+    kinds = probe.kinds()
+    # prefill of the frame started, was abandoned for the question, and ran again after it; the vision tower ran once
+    assert kinds.count("encode") == 1 and kinds.count("frame prefill") == 2
+    first, second = (i for i, k in enumerate(kinds) if k == "frame prefill")
+    assert first < kinds.index("prefill") < second
+    assert [e.pts_s for e in events[-1].data["answer"].evidence] == [0.0]
+    assert [e.pts_s for e in s.frames] == [0.0, 1.0]
+    assert counters.restarted >= 1 and counters.ingested == 1 and balanced(counters)
+    ids = s.runner.ids  # the frame's tokens are in the context once, after the answer
+    image_id = smol.image_token_id
+    assert ids.count(image_id) == 2 * smol.prepare_frame(frames(1)[0].image, 0.0).input_ids.count(image_id)
+
+
+def test_stop_during_a_frame_encode_abandons_it_and_the_counters_add_up(smol):
+    s = session(smol)
+    s.ingest(frames(1)[0].image, 0.0)
+    probe = Instrumented(s, vision_sleep=0.5)
+
+    async def main():
+        worker = LiveWorker(s)
+        await worker.start()
+        worker.submit_frame(Frame(frames(2, seed=3)[1].image, 1.0, "cam"))
+        assert await asyncio.to_thread(probe.encoding.wait, 30)
+        await worker.stop()
+        return worker
+
+    try:
+        worker = asyncio.run(main())
+    finally:
+        probe.close()
+    assert probe.kinds() == ["encode"]  # stopped inside the vision tower: never finished, never prefilled
+    assert [e.pts_s for e in s.frames] == [0.0] and s.last_t == 0.0
+    c = worker.counters
+    assert (c.received, c.dropped, c.ingested, worker.pending) == (1, 1, 0, 0) and balanced(c)

@@ -7,7 +7,9 @@ rate (under load) and one after the source stops and the worker is idle. Reporte
 skipped, dropped and ingested; capture-to-ingest lag p50/p95 against the frame interval; time to first
 token idle vs. under load; the latency from a probed frame's capture to its alert; the CPU the process
 used during the static phase once the worker had caught up with the moving scene (fraction of one core); and how long the first changed frame after the
-static phase waited before the model read it.
+static phase waited before the model read it. Also how often a frame read gave way to a question
+(``preemptions``: times an encode was paused, prefills abandoned and re-run), each read frame's lag,
+and torch's intra-op thread count.
 
 With random-weight presets the probe scores are noise, so the alert *latency* is a system figure
 (capture, probe, rule, event), not a detection result.
@@ -21,6 +23,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..config import MemoryConfig, ModelConfig, SamplingConfig, SessionConfig
 from ..dialogue import ControllerConfig
@@ -113,6 +116,8 @@ async def _run(session: StreamSession, model: str, fps: float, duration: float, 
         "frame_interval_s": interval,
         "lag_p50_s": _percentile(lags, 50),
         "lag_p95_s": _percentile(lags, 95),
+        "lag_max_s": max(lags, default=0.0),
+        "lag_by_frame": [[round(pts, 3), round(lag, 4)] for pts, lag in zip(c.ingested_pts, lags)],  # [stream time, lag s]
         "ttft_idle_s": ttft["idle"],
         "ttft_load_s": ttft.get("load"),
         "ttft_load_over_idle": ttft.get("load", float("nan")) / ttft["idle"],
@@ -120,4 +125,6 @@ async def _run(session: StreamSession, model: str, fps: float, duration: float, 
         "alert_latency_p50_s": statistics.median([a["latency_s"] for a in alerts]) if alerts else None,
         "static_cpu_fraction": static_cpu / static_wall if static_wall else None,
         "change_reaction_s": after_change[0] if after_change else None,
+        "preemptions": {"encode_pauses": c.paused, "prefill_restarts": c.restarted},
+        "torch_threads": torch.get_num_threads(),
     }

@@ -4,13 +4,21 @@ It executes what it is told (encode a frame, prefill tokens, decode one token) a
 which tokens go in, and when, is the session's business. Every call either completes or leaves the
 cache exactly as it was, so a failed step never corrupts a stream.
 
+Two steps can be interrupted at a layer boundary, for a caller that has something more urgent (the
+live worker, when a question arrives during a frame read): the vision tower can be *paused* (a
+callback runs between its layers, with the encode suspended on the stack; the vision tower does not
+touch the cache, so anything may run there, and the encode then continues where it stopped), and a
+prefill can be *abandoned* (:class:`Preempted`; the cache is restored, as after any failed forward).
+
 It keeps two lengths apart: ``logical_length`` counts every token the stream has seen; the physical
 length (``cache_length``) counts the tokens the cache holds. Without compression they are equal.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +28,11 @@ from transformers import DynamicCache
 from ..errors import CapacityError
 from ..models.base import ModelAdapter, PreparedFrame
 
-__all__ = ["Runner", "StepTimes"]
+__all__ = ["Runner", "StepTimes", "Preempted"]
+
+
+class Preempted(Exception):
+    """A prefill was stopped at a layer boundary because its caller asked; the cache is as it was before it."""
 
 
 @dataclass
@@ -49,6 +61,8 @@ class Runner:
         self.times = StepTimes()
         self.last_positions = torch.empty(adapter.position_rows, 0, dtype=torch.long)  # of the last call, [rows, n]
         self._max_positions = adapter.max_positions()
+        self._vision_points: list[torch.nn.Module] | None = None
+        self.last_vision_s = 0.0  # seconds the last encode spent in the vision tower, pauses excluded
 
     # ---- lengths ------------------------------------------------------------------------------------
     @property
@@ -70,27 +84,77 @@ class Runner:
 
     # ---- steps --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, frame: PreparedFrame) -> Any:
-        """Run the vision tower on one frame. The result is meant for one :meth:`prefill`."""
+    def encode(self, frame: PreparedFrame, *, pause: Callable[[], None] | None = None) -> Any:
+        """Run the vision tower on one frame. The result is meant for one :meth:`prefill`.
+
+        ``pause`` is called in this thread before every vision layer and each of its sub-blocks; what
+        it runs (a question, say) runs with this encode suspended, and the encode then goes on exactly
+        as if it had not stopped (the vision tower reads nothing that other steps change). Time spent
+        inside ``pause`` is not counted as vision time. If ``pause`` raises, the encode is abandoned.
+        """
         t0 = time.perf_counter()
-        with self.adapter.lock:
-            out = self.adapter.encode(frame)
-        self.times.vision_s += time.perf_counter() - t0
+        paused = 0.0
+        handles = []
+        if pause is not None:
+            owner = threading.get_ident()
+            busy = False
+
+            def hook(module: Any, args: Any) -> None:
+                nonlocal paused, busy
+                if busy or threading.get_ident() != owner:
+                    return
+                busy = True
+                p0 = time.perf_counter()
+                try:
+                    pause()
+                finally:
+                    paused += time.perf_counter() - p0
+                    busy = False
+
+            handles = [m.register_forward_pre_hook(hook) for m in self._pause_points()]
+        try:
+            with self.adapter.lock:
+                out = self.adapter.encode(frame)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.last_vision_s = time.perf_counter() - t0 - paused
+        self.times.vision_s += self.last_vision_s
         self.times.calls["encode"] += 1
         return out
 
     @torch.inference_mode()
     def prefill(
-        self, ids: list[int], *, grids: list[tuple[int, int, int]] | None = None, encoded: Any | None = None, all_logits: bool = False
+        self,
+        ids: list[int],
+        *,
+        grids: list[tuple[int, int, int]] | None = None,
+        encoded: Any | None = None,
+        all_logits: bool = False,
+        abort_if: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Append ``ids`` to the cache and return logits: ``[V]`` for the last token, ``[len(ids), V]`` with ``all_logits``.
 
         ``encoded`` is the vision output for the image placeholders in ``ids`` and ``grids`` their
         token grids. Raises :class:`CapacityError` (cache untouched) when the positions would pass the
-        model's maximum.
+        model's maximum. ``abort_if`` is asked before every language-model layer; when it answers
+        true the prefill stops there and raises :class:`Preempted`, with the cache untouched.
         """
         t0 = time.perf_counter()
-        logits = self._forward(ids, grids or [], encoded, keep=0 if all_logits else 1)
+        handles = []
+        if abort_if is not None:
+            owner = threading.get_ident()
+
+            def hook(module: Any, args: Any) -> None:
+                if threading.get_ident() == owner and abort_if():
+                    raise Preempted("prefill abandoned for more urgent work")
+
+            handles = [layer.register_forward_pre_hook(hook) for layer in self.adapter.text_layers()]
+        try:
+            logits = self._forward(ids, grids or [], encoded, keep=0 if all_logits else 1)
+        finally:
+            for handle in handles:
+                handle.remove()
         self.times.prefill_s += time.perf_counter() - t0
         self.times.calls["prefill"] += 1
         return logits if all_logits else logits[-1]
@@ -195,6 +259,19 @@ class Runner:
         return times
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _pause_points(self) -> list[torch.nn.Module]:
+        """The vision tower's layers and their direct sub-blocks: every module list outside the language model."""
+        if self._vision_points is None:
+            text = {id(m) for layer in self.adapter.text_layers() for m in layer.modules()}
+            points: list[torch.nn.Module] = []
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.ModuleList) and not any(id(m) in text for m in module.modules()):
+                    for layer in module:
+                        points.append(layer)
+                        points.extend(layer.children())
+            self._vision_points = points
+        return self._vision_points
+
     def _crop_to(self, length: int) -> None:
         # Layer by layer: a forward that failed midway extended only the layers before the failure.
         for layer in self.cache.layers:

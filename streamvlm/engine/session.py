@@ -12,6 +12,12 @@ The library API that the CLI, the server and the demos use::
 A frame is encoded and prefilled exactly once; a question appends its own tokens and the answer's to
 the same cache, so later questions see the earlier dialogue and no frame is ever read again.
 Frames and questions share one stream clock: a timestamp may never go backwards.
+
+A frame read has two steps, and a live caller may take them apart: :meth:`StreamSession.encode_frame`
+runs the processor and the vision tower (most of the cost; the context does not change) and
+:meth:`StreamSession.commit_frame` prefills the encoded frame into the context. Between the two, or
+while the vision tower is paused, a question can be answered from the frames already committed;
+``ingest`` is the two in a row.
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ import torch
 from ..config import MemoryConfig, SamplingConfig, SessionConfig
 from ..errors import FrameError, QuestionError, TimestampError
 from ..memory.manager import MemoryEvent, MemoryManager
-from ..models.base import ModelAdapter
+from ..models.base import ModelAdapter, PreparedFrame
 from ..types import Answer, Evidence, Frame
-from .runner import Runner
+from .runner import Preempted, Runner
 from .sampling import pick_token
 
-__all__ = ["StreamSession", "AnswerStream", "IngestResult"]
+__all__ = ["StreamSession", "AnswerStream", "IngestResult", "EncodedFrame", "Preempted"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,36 @@ class IngestResult:
     def overhead_s(self) -> float:
         """Seconds outside the model's own forward passes (preprocessing, bookkeeping)."""
         return max(0.0, self.total_s - self.vision_s - self.prefill_s)
+
+
+class EncodedFrame:
+    """A frame through the processor and the vision tower, not yet in the context.
+
+    Made by :meth:`StreamSession.encode_frame`; it joins the context with one
+    :meth:`StreamSession.commit_frame` on the same session, at most once.
+    """
+
+    __slots__ = ("pts_s", "source_id", "vision_s", "encode_s", "committed", "_image", "_prepared", "_features", "_session")
+
+    def __init__(self, session: StreamSession, image: np.ndarray, prepared: PreparedFrame, features: object, vision_s: float, encode_s: float) -> None:
+        self.pts_s = prepared.pts_s  # the time written into the frame's tokens
+        self.source_id = prepared.source_id
+        self.vision_s = vision_s  # seconds in the vision tower (pauses excluded)
+        self.encode_s = encode_s  # seconds of the whole encode step (pauses excluded)
+        self.committed = False
+        self._image = image
+        self._prepared = prepared
+        self._features = features
+        self._session = session
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the frame adds to the context."""
+        return len(self._prepared.input_ids)
+
+    def __repr__(self) -> str:
+        state = "committed" if self.committed else "pending"
+        return f"EncodedFrame(pts_s={self.pts_s}, source_id={self.source_id!r}, tokens={self.tokens}, {state})"
 
 
 class AnswerStream:
@@ -173,8 +209,66 @@ class StreamSession:
 
         ``frame`` is a :class:`Frame` or an HxWx3 uint8 RGB array with ``t`` its stream time in
         seconds. Raises :class:`FrameError` or :class:`TimestampError` for bad input, leaving the session
-        unchanged.
+        unchanged. The same as :meth:`encode_frame` then :meth:`commit_frame`.
         """
+        image, t, source = self._frame_input(frame, t, source_id)
+        self._check_idle()
+        return self.commit_frame(self.encode_frame(image, t, source_id=source))
+
+    def encode_frame(
+        self, frame: Frame | np.ndarray, t: float | None = None, *, source_id: str | None = None, pause: Callable[[], None] | None = None
+    ) -> EncodedFrame:
+        """The first half of :meth:`ingest`: check the frame, run the processor and the vision tower once.
+
+        The context does not change (so this may run while an answer stream is open); the result joins
+        it with :meth:`commit_frame`. ``pause``, if given, is called between the vision tower's layers
+        with the encode suspended: it may use this session freely (answer a question, probe), and the
+        encode then continues unchanged. Raises as :meth:`ingest` does for bad input.
+        """
+        image, t, source = self._frame_input(frame, t, source_id)
+        t0 = time.perf_counter()
+        prepared = self.adapter.prepare_frame(image, float(t), source)
+        self.memory.fits(len(prepared.input_ids))
+        prepare_s = time.perf_counter() - t0
+        features = self.runner.encode(prepared, pause=pause)
+        vision_s = self.runner.last_vision_s
+        return EncodedFrame(self, image, prepared, features, vision_s, prepare_s + vision_s)
+
+    def commit_frame(self, encoded: EncodedFrame, t: float | None = None, *, preempt: Callable[[], bool] | None = None) -> IngestResult:
+        """The second half of :meth:`ingest`: prefill an :meth:`encode_frame` result into the context.
+
+        ``t`` defaults to the time the frame was encoded for; a later ``t`` (the stream clock moved
+        on while the frame was encoded, e.g. a question was answered meanwhile) rewrites the frame's
+        timestamp tokens — the processor runs again, the vision tower does not. Each encoded frame is
+        committed at most once (:class:`FrameError` otherwise). ``preempt`` is asked before every
+        language-model layer: when it answers true the prefill stops and :class:`Preempted` is raised
+        with the session unchanged, and the frame can be committed later. Raises
+        :class:`TimestampError` if ``t`` is before the latest stream time.
+        """
+        if not isinstance(encoded, EncodedFrame) or encoded._session is not self:
+            raise FrameError("commit_frame() takes a frame encoded by this session's encode_frame()")
+        if encoded.committed:
+            raise FrameError(f"the frame at {encoded.pts_s:.3f}s was already committed; a frame joins the context once")
+        t = encoded.pts_s if t is None else t
+        self._check_time(t, what="frame")
+        self._check_idle()
+        t0 = time.perf_counter()
+        prepared = encoded._prepared
+        if float(t) != prepared.pts_s:
+            prepared = self._retime(encoded, float(t))
+        ids = prepared.input_ids
+        prefix = ids.index(self.adapter.image_token_id) if self.adapter.image_token_id in ids else 0
+        self.runner.take_times()  # this step's own times only: the encode was timed apart
+        self._feed("frame", ids, float(t), encoded.source_id, grids=[prepared.grid], encoded=encoded._features, protected_prefix=prefix, abort_if=preempt)
+        encoded.committed = True
+        self._last_t = float(t)
+        self.memory.enforce()
+        times = self.runner.take_times()
+        total = encoded.encode_s + (time.perf_counter() - t0)
+        return IngestResult(float(t), len(ids), encoded.vision_s, times.prefill_s, total)
+
+    def _frame_input(self, frame: Frame | np.ndarray, t: float | None, source_id: str | None) -> tuple[np.ndarray, float, str]:
+        """Unpack and check a frame and its time (raises :class:`FrameError` / :class:`TimestampError`)."""
         if isinstance(frame, Frame):
             image, t, source = frame.image, frame.pts_s if t is None else t, frame.source_id
         else:
@@ -184,17 +278,16 @@ class StreamSession:
             raise TimestampError("ingest() needs the frame's time t in seconds")
         self._check_image(image)
         self._check_time(t, what="frame")
-        self._check_idle()
-        t0 = time.perf_counter()
-        prepared = self.adapter.prepare_frame(image, float(t), source)
-        self.memory.fits(len(prepared.input_ids))
-        encoded = self.runner.encode(prepared)
-        prefix = prepared.input_ids.index(self.adapter.image_token_id) if self.adapter.image_token_id in prepared.input_ids else 0
-        self._feed("frame", prepared.input_ids, float(t), source, grids=[prepared.grid], encoded=encoded, protected_prefix=prefix)
-        self._last_t = float(t)
-        self.memory.enforce()
-        times = self.runner.take_times()
-        return IngestResult(float(t), len(prepared.input_ids), times.vision_s, times.prefill_s, time.perf_counter() - t0)
+        return image, float(t), source
+
+    def _retime(self, encoded: EncodedFrame, t: float) -> PreparedFrame:
+        """The frame's tokens with timestamp ``t`` (the image and its vision output are unchanged)."""
+        old = encoded._prepared
+        new = self.adapter.prepare_frame(encoded._image, t, encoded.source_id)
+        image_id = self.adapter.image_token_id
+        if new.grid != old.grid or new.input_ids.count(image_id) != old.input_ids.count(image_id):
+            raise FrameError("the frame's image tokens changed when its timestamp was rewritten")  # cannot happen: same image
+        return new
 
     # ---- questions -----------------------------------------------------------------------------------
     def ask(
@@ -333,9 +426,12 @@ class StreamSession:
                 context_tokens=self.runner.cache_length,
             )
 
-    def _feed(self, kind: str, ids: list[int], t: float, source: str, *, grids=None, encoded=None, all_logits: bool = False, protected_prefix: int = 0) -> torch.Tensor:
+    def _feed(
+        self, kind: str, ids: list[int], t: float, source: str, *, grids=None, encoded=None, all_logits: bool = False, protected_prefix: int = 0,
+        abort_if: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
         """Prefill one chunk and book it in the ledger."""
-        logits = self.runner.prefill(ids, grids=grids, encoded=encoded, all_logits=all_logits)
+        logits = self.runner.prefill(ids, grids=grids, encoded=encoded, all_logits=all_logits, abort_if=abort_if)
         self.memory.record(kind, t, t, source, self.runner.last_positions, protected_prefix)
         return logits
 

@@ -9,10 +9,26 @@ asyncio code talks to it only through this class. The thread always picks the mo
 4. the newest frame — frames are never queued: a frame that arrives while another waits replaces it
    (the older one is counted as dropped), so the worker drops rather than falls behind.
 
-Before a frame may reach the vision tower it is compared with the last frame read (mean absolute
+Answers do not wait for a frame read in progress. A read is two steps (:meth:`StreamSession.encode_frame`,
+then :meth:`StreamSession.commit_frame`): while the vision tower runs, the worker looks for control and
+answers between its layers and serves them there, with the encode suspended (the vision tower does
+not touch the cache, so the encode then continues unchanged: no frame is encoded twice); a message or
+an answer that arrives during the frame's prefill abandons that prefill at the next language-model
+layer (the cache is left as it was), is served, and the encoded frame is then prefilled again. Time
+order: an answer served meanwhile is asked at the stream time of the frames already committed and
+its evidence is those frames; the frame in progress joins the context after it, at its own time or,
+if the stream clock moved past that, at the current time. The frame is committed even when a newer
+frame arrived meanwhile (its vision output, most of the work, is done; the newer frame waits its
+turn).
+
+Before a frame may reach the vision tower it is compared with the last frame accepted (mean absolute
 difference of 32x32 grey thumbnails, 0..255): below ``dedup_threshold`` it is skipped, so a static
 camera costs almost nothing; one frame is read at least every ``dedup_max_skip_s`` (default 30 s) to
-keep time moving.
+keep time moving. A near-duplicate of a frame that is still *waiting* replaces it instead (the same
+view, captured later; the older one counts as dropped), so the frame read is always the freshest.
+
+Counters always satisfy ``received == skipped + dropped + ingested + pending`` (``pending``: a frame
+waiting, plus one being read).
 
 Everything the worker produces arrives on :meth:`events` as :class:`WorkerEvent` objects.
 """
@@ -45,7 +61,7 @@ from ..dialogue import (
 )
 from ..errors import ConfigError, StreamVLMError
 from ..types import Frame
-from .session import StreamSession
+from .session import Preempted, StreamSession
 
 __all__ = ["LiveWorker", "WorkerConfig", "WorkerEvent", "WorkerCounters"]
 
@@ -82,11 +98,17 @@ class WorkerEvent:
 class WorkerCounters:
     received: int = 0
     skipped: int = 0  # near-duplicates, never encoded
-    dropped: int = 0  # replaced by a newer frame before the model was free
+    dropped: int = 0  # replaced by a newer frame before the model was free, refused by the model, or discarded at stop
     ingested: int = 0
-    lag_s: list[float] = field(default_factory=list)  # capture (submit) to start of ingest, per ingested frame
+    lag_s: list[float] = field(default_factory=list)  # capture (submit) to start of the read (vision step), per ingested frame
     ingested_pts: list[float] = field(default_factory=list)  # the timestamps of the ingested frames, same order
     busy_s: float = 0.0  # seconds the model thread spent working
+    paused: int = 0  # times a frame encode was suspended to serve control or answers first
+    restarted: int = 0  # frame prefills abandoned for a message or an answer and run again after it
+
+
+class _Stopped(Exception):
+    """Raised inside a frame read when the worker is stopping."""
 
 
 class LiveWorker:
@@ -110,6 +132,7 @@ class LiveWorker:
         self._answers: deque[AnswerNow | Narrate] = deque()
         self._polls: deque[Poll] = deque()
         self._frame: tuple[Frame, float] | None = None
+        self._reading = False  # a frame has been taken for reading and is not committed yet
         self._last_thumb: np.ndarray | None = None
         self._last_read_t = -float("inf")
         self._cancel = threading.Event()
@@ -152,21 +175,28 @@ class LiveWorker:
         with self._cv:
             return not (self._control or self._answers or self._polls or self._frame or self._busy)
 
+    @property
+    def pending(self) -> int:
+        """Frames accepted but not yet read or dropped: one waiting, plus one being read."""
+        with self._cv:
+            return int(self._frame is not None) + int(self._reading)
+
     # ---- input (call from the event loop or any thread) ----------------------------------------------
     def submit_frame(self, frame: Frame) -> str:
         """Offer a frame. Returns ``skipped`` (near-duplicate), ``queued`` or ``replaced`` (an older waiting frame was dropped)."""
-        self.counters.received += 1
         thumb = cv2.resize(cv2.cvtColor(frame.image, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-        if (
-            self._last_thumb is not None
-            and frame.pts_s - self._last_read_t < self.config.dedup_max_skip_s
-            and float(np.abs(thumb - self._last_thumb).mean()) < self.config.dedup_threshold
-        ):
-            self.counters.skipped += 1
-            self._control_event("changed", frame.pts_s, False)
-            return "skipped"
-        self._last_thumb, self._last_read_t = thumb, frame.pts_s
         with self._cv:
+            self.counters.received += 1
+            if (
+                self._frame is None  # a near-duplicate of a frame still waiting replaces it: the same view, fresher
+                and self._last_thumb is not None
+                and frame.pts_s - self._last_read_t < self.config.dedup_max_skip_s
+                and float(np.abs(thumb - self._last_thumb).mean()) < self.config.dedup_threshold
+            ):
+                self.counters.skipped += 1
+                self._control_event("changed", frame.pts_s, False)
+                return "skipped"
+            self._last_thumb, self._last_read_t = thumb, frame.pts_s
             replaced = self._frame is not None
             if replaced:
                 self.counters.dropped += 1
@@ -220,6 +250,7 @@ class LiveWorker:
                         job = ("poll", self._polls.popleft())
                     else:
                         job, self._frame = ("frame", self._frame), None
+                        self._reading = True
                     self._busy = True
                 started = time.perf_counter()
                 try:
@@ -273,17 +304,65 @@ class LiveWorker:
 
     def _do_frame(self, item: tuple[Frame, float]) -> None:
         frame, received = item
-        self.counters.lag_s.append(self._clock() - received)
-        # A skipped near-duplicate or a question may have moved the stream clock past this frame while
-        # it waited; it is read at the current time rather than refused, so time never runs backwards.
-        t = max(frame.pts_s, self._now())
-        self.counters.ingested_pts.append(t)
-        self.session.ingest(frame, t)
-        self.counters.ingested += 1
+        lag = self._clock() - received
+        committed = False
+        try:
+            # A skipped near-duplicate or a question may have moved the stream clock past this frame while
+            # it waited; it is read at the current time rather than refused, so time never runs backwards.
+            encoded = self.session.encode_frame(frame, max(frame.pts_s, self._now()), pause=self._pause)
+            while True:
+                t = max(encoded.pts_s, self._now())  # an answer served meanwhile may have moved the clock on
+                try:
+                    self.session.commit_frame(encoded, t, preempt=self._answer_waiting)
+                    break
+                except Preempted:
+                    self.counters.restarted += 1
+                    self._serve_urgent()
+            committed = True
+        except _Stopped:
+            return
+        finally:
+            with self._cv:  # one step, so the counters always add up
+                self._reading = False
+                if committed:
+                    self.counters.lag_s.append(lag)
+                    self.counters.ingested_pts.append(t)
+                    self.counters.ingested += 1
+                else:  # refused by the model (an error event follows) or discarded at stop
+                    self.counters.dropped += 1
         for event in self.session.drain_events():
             self._emit("memory", memory_event=event)
         self._act(self.controller.frame_changed(t, True))
         self._act(self.controller.frame(t, frame.source_id))
+
+    # ---- pre-emption of a frame read -------------------------------------------------------------------
+    def _pause(self) -> None:
+        """Called between the vision tower's layers while a frame is encoded: serve what should not wait."""
+        if self._control or self._answers or self._stopping:
+            self.counters.paused += 1
+            self._serve_urgent()
+
+    def _answer_waiting(self) -> bool:
+        """Asked between the language-model layers of a frame's prefill: abandon it for this?"""
+        with self._cv:
+            return self._stopping or bool(self._answers) or any(kind == "message" for kind, _ in self._control)
+
+    def _serve_urgent(self) -> None:
+        """Run all waiting control and answers now (a frame read in progress is suspended meanwhile)."""
+        while True:
+            with self._cv:
+                if self._stopping:
+                    raise _Stopped
+                if self._control:
+                    job: tuple[str, Any] = ("control", self._control.popleft())
+                elif self._answers:
+                    job = ("answer", self._answers.popleft())
+                else:
+                    return
+            try:
+                getattr(self, f"_do_{job[0]}")(job[1])
+            except StreamVLMError as exc:
+                self._emit("error", message=str(exc), request_id=None)
 
     def _do_poll(self, poll: Poll) -> None:
         scores = self.session.probe([p.prompt for p in poll.probes])
