@@ -49,16 +49,17 @@ _MIX = {"count": 2, "shape": 2, "probe": 4, "first": 1, "when": 3, "tell": 1}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1800
+    steps: int = 2000  # length of the learning-rate schedule
+    stop_after: int | None = None  # stop (and save) after this many steps of it; None = all
     batch: int = 8
     lr: float = 1e-3
     warmup_steps: int = 100  # linear learning-rate warm-up
-    short_steps: int = 150  # the first steps use 2-4-frame streams with present-tense questions only
+    short_steps: int = 400  # the first steps use 2-4-frame streams with present-tense questions only
     min_duration_s: int = 6
     max_duration_s: int = 24
     ask_probability: float = 0.9  # chance a question is asked at each half second
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     eval_every: int = 200
     eval_streams: int = 32
 
@@ -264,7 +265,7 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     started = time.perf_counter()
     losses: list[float] = []
     next_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
-    for step in range(cfg.steps):
+    for step in range(min(cfg.steps, cfg.stop_after or cfg.steps)):
         short = step < cfg.short_steps
         duration = _duration(batch_rng, cfg, short)  # one length per batch: little padding
         streams = [make_stream(layout, next_seed + i, duration, cfg, short=short) for i in range(cfg.batch)]
@@ -278,7 +279,7 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(float(loss.detach()))
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 in (cfg.steps, cfg.stop_after):
             scores = _evaluate(model, eval_streams, pad_id, image_token_id)
             entry = {"step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
                      "loss": round(float(np.mean(losses)), 4), "eval": scores}
@@ -325,12 +326,12 @@ circle appears." asked once it is on screen, answered with that time). Only answ
 ## Training
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads}
 ```
 
 AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
-learning rate, gradient clipping at 1.0, float32 on {cfg.threads} CPU threads: {last['minutes']:.0f} minutes here
-for {last['step']} steps.
+learning rate over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
+{cfg.threads} CPU threads: {last['minutes']:.0f} minutes here.
 
 Held-out teacher-forced accuracy during training ({cfg.eval_streams} streams of 12-24 frames; an answer counts
 when every token is the greedy choice, which is exactly what greedy decoding would say):
@@ -345,13 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamvlm.shapeworld.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint to")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
     parser.add_argument("--batch", type=int, default=TrainConfig.batch)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     args = parser.parse_args(argv)
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads, eval_every=args.eval_every)
+    cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads, eval_every=args.eval_every)
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
