@@ -211,3 +211,62 @@ def test_single_frame_larger_than_the_budget_is_refused(smol):
     with pytest.raises(CapacityError, match="does not fit"):
         session.ingest(synthetic_frames(1)[0], 0.0)
     assert session.stats()["frames"] == 0
+
+
+def test_ledger_keeps_departed_chunks_compactly_and_exactly():
+    """Chunks that left working memory read back unchanged, count right, and cost no object each."""
+    import tracemalloc
+
+    from streamvlm.memory.ledger import DROPPED, MERGED, STORE, Ledger
+
+    ledger = Ledger()
+    ledger.add("system", 0.0, 0.0, "", 0, 5, 5)
+    for i in range(1, 7):
+        ledger.add("frame" if i % 3 else "question", float(i), i + 0.5, f"cam{i % 2}", 10 * i, 10 * i + 8, 8, protected_prefix=2)
+    ledger[1].tokens_held, ledger[1].compressed, ledger[1].epoch = 4, True, 3
+    snapshot = ledger.to_dict()
+    ledger.leave_working(1, STORE)
+    ledger.leave_working(2, MERGED)
+    ledger.leave_working(3, STORE)
+    ledger.set_tier(3, DROPPED)
+    assert [c.chunk_id for c in ledger.working()] == [0, 4, 5, 6]
+    assert ledger.counts() == {"working": 4, "store": 1, "merged": 1, "dropped": 1}
+    assert ledger.logical_tokens() == 5 + 6 * 8 and len(ledger) == 7
+    one = ledger[1]
+    assert (one.tier, one.tokens_held, one.compressed, one.epoch, one.source_id, one.protected_prefix) == (STORE, 4, True, 3, "cam1", 2)
+    assert ledger[3].kind == "question" and ledger[3].tier == DROPPED
+    # Apart from the tiers, the books are what they were before the chunks left.
+    before = {c["chunk_id"]: c for c in snapshot["chunks"]}
+    for c in ledger.to_dict()["chunks"]:
+        assert {**c, "tier": "working"} == before[c["chunk_id"]]
+    again = Ledger.from_dict(ledger.to_dict())
+    assert again.to_dict() == ledger.to_dict() and again.counts() == ledger.counts()
+    with pytest.raises(KeyError):
+        ledger[99]
+
+    # Thousands of departed chunks cost about a hundred bytes each, not an object each.
+    for i in range(7, 1007):
+        ledger.add("frame", float(i), float(i), "cam0", 10 * i, 10 * i + 8, 8)
+        ledger.leave_working(i, STORE)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.take_snapshot()
+        for i in range(1007, 5007):
+            ledger.add("frame", float(i), float(i), "cam0", 10 * i, 10 * i + 8, 8)
+            ledger.leave_working(i, STORE)
+        grown = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(start, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert ledger.counts()["store"] == 5001 and ledger[4000].t_start == 4000.0
+    assert grown / 4000 < 200, f"{grown / 4000:.0f} bytes per departed chunk"
+
+
+def test_closing_the_session_removes_its_temporary_store_directory(smol):
+    session = StreamSession(smol, SessionConfig(system_prompt="Watch."),
+                            MemoryConfig(budget_tokens=200, store_ram_bytes=0, store_disk_bytes=10**8))
+    for i, f in enumerate(synthetic_frames(6, seed=3)):
+        session.ingest(f, float(i))
+    directory = session.memory.store.directory
+    assert directory is not None and session.stats()["store_disk_bytes"] > 0 and any(directory.iterdir())
+    session.close()
+    assert not directory.exists()

@@ -154,9 +154,9 @@ def test_drops_are_reported_with_dropped_up_to_s() -> None:
         assert 0 not in store and len(store) == 3
         with pytest.raises(KeyError, match="not in the long-term store"):
             store.get(0)
-        assert sorted(p.name for p in store.directory.iterdir()) == sorted(
-            f"spill-{store._tag}-{c}.safetensors" for c in (2, 3)
-        )
+        spills = sorted(p.name for p in store.directory.glob("*.safetensors"))
+        assert spills == sorted(f"spill-{store._tag}-{c}.safetensors" for c in (2, 3))
+        assert len(list(store.directory.iterdir())) == 3  # and the disk tier's index file
 
 
 def test_oversized_chunks_go_straight_to_disk_or_are_dropped() -> None:
@@ -332,13 +332,13 @@ def test_search_uses_grouped_query_head_mapping() -> None:
     assert store.search(queries, top_k=1)[0][0] == 0
 
 
-def _reference_scores(store: LongTermStore, queries: torch.Tensor) -> dict[int, float]:
-    """The documented formula, written out with loops."""
-    ids = sorted(store._index)
+def _reference_scores(indexes: dict[int, torch.Tensor], queries: torch.Tensor) -> dict[int, float]:
+    """The documented formula, written out with loops, over the given chunks' index entries."""
+    ids = sorted(indexes)
     layers, q_heads, n_q, head_dim = queries.shape
     per_layer = {}
     for cid in ids:
-        index = store._index[cid]
+        index = indexes[cid]
         group = q_heads // index.shape[1]
         per_layer[cid] = [
             sum(float(queries[l, h, t] @ index[l, h // group]) for h in range(q_heads) for t in range(n_q))
@@ -363,11 +363,92 @@ def test_search_scores_match_documented_formula(n: int) -> None:
     for cid in range(n):
         store.put(*make_chunk(cid, layers=3, kv_heads=2, head_dim=16, index=_noise_index(cid)))
     queries = torch.randn(3, 6, 4, 16, generator=torch.Generator().manual_seed(9))
-    want = _reference_scores(store, queries)
+    want = _reference_scores({cid: _noise_index(cid) for cid in range(n)}, queries)
     got = dict(store.search(queries, top_k=10))
     assert got.keys() == want.keys()
     for cid in want:
         assert got[cid] == pytest.approx(want[cid], rel=1e-4, abs=1e-5)
+
+
+TIERED_BYTES = 2 * 3 * 2 * TOKENS * 16 * 4  # one chunk of make_chunk(layers=3, kv_heads=2, head_dim=16)
+
+
+def _tiered_store(ids: range, ram_chunks: int, disk_chunks: int, directory: Path | None = None) -> LongTermStore:
+    store = LongTermStore(ram_chunks * TIERED_BYTES, disk_chunks * TIERED_BYTES, directory)
+    for cid in ids:
+        store.put(*make_chunk(cid, layers=3, kv_heads=2, head_dim=16, index=_noise_index(cid)))
+    return store
+
+
+@pytest.mark.parametrize("block_bytes", [None, 3 * 3 * 2 * 16 * 4])  # default, or 3 entries per read
+def test_search_over_both_tiers_matches_formula_and_an_all_ram_store(block_bytes: int | None, monkeypatch) -> None:
+    import streamvlm.memory.store as store_module
+
+    if block_bytes is not None:
+        monkeypatch.setattr(store_module, "_INDEX_BLOCK_BYTES", block_bytes)
+    # 40 chunks through 2 in RAM and 30 on disk: 8 dropped, so disk-index slots are freed and reused.
+    with _tiered_store(range(40), ram_chunks=2, disk_chunks=30) as tiered, _tiered_store(range(8, 40), 100, 0) as flat:
+        s = tiered.stats()
+        assert (s.ram_chunks, s.disk_chunks, s.dropped_chunks) == (2, 30, 8)
+        held = sorted(r.chunk_id for r in tiered.records())
+        assert held == list(range(8, 40))
+        for cid in held:
+            assert torch.equal(tiered.index_entry(cid), _noise_index(cid))
+        queries = torch.randn(3, 6, 4, 16, generator=torch.Generator().manual_seed(9))
+        want = _reference_scores({cid: _noise_index(cid) for cid in held}, queries)
+        got = tiered.search(queries, top_k=100)
+        assert [cid for cid, _ in got] == sorted(want, key=lambda c: (-want[c], c))
+        for cid, score in got:
+            assert score == pytest.approx(want[cid], rel=1e-4, abs=1e-5)
+        # The same chunks held all in RAM rank the same, with the same scores.
+        flat_hits = flat.search(queries, top_k=100)
+        assert [cid for cid, _ in flat_hits] == [cid for cid, _ in got]
+        assert [score for _, score in flat_hits] == pytest.approx([score for _, score in got], rel=1e-5, abs=1e-6)
+
+
+def test_disk_tier_index_entries_live_in_a_file_not_in_ram(tmp_path: Path) -> None:
+    with _tiered_store(range(12), ram_chunks=2, disk_chunks=100, directory=tmp_path) as store:
+        row_bytes = 3 * 2 * 16 * 4
+        s = store.stats()
+        assert (s.ram_chunks, s.disk_chunks) == (2, 10)
+        assert (s.index_bytes, s.index_ram_bytes) == (12 * row_bytes, 2 * row_bytes)
+        (index_file,) = tmp_path.glob(f"spill-{store._tag}-index.f32")
+        assert index_file.stat().st_size == 10 * row_bytes
+        assert len(store._ram_index) == 2
+        # A search reads the disk tier's entries from the file: plant a strong entry there for chunk 4 ...
+        u = _directions(3, 2, 16)
+        queries = _queries(u, q_heads=4)
+        assert store.search(queries, top_k=1)[0][0] != 4
+        slot = store._disk.slot(store._disk.find(4))
+        with open(index_file, "r+b") as f:
+            f.seek(slot * row_bytes)
+            f.write((5.0 * u).numpy().tobytes())
+        # ... and the search finds it.
+        assert store.search(queries, top_k=1)[0][0] == 4
+        assert torch.equal(store.index_entry(4), 5.0 * u)
+    assert not index_file.exists()
+
+
+def test_ram_per_disk_chunk_stays_small(tmp_path: Path) -> None:
+    """The store's own bookkeeping for a chunk on disk is a numpy row, not Python objects per chunk."""
+    import tracemalloc
+
+    big_index = dict(layers=8, kv_heads=4, head_dim=64, tokens=1)  # an 8 KiB index entry per chunk
+    with LongTermStore(0, 1 << 40, tmp_path) as store:
+        for cid in range(200):
+            store.put(*make_chunk(cid, **big_index))
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for cid in range(200, 1200):
+                store.put(*make_chunk(cid, **big_index))
+            gc.collect()
+            grown = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename"))
+        finally:
+            tracemalloc.stop()
+        assert store.stats().disk_chunks == 1200 and store.stats().index_ram_bytes == 0
+        assert grown / 1000 < 400, f"{grown / 1000:.0f} bytes of Python/numpy memory per disk chunk"
 
 
 def test_search_edge_cases_and_cache_invalidation() -> None:
@@ -420,6 +501,22 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     finally:
         loaded.close()
     assert (saved / "manifest.json").exists()
+
+
+def test_save_load_keeps_the_disk_tier_and_its_index(tmp_path: Path) -> None:
+    with _tiered_store(range(40), ram_chunks=2, disk_chunks=30) as store:
+        saved = store.save(tmp_path / "snap")
+        with LongTermStore.load(saved, 2 * TIERED_BYTES, 30 * TIERED_BYTES) as loaded:
+            assert loaded.records() == store.records() and loaded.stats() == store.stats()
+            assert [loaded.where(r.chunk_id) for r in loaded.records()] == [store.where(r.chunk_id) for r in store.records()]
+            for record in store.records():
+                assert torch.equal(loaded.index_entry(record.chunk_id), _noise_index(record.chunk_id))
+            queries = torch.randn(3, 6, 4, 16, generator=torch.Generator().manual_seed(4))
+            assert loaded.search(queries, 10) == store.search(queries, 10)
+            # The loaded store goes on as the original would: the next put spills and drops the same chunks.
+            want = store.put(*make_chunk(40, layers=3, kv_heads=2, head_dim=16, index=_noise_index(40)))
+            got = loaded.put(*make_chunk(40, layers=3, kv_heads=2, head_dim=16, index=_noise_index(40)))
+            assert kinds(got) == kinds(want) == [("stored", 40), ("spilled", 38), ("dropped", 8)]
 
 
 def test_load_under_smaller_quotas_reports_drops(tmp_path: Path) -> None:

@@ -7,11 +7,18 @@ and how many are held, and its tier: ``working`` (in the cache the model attends
 ``dropped`` (gone, and reported). Working chunks are listed in cache order, so a chunk's physical
 offset in the cache is the sum of the tokens held before it.
 
+Working chunks are :class:`Chunk` objects the manager edits in place. A chunk that has left working
+memory no longer changes (except its tier, through :meth:`Ledger.set_tier`), so the ledger keeps it as
+one row of compact stdlib arrays - about 90 bytes and no Python object per chunk - and ``ledger[id]``
+returns a fresh :class:`Chunk` copy of it. A stream of hours thus keeps its books without the ledger's
+memory growing by an object per frame; counts and logical tokens are running totals.
+
 No torch, no I/O: the memory manager reads these books to plan, and the cache adapter applies plans.
 """
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["Chunk", "Ledger", "Plan", "WORKING", "STORE", "MERGED", "DROPPED"]
@@ -59,12 +66,102 @@ class Plan:
         return bool(self.keep or self.evict or self.merge)
 
 
+_KIND_NAMES = ("system", "frame", "question", "answer")
+_TIERS = (WORKING, STORE, MERGED, DROPPED)
+_GONE = -1  # tier code of an id with no departed chunk
+
+
+class _Departed:
+    """Chunks that have left working memory: one row per chunk id in typed stdlib arrays.
+
+    Row ``i`` belongs to chunk id ``i`` (ids are dense: the ledger hands them out in order), so a lookup
+    is an array index. Kinds, tiers and source ids are stored as small codes (sources interned).
+    """
+
+    _FLOATS = ("t_start", "t_end")
+    _INTS = ("position_start", "position_end", "tokens_seen", "tokens_held", "protected_prefix", "merged_frames", "epoch")
+
+    def __init__(self) -> None:
+        self._floats = {name: array("d") for name in self._FLOATS}
+        self._ints = {name: array("q") for name in self._INTS}
+        self._kind = array("b")
+        self._tier = array("b")
+        self._compressed = array("b")
+        self._source = array("q")
+        self._sources: list[str] = []
+        self._source_codes: dict[str, int] = {}
+        self.tier_counts = {tier: 0 for tier in _TIERS[1:]}
+        self.tokens_seen = 0
+
+    def __len__(self) -> int:
+        return sum(self.tier_counts.values())
+
+    def __contains__(self, chunk_id: int) -> bool:
+        return 0 <= chunk_id < len(self._tier) and self._tier[chunk_id] != _GONE
+
+    def ids(self) -> list[int]:
+        return [i for i, tier in enumerate(self._tier) if tier != _GONE]
+
+    def put(self, chunk: Chunk) -> None:
+        """Keep ``chunk`` (which has just left working memory) as its row."""
+        i = chunk.chunk_id
+        if i < 0:
+            raise ValueError(f"chunk ids are >= 0, got {i}")
+        missing = i + 1 - len(self._tier)
+        if missing > 0:
+            for column in (*self._floats.values(), *self._ints.values(), self._source):
+                column.extend([0] * missing)
+            self._kind.extend([0] * missing)
+            self._compressed.extend([0] * missing)
+            self._tier.extend([_GONE] * missing)
+        elif self._tier[i] != _GONE:
+            self._forget(i)
+        for name, column in self._floats.items():
+            column[i] = getattr(chunk, name)
+        for name, column in self._ints.items():
+            column[i] = getattr(chunk, name)
+        code = self._source_codes.setdefault(chunk.source_id, len(self._sources))
+        if code == len(self._sources):
+            self._sources.append(chunk.source_id)
+        self._source[i] = code
+        self._kind[i] = _KIND_NAMES.index(chunk.kind)
+        self._compressed[i] = chunk.compressed
+        self._tier[i] = _TIERS.index(chunk.tier)
+        self.tier_counts[chunk.tier] += 1
+        self.tokens_seen += chunk.tokens_seen
+
+    def get(self, chunk_id: int) -> Chunk:
+        """A fresh :class:`Chunk` with the row's values; KeyError if there is none."""
+        if chunk_id not in self:
+            raise KeyError(chunk_id)
+        i = chunk_id
+        return Chunk(
+            chunk_id=i, kind=_KIND_NAMES[self._kind[i]], source_id=self._sources[self._source[i]],
+            tier=_TIERS[self._tier[i]], compressed=bool(self._compressed[i]),
+            **{name: column[i] for name, column in self._floats.items()},
+            **{name: column[i] for name, column in self._ints.items()},
+        )
+
+    def set_tier(self, chunk_id: int, tier: str) -> None:
+        if chunk_id not in self:
+            raise KeyError(chunk_id)
+        self.tier_counts[_TIERS[self._tier[chunk_id]]] -= 1
+        self._tier[chunk_id] = _TIERS.index(tier)
+        self.tier_counts[tier] += 1
+
+    def _forget(self, chunk_id: int) -> None:
+        self.tier_counts[_TIERS[self._tier[chunk_id]]] -= 1
+        self.tokens_seen -= self._ints["tokens_seen"][chunk_id]
+        self._tier[chunk_id] = _GONE
+
+
 class Ledger:
     """Chunk records in feed order; the working ones in cache order."""
 
     def __init__(self) -> None:
-        self._chunks: dict[int, Chunk] = {}
+        self._chunks: dict[int, Chunk] = {}  # working chunks
         self._working: list[int] = []
+        self._departed = _Departed()
         self._next_id = 0
 
     # ---- adding and moving -------------------------------------------------------------------------
@@ -86,13 +183,18 @@ class Ledger:
         return chunk
 
     def leave_working(self, chunk_id: int, tier: str) -> Chunk:
-        chunk = self._chunks[chunk_id]
+        """Move a working chunk to ``tier``; the returned object is no longer the ledger's (read it, do not edit it)."""
+        chunk = self._chunks.pop(chunk_id)
         self._working.remove(chunk_id)
         chunk.tier = tier
+        self._departed.put(chunk)
         return chunk
 
     def set_tier(self, chunk_id: int, tier: str) -> None:
-        self._chunks[chunk_id].tier = tier
+        if chunk_id in self._chunks:
+            self._chunks[chunk_id].tier = tier
+        else:
+            self._departed.set_tier(chunk_id, tier)
 
     def remove_newest(self, count: int) -> None:
         """Forget the ``count`` newest chunks entirely (a rolled-back scratch extension)."""
@@ -103,13 +205,15 @@ class Ledger:
 
     # ---- reading ---------------------------------------------------------------------------------------
     def __getitem__(self, chunk_id: int) -> Chunk:
-        return self._chunks[chunk_id]
+        """A working chunk itself, or a copy of a chunk that has left working memory; KeyError if unknown."""
+        chunk = self._chunks.get(chunk_id)
+        return chunk if chunk is not None else self._departed.get(chunk_id)
 
     def working(self) -> list[Chunk]:
         return [self._chunks[i] for i in self._working]
 
     def all(self) -> list[Chunk]:
-        return [self._chunks[i] for i in sorted(self._chunks)]
+        return [self[i] for i in sorted([*self._chunks, *self._departed.ids()])]
 
     def offset(self, chunk_id: int) -> int:
         """Physical offset of a working chunk's first token in the cache."""
@@ -124,16 +228,16 @@ class Ledger:
         return sum(c.tokens_held for c in self.working() if kinds is None or c.kind in kinds)
 
     def logical_tokens(self) -> int:
-        return sum(c.tokens_seen for c in self._chunks.values())
+        return self._departed.tokens_seen + sum(c.tokens_seen for c in self._chunks.values())
 
     def counts(self) -> dict[str, int]:
-        out = {WORKING: 0, STORE: 0, MERGED: 0, DROPPED: 0}
-        for c in self._chunks.values():
+        out = {WORKING: 0, **self._departed.tier_counts}
+        for c in self._chunks.values():  # a chunk being evicted is already booked to its new tier
             out[c.tier] += 1
         return out
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return len(self._chunks) + len(self._departed)
 
     # ---- snapshots -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -143,6 +247,12 @@ class Ledger:
     def from_dict(cls, data: dict) -> Ledger:
         ledger = cls()
         ledger._next_id = int(data["next_id"])
-        ledger._chunks = {int(c["chunk_id"]): Chunk(**c) for c in data["chunks"]}
         ledger._working = [int(i) for i in data["working"]]
+        working = set(ledger._working)
+        for c in data["chunks"]:
+            chunk = Chunk(**c)
+            if chunk.chunk_id in working:
+                ledger._chunks[chunk.chunk_id] = chunk
+            else:
+                ledger._departed.put(chunk)
         return ledger

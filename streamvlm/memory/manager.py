@@ -13,7 +13,6 @@ working memory is exactly as it was.
 
 from __future__ import annotations
 
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ __all__ = ["MemoryManager", "MemoryEvent", "Retrieved"]
 PROXY_QUESTION = "What is happening in the video right now?"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MemoryEvent:
     """One change to memory, for logs and the protocol (``memory.*`` events).
 
@@ -78,8 +77,8 @@ class MemoryManager:
         self._rotator = None
         self.store = None
         if config.bounded:
-            directory = config.store_dir or (tempfile.mkdtemp(prefix="streamvlm-store-") if config.store_disk_bytes else None)
-            self.store = LongTermStore(config.store_ram_bytes, config.store_disk_bytes, directory)
+            # Without a store_dir the store makes (and removes again on close) its own temporary directory.
+            self.store = LongTermStore(config.store_ram_bytes, config.store_disk_bytes, config.store_dir)
 
     # ---- books --------------------------------------------------------------------------------------
     def record(self, kind: str, t_start: float, t_end: float, source_id: str, positions: torch.Tensor, protected_prefix: int = 0) -> Chunk:

@@ -9,8 +9,14 @@ relevant ones back. It has two tiers and a small index:
   metadata), at most ``disk_bytes`` in all. The files live in the ``directory`` given to the store, or in
   a fresh temporary directory the store creates and removes again on :meth:`LongTermStore.close`.
 * **Index** - one small position-free summary per chunk (typically the mean key per layer and kv head),
-  held in RAM for every chunk in either tier. It is what :meth:`LongTermStore.search` scores; it is not
-  counted against either quota (see ``StoreStats.index_bytes``).
+  stored as float32. It is what :meth:`LongTermStore.search` scores; it is not counted against either
+  quota (see ``StoreStats.index_bytes``). RAM-tier chunks' entries are held in RAM; disk-tier chunks'
+  entries live in one index file next to the spill files and are read back block by block when a
+  question is searched, so they cost no RAM between questions (``StoreStats.index_ram_bytes``).
+
+What the store keeps in RAM for a disk-tier chunk is one fixed-size numpy row (its record fields, byte
+size and index-file slot: about 80 bytes) - no Python objects per chunk - so a store that fills its disk
+quota over a long stream does not grow the process's memory with the chunks it holds on disk.
 
 Quotas, spill and drop
     The byte size of a chunk is the sum of ``numel * element_size`` over its key and value tensors.
@@ -38,6 +44,8 @@ The store is not thread-safe: call it from one thread, or guard it with a lock.
 from __future__ import annotations
 
 import bisect
+import heapq
+import io
 import json
 import math
 import numbers
@@ -46,11 +54,12 @@ import shutil
 import tempfile
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -69,6 +78,9 @@ _FORMAT_NAME = "streamvlm.longterm-store"
 _CHUNK_FORMAT = "streamvlm.kv-chunk"
 _INDEX_FILE = "index.safetensors"
 _KINDS = ("frame", "text")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INDEX_BLOCK_BYTES = 1 << 20
+"""At most this many bytes of disk-tier index entries are read into RAM at a time during a search."""
 _AgeKey = tuple[float, int]
 
 
@@ -168,7 +180,11 @@ class StoreEvent:
 
 @dataclass(frozen=True)
 class StoreStats:
-    """A snapshot of the store's occupancy and its drop counters. All sizes are in bytes."""
+    """A snapshot of the store's occupancy and its drop counters. All sizes are in bytes.
+
+    ``index_bytes`` is the size of every held chunk's index entry (float32, outside both quotas);
+    ``index_ram_bytes`` the part of it held in RAM (the RAM tier's entries; the disk tier's are in a file).
+    """
 
     ram_bytes: int
     disk_bytes: int
@@ -180,6 +196,7 @@ class StoreStats:
     ram_quota: int
     disk_quota: int
     index_bytes: int
+    index_ram_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of the statistics."""
@@ -272,16 +289,17 @@ def _read_chunk(path: Path) -> tuple[ChunkRecord, list[torch.Tensor], list[torch
     return record, keys, values
 
 
-def _cleanup(directory: Path | None, owned: bool, files: dict[int, Path], created: bool) -> None:
-    """Delete the spill files a store wrote and, where the store made its directory, the directory."""
-    for path in list(files.values()):
-        path.unlink(missing_ok=True)
-    files.clear()
+def _cleanup(directory: Path | None, owned: bool, tag: str, created: bool, disk_index: _DiskIndex) -> None:
+    """Delete what a store wrote (spill files, the disk-tier index file) and, where it made its directory, the directory."""
+    disk_index.close()
     if directory is None:
         return
     if owned:
         shutil.rmtree(directory, ignore_errors=True)
-    elif created:
+        return
+    for path in directory.glob(f"spill-{tag}-*"):
+        path.unlink(missing_ok=True)
+    if created:
         try:
             directory.rmdir()
         except OSError:
@@ -307,19 +325,37 @@ def _quota(name: str, value: object) -> int:
     return int(value)
 
 
-class _IndexMatrix:
-    """Index entries as one layer-major float32 matrix ``[layers, capacity, kv_heads * head_dim]``.
+# ------------------------------------------------------------------------------------------ the tiers
 
-    Appends are amortised O(1) (the capacity doubles); a removal shifts the entries after it (drops
-    are rare). Searching reads it in place, so a question costs one batched matrix-vector product.
+
+@dataclass(slots=True)
+class _RamChunk:
+    """A RAM-tier chunk (or a new chunk in a put): its record, KV byte size and CPU tensors."""
+
+    record: ChunkRecord
+    nbytes: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class _IndexMatrix:
+    """Index entries of the RAM tier as one layer-major float32 matrix ``[layers, capacity, width]``.
+
+    ``width`` is ``kv_heads * head_dim``. Appends are amortised O(1) (the capacity doubles); a removal
+    moves the last entry into the freed column, O(1). Searching reads the matrix in place, so a question
+    costs one batched matrix-vector product. Column order is arbitrary; ``ids[i]`` owns column ``i``.
     """
 
     def __init__(self) -> None:
         self.ids: list[int] = []
+        self._column: dict[int, int] = {}
         self._buf: torch.Tensor | None = None
 
-    def append(self, chunk_id: int, index: torch.Tensor) -> None:
-        row = index.detach().to("cpu", torch.float32).reshape(index.shape[0], -1)
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def append(self, chunk_id: int, row: torch.Tensor) -> None:
+        """Add ``row`` (``[layers, width]``, float32) as ``chunk_id``'s entry (copied)."""
         n = len(self.ids)
         if self._buf is None or n == self._buf.shape[1]:
             grown = torch.empty(row.shape[0], max(16, 2 * n), row.shape[1])
@@ -327,22 +363,265 @@ class _IndexMatrix:
                 grown[:, :n] = self._buf[:, :n]
             self._buf = grown
         self._buf[:, n] = row
+        self._column[chunk_id] = n
         self.ids.append(chunk_id)
 
-    def remove(self, chunk_id: int) -> None:
-        pos = self.ids.index(chunk_id)
-        n = len(self.ids)
+    def row(self, chunk_id: int) -> torch.Tensor:
+        """A copy of ``chunk_id``'s entry, ``[layers, width]``."""
         assert self._buf is not None
-        self._buf[:, pos : n - 1] = self._buf[:, pos + 1 : n].clone()
-        self.ids.pop(pos)
+        return self._buf[:, self._column[chunk_id]].clone()
+
+    def remove(self, chunk_id: int) -> None:
+        """Forget ``chunk_id``'s entry; the matrix is released once it holds none."""
+        assert self._buf is not None
+        col, last = self._column.pop(chunk_id), len(self.ids) - 1
+        if col != last:
+            moved = self.ids[last]
+            self._buf[:, col] = self._buf[:, last]
+            self.ids[col] = moved
+            self._column[moved] = col
+        self.ids.pop()
+        if not self.ids:
+            self._buf = None
 
     def view(self) -> tuple[list[int], torch.Tensor]:
+        """``(ids, matrix[layers, len(ids), width])``: the live part of the matrix, not a copy."""
         assert self._buf is not None
         return self.ids, self._buf[:, : len(self.ids)]
 
 
+class _DiskIndex:
+    """Index entries of the disk tier: one float32 row each in a file, not in RAM.
+
+    Slot ``s`` (bytes ``s * row_bytes`` on) holds one entry, chunk-major ``[layers, width]``, and
+    ``_owners[s]`` is the chunk id it belongs to, or -1 for a free slot, which the next :meth:`add`
+    reuses. Only ``_owners`` (8 bytes a slot) and the free list live in RAM, so the store's RAM does not
+    grow with the chunks it keeps on disk. The file is created by the first :meth:`add` (so a store
+    that never spills writes none) and deleted by :meth:`close`; :meth:`blocks` reads it back in
+    blocks of at most ``_INDEX_BLOCK_BYTES`` into one buffer per search.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file: io.FileIO | None = None
+        self._owners = np.full(0, -1, dtype=np.int64)
+        self._free: list[int] = []
+        self._slots = 0
+        self._layers = 0
+        self._width = 0
+
+    def __len__(self) -> int:
+        return self._slots - len(self._free)
+
+    @property
+    def row_bytes(self) -> int:
+        return self._layers * self._width * 4
+
+    def add(self, chunk_id: int, row: torch.Tensor) -> int:
+        """Write ``row`` (``[layers, width]``) as ``chunk_id``'s entry into a free slot; return the slot.
+
+        An empty index takes the row's shape. A failed write (disk full) raises OSError and changes nothing.
+        """
+        if len(self) == 0:
+            self._reset(int(row.shape[0]), int(row.shape[1]))
+        slot = self._free[-1] if self._free else self._slots
+        data = row.detach().to("cpu", torch.float32).contiguous().numpy()
+        f = self._open()
+        f.seek(slot * self.row_bytes)
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[f.write(view) :]
+        if self._free:
+            self._free.pop()
+        else:
+            self._slots += 1
+            if self._slots > len(self._owners):
+                self._owners = np.concatenate([self._owners, np.full(max(64, len(self._owners)), -1, dtype=np.int64)])
+        self._owners[slot] = chunk_id
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Free ``slot`` for reuse (its bytes stay in the file until overwritten; searches skip it)."""
+        self._owners[slot] = -1
+        self._free.append(slot)
+
+    def read(self, slot: int) -> torch.Tensor:
+        """The entry in ``slot``, ``[layers, width]`` float32, read from the file."""
+        buf = np.empty((1, self._layers * self._width), dtype=np.float32)
+        self._read_into(buf, slot)
+        return torch.from_numpy(buf).view(self._layers, self._width)
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield ``(chunk ids, entries[n, layers, width])`` over every held entry, a block at a time.
+
+        The entries of a block share one buffer that the next block overwrites: use them before asking for more.
+        """
+        if not len(self):
+            return
+        per_block = max(1, _INDEX_BLOCK_BYTES // self.row_bytes)
+        buf = np.empty((min(per_block, self._slots), self._layers * self._width), dtype=np.float32)
+        for start in range(0, self._slots, per_block):
+            n = min(per_block, self._slots - start)
+            self._read_into(buf[:n], start)
+            owners = self._owners[start : start + n]
+            live = owners >= 0
+            rows = buf[:n] if live.all() else buf[:n][live]
+            yield owners[live], torch.from_numpy(rows).view(-1, self._layers, self._width)
+
+    def close(self) -> None:
+        """Close and delete the file; the index is empty afterwards."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        self._reset(0, 0)
+
+    def _reset(self, layers: int, width: int) -> None:
+        if self._file is not None:
+            self._file.truncate(0)
+        self._owners = np.full(0, -1, dtype=np.int64)
+        self._free = []
+        self._slots = 0
+        self._layers, self._width = layers, width
+
+    def _open(self) -> io.FileIO:
+        if self._file is None:
+            if self.path is None:  # unreachable: a store without a directory never spills
+                raise StreamVLMError("the store has no directory for its disk-tier index")
+            self._file = io.FileIO(self.path, "w+")
+        return self._file
+
+    def _read_into(self, buf: np.ndarray, slot: int) -> None:
+        f = self._open()
+        f.seek(slot * self.row_bytes)
+        view = memoryview(buf).cast("B")
+        while view:
+            got = f.readinto(view)
+            if not got:
+                raise StreamVLMError(f"the disk-tier index file {self.path} is shorter than its entries")
+            view = view[got:]
+
+
+def _check_int64(record: ChunkRecord) -> None:
+    """Raise InputError unless the record's int fields fit the disk tier's 64-bit columns."""
+    for name in ("chunk_id", "position_start", "position_end", "tokens"):
+        value = getattr(record, name)
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise InputError(f"ChunkRecord.{name} must fit in a signed 64-bit int, got {value}")
+
+
+_DISK_ROW = np.dtype(
+    [
+        ("t_end", "f8"), ("chunk_id", "i8"), ("t_start", "f8"), ("position_start", "i8"), ("position_end", "i8"),
+        ("tokens", "i8"), ("nbytes", "i8"), ("slot", "i8"), ("source", "i4"), ("kind", "i1"),
+    ]
+)
+
+
+class _DiskRecords:
+    """Records of the disk-tier chunks as rows of one numpy structured array, oldest first.
+
+    A row is 69 bytes and no Python object (source ids are interned), so the books of the chunks on
+    disk cost tens of bytes each instead of hundreds; :meth:`record` rebuilds a ChunkRecord on demand.
+    Rows stay sorted by age (``t_end``, then ``chunk_id``) in ``_rows[_head:_end]``: removing the
+    oldest moves ``_head`` and appending a newest fills the tail, both amortised O(1) (anything else
+    shifts the rows behind it); a lookup by chunk id is one vectorised comparison.
+    """
+
+    def __init__(self) -> None:
+        self._rows = np.empty(0, dtype=_DISK_ROW)
+        self._head = self._end = 0
+        self._sources: list[str] = []
+        self._source_codes: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self._end - self._head
+
+    def _live(self) -> np.ndarray:
+        return self._rows[self._head : self._end]
+
+    def find(self, chunk_id: int) -> int | None:
+        """Position (0 = oldest) of ``chunk_id``'s row, or None."""
+        if not _INT64_MIN <= chunk_id <= _INT64_MAX:
+            return None
+        hits = np.flatnonzero(self._live()["chunk_id"] == chunk_id)
+        return int(hits[0]) if hits.size else None
+
+    def insert(self, record: ChunkRecord, nbytes: int, slot: int) -> None:
+        """Add a row for ``record`` in age order."""
+        live = self._live()
+        lo = int(np.searchsorted(live["t_end"], record.t_end, "left"))
+        hi = int(np.searchsorted(live["t_end"], record.t_end, "right"))
+        pos = lo + int(np.searchsorted(live["chunk_id"][lo:hi], record.chunk_id))
+        self._make_room()
+        at = self._head + pos
+        if at < self._end:
+            self._rows[at + 1 : self._end + 1] = self._rows[at : self._end]
+        code = self._source_codes.setdefault(record.source_id, len(self._sources))
+        if code == len(self._sources):
+            self._sources.append(record.source_id)
+        self._rows[at] = (
+            record.t_end, record.chunk_id, record.t_start, record.position_start, record.position_end,
+            record.tokens, nbytes, slot, code, _KINDS.index(record.kind),
+        )
+        self._end += 1
+
+    def remove(self, pos: int) -> None:
+        """Delete the row at ``pos``."""
+        if pos == 0:
+            self._head += 1
+        else:
+            at = self._head + pos
+            self._rows[at : self._end - 1] = self._rows[at + 1 : self._end]
+            self._end -= 1
+        if self._head == self._end:
+            self._head = self._end = 0
+
+    def record(self, pos: int) -> ChunkRecord:
+        row = self._rows[self._head + pos]
+        return ChunkRecord(
+            int(row["chunk_id"]), _KINDS[int(row["kind"])], float(row["t_start"]), float(row["t_end"]),
+            self._sources[int(row["source"])], int(row["position_start"]), int(row["position_end"]), int(row["tokens"]),
+        )
+
+    def nbytes(self, pos: int) -> int:
+        return int(self._rows[self._head + pos]["nbytes"])
+
+    def slot(self, pos: int) -> int:
+        return int(self._rows[self._head + pos]["slot"])
+
+    def ages(self) -> Iterator[tuple[float, int, int]]:
+        """``(t_end, chunk_id, nbytes)`` of every row, oldest first, read lazily."""
+        for at in range(self._head, self._end):
+            row = self._rows[at]
+            yield float(row["t_end"]), int(row["chunk_id"]), int(row["nbytes"])
+
+    def clear(self) -> None:
+        """Forget every row."""
+        self._rows = np.empty(0, dtype=_DISK_ROW)
+        self._head = self._end = 0
+        self._sources.clear()
+        self._source_codes.clear()
+
+    def _make_room(self) -> None:
+        if self._end < len(self._rows):
+            return
+        n = len(self)
+        if self._head and n <= len(self._rows) // 2:
+            self._rows[:n] = self._rows[self._head : self._end]
+        else:
+            grown = np.empty(max(64, 2 * len(self._rows)), dtype=_DISK_ROW)
+            grown[:n] = self._live()
+            self._rows = grown
+        self._head, self._end = 0, n
+
+
+# ------------------------------------------------------------------------------------------ the store
+
+
 class LongTermStore:
-    """Two-tier (RAM, then disk) store of evicted KV chunks with a RAM index for retrieval.
+    """Two-tier (RAM, then disk) store of evicted KV chunks with an index for retrieval.
 
     ``ram_bytes`` and ``disk_bytes`` are the tiers' quotas in bytes (``>= 0``, else ConfigError). Spill
     files go to ``directory`` (created if missing); with ``disk_bytes > 0`` and no directory the store makes
@@ -354,26 +633,24 @@ class LongTermStore:
     def __init__(self, ram_bytes: int, disk_bytes: int, directory: str | Path | None = None) -> None:
         self._ram_quota = _quota("ram_bytes", ram_bytes)
         self._disk_quota = _quota("disk_bytes", disk_bytes)
-        self._records: dict[int, ChunkRecord] = {}
-        self._nbytes: dict[int, int] = {}
-        self._index: dict[int, torch.Tensor] = {}
-        self._ram: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._disk: dict[int, Path] = {}
+        self._ram: dict[int, _RamChunk] = {}
         self._ram_order: list[_AgeKey] = []
-        self._disk_order: list[_AgeKey] = []
+        self._ram_index = _IndexMatrix()
+        self._disk = _DiskRecords()
         self._ram_used = 0
         self._disk_used = 0
-        self._index_used = 0
+        self._shape: tuple[int, int, int] | None = None  # (layers, kv_heads, head_dim) of the held index entries
         self._dropped_chunks = 0
         self._dropped_bytes = 0
         self._dropped_up_to: float | None = None
-        self._matrix = _IndexMatrix()  # the same entries, layer-major, for fast search
         self._closed = False
         self._tag = uuid.uuid4().hex[:8]
         self.load_events: tuple[StoreEvent, ...] = ()
         self._directory, owned, created = self._open_directory(directory)
         self._owned_directory = owned
-        self._finalizer = weakref.finalize(self, _cleanup, self._directory, owned, self._disk, created)
+        index_path = self._directory / f"spill-{self._tag}-index.f32" if self._directory is not None else None
+        self._disk_index = _DiskIndex(index_path)
+        self._finalizer = weakref.finalize(self, _cleanup, self._directory, owned, self._tag, created, self._disk_index)
 
     def _open_directory(self, directory: str | Path | None) -> tuple[Path | None, bool, bool]:
         if directory is not None:
@@ -391,29 +668,52 @@ class LongTermStore:
 
     @property
     def directory(self) -> Path | None:
-        """Where spill files are written (None when the store has no disk tier)."""
+        """Where spill files and the disk-tier index file are written (None when the store has no disk tier)."""
         return self._directory
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._ram) + len(self._disk)
 
     def __contains__(self, chunk_id: object) -> bool:
-        return chunk_id in self._records
+        return chunk_id in self._ram or (_is_int(chunk_id) and self._disk.find(int(chunk_id)) is not None)
 
     def where(self, chunk_id: int) -> str:
         """``"ram"`` or ``"disk"``: the tier holding ``chunk_id``; KeyError if the store does not hold it."""
         if chunk_id in self._ram:
             return "ram"
-        if chunk_id in self._disk:
+        if _is_int(chunk_id) and self._disk.find(chunk_id) is not None:
             return "disk"
         raise KeyError(self._unknown(chunk_id))
 
     def records(self) -> list[ChunkRecord]:
         """Records of every chunk held (RAM and disk), oldest first (by ``t_end``, then ``chunk_id``)."""
-        return [self._records[cid] for _, cid in sorted(self._ram_order + self._disk_order)]
+        return [record for record, _, _ in self._held()]
+
+    def _held(self) -> list[tuple[ChunkRecord, int, str]]:
+        """``(record, bytes, tier)`` of every chunk held, oldest first."""
+        held = [(c.record, c.nbytes, "ram") for c in self._ram.values()]
+        held += [(self._disk.record(pos), self._disk.nbytes(pos), "disk") for pos in range(len(self._disk))]
+        return sorted(held, key=lambda entry: entry[0].age_key)
+
+    def index_entry(self, chunk_id: int) -> torch.Tensor:
+        """A copy of a held chunk's index entry, ``[layers, kv_heads, head_dim]`` float32.
+
+        A disk-tier chunk's entry is read from the disk-tier index file. KeyError if the store does not hold the chunk.
+        """
+        self._ensure_open()
+        if chunk_id in self._ram:
+            row = self._ram_index.row(chunk_id)
+        else:
+            pos = self._disk.find(chunk_id) if _is_int(chunk_id) else None
+            if pos is None:
+                raise KeyError(self._unknown(chunk_id))
+            row = self._disk_index.read(self._disk.slot(pos))
+        assert self._shape is not None
+        return row.view(self._shape)
 
     def stats(self) -> StoreStats:
         """Current occupancy of both tiers, the index size and the running drop counters."""
+        row_bytes = math.prod(self._shape) * 4 if self._shape is not None else 0
         return StoreStats(
             ram_bytes=self._ram_used,
             disk_bytes=self._disk_used,
@@ -424,7 +724,8 @@ class LongTermStore:
             dropped_up_to_s=self._dropped_up_to,
             ram_quota=self._ram_quota,
             disk_quota=self._disk_quota,
-            index_bytes=self._index_used,
+            index_bytes=len(self) * row_bytes,
+            index_ram_bytes=len(self._ram) * row_bytes,
         )
 
     def _unknown(self, chunk_id: object) -> str:
@@ -450,35 +751,41 @@ class LongTermStore:
 
         ``keys``/``values`` hold one ``[kv_heads, record.tokens, head_dim]`` float tensor per layer; they
         are copied to the CPU in their own dtype, so the caller may reuse its tensors. ``index`` is the
-        chunk's ``[layers, kv_heads, head_dim]`` retrieval summary. Malformed input or an id already held
-        raises InputError and changes nothing. The events come in order: the new chunk ``"stored"`` (in
-        RAM) or ``"spilled"`` (straight to disk) or ``"dropped"`` (too big for both), then every spill and
-        drop it caused. Afterwards both tiers are within their quotas.
+        chunk's ``[layers, kv_heads, head_dim]`` retrieval summary, kept as float32. Malformed input, an
+        id already held or an int field outside the 64-bit range raises InputError and changes nothing.
+        The events come in order: the new chunk ``"stored"`` (in RAM) or ``"spilled"`` (straight to disk)
+        or ``"dropped"`` (too big for both), then every spill and drop it caused. Afterwards both tiers
+        are within their quotas.
         """
         self._ensure_open()
         self._check_put(record, keys, values, index)
         keys = [_cpu_copy(k) for k in keys]
         values = [_cpu_copy(v) for v in values]
-        nbytes = _tensor_bytes(keys) + _tensor_bytes(values)
-        plan = self._plan(record, nbytes)
-        pending = {record.chunk_id: (keys, values)}
-        written = self._write_spills(plan.spill, record, pending)
-        return self._commit(record, nbytes, _cpu_copy(index), plan, pending, written)
+        chunk = _RamChunk(record, _tensor_bytes(keys) + _tensor_bytes(values), keys, values)
+        row = index.detach().to("cpu", torch.float32).reshape(index.shape[0], -1)
+        plan = self._plan(record, chunk.nbytes)
+        slots = self._write_spills(plan.spill, chunk, row)
+        self._shape = (int(index.shape[0]), int(index.shape[1]), int(index.shape[2]))
+        return self._commit(chunk, row, plan, slots)
 
     def _check_put(
         self, record: ChunkRecord, keys: list[torch.Tensor], values: list[torch.Tensor], index: torch.Tensor
     ) -> None:
         if not isinstance(record, ChunkRecord):
             raise InputError(f"record must be a ChunkRecord, got {type(record).__name__}")
-        if record.chunk_id in self._records:
+        _check_int64(record)
+        if record.chunk_id in self:
             raise InputError(f"chunk_id {record.chunk_id} is already in the store; give each chunk a new id")
         _check_kv(record, keys, values)
-        expected = next(iter(self._index.values())).shape if self._index else None
-        _check_index(index, keys, expected)
+        _check_index(index, keys, self._expected_shape())
+
+    def _expected_shape(self) -> torch.Size | None:
+        """The index shape a new chunk must have: that of the held chunks (None when the store is empty)."""
+        return torch.Size(self._shape) if self._shape is not None and len(self) else None
 
     def _plan(self, record: ChunkRecord, nbytes: int) -> _Plan:
         """Decide placement: new chunk into RAM, oldest RAM chunks to disk, oldest disk chunks dropped."""
-        sizes = {cid: self._nbytes[cid] for _, cid in self._ram_order}
+        sizes = {cid: chunk.nbytes for cid, chunk in self._ram.items()}
         sizes[record.chunk_id] = nbytes
         plan = _Plan(new_in_ram=nbytes <= self._ram_quota, spill=[], drop_ram=[], drop_disk=[])
         incoming = self._ram_victims(record.age_key, nbytes, sizes) if plan.new_in_ram else [record.age_key]
@@ -490,16 +797,17 @@ class LongTermStore:
                 plan.drop_ram.append(key[1])
         total = self._disk_used + sum(sizes[cid] for _, cid in candidates)
         spilled = set(candidates)
-        for key in sorted(self._disk_order + candidates):
-            if total <= self._disk_quota:
-                break
-            if key in spilled:
-                total -= sizes[key[1]]
-                spilled.discard(key)
-                plan.drop_ram.append(key[1])
-            else:
-                total -= self._nbytes[key[1]]
-                plan.drop_disk.append(key[1])
+        if total > self._disk_quota:
+            arriving = sorted((t_end, cid, sizes[cid]) for t_end, cid in candidates)
+            for t_end, cid, size in heapq.merge(self._disk.ages(), arriving):
+                if total <= self._disk_quota:
+                    break
+                total -= size
+                if (t_end, cid) in spilled:
+                    spilled.discard((t_end, cid))
+                    plan.drop_ram.append(cid)
+                else:
+                    plan.drop_disk.append(cid)
         plan.spill = [key[1] for key in candidates if key in spilled]
         return plan
 
@@ -522,90 +830,79 @@ class LongTermStore:
             raise StreamVLMError("the store has no directory for spill files")
         return self._directory / f"spill-{self._tag}-{chunk_id}.safetensors"
 
-    def _write_spills(
-        self, spill: list[int], record: ChunkRecord, pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]
-    ) -> dict[int, Path]:
-        """Write every chunk the plan spills; on failure delete what was written and re-raise."""
-        written: dict[int, Path] = {}
+    def _write_spills(self, spill: list[int], new: _RamChunk, new_row: torch.Tensor) -> dict[int, int]:
+        """Write the chunk file and index entry of every chunk the plan spills; return their index slots.
+
+        On failure everything written is deleted again and the error re-raised.
+        """
+        slots: dict[int, int] = {}
+        written: list[int] = []
         try:
             for cid in spill:
-                keys, values = pending[cid] if cid in pending else self._ram[cid]
-                path = self._spill_path(cid)
-                _write_chunk(path, record if cid == record.chunk_id else self._records[cid], keys, values)
-                written[cid] = path
+                chunk = new if cid == new.record.chunk_id else self._ram[cid]
+                row = new_row if cid == new.record.chunk_id else self._ram_index.row(cid)
+                written.append(cid)
+                _write_chunk(self._spill_path(cid), chunk.record, chunk.keys, chunk.values)
+                slots[cid] = self._disk_index.add(cid, row)
         except BaseException:
-            for path in written.values():
-                path.unlink(missing_ok=True)
+            for cid in written:
+                self._spill_path(cid).unlink(missing_ok=True)
+            for slot in slots.values():
+                self._disk_index.release(slot)
             raise
-        return written
+        return slots
 
-    def _commit(
-        self,
-        record: ChunkRecord,
-        nbytes: int,
-        index: torch.Tensor,
-        plan: _Plan,
-        pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]],
-        written: dict[int, Path],
-    ) -> list[StoreEvent]:
+    def _commit(self, new: _RamChunk, row: torch.Tensor, plan: _Plan, slots: dict[int, int]) -> list[StoreEvent]:
         """Apply a plan whose files are already written; return the events in the order described in put."""
-        cid = record.chunk_id
-        self._add(record, nbytes, index)
+        record = new.record
         events: list[StoreEvent] = []
         if plan.new_in_ram:
-            self._ram[cid] = pending[cid]
-            bisect.insort(self._ram_order, record.age_key)
-            self._ram_used += nbytes
-            events.append(StoreEvent("stored", cid, record.t_end, nbytes))
+            self._enter_ram(new, row)
+            events.append(StoreEvent("stored", record.chunk_id, record.t_end, new.nbytes))
         for victim in plan.spill:
-            self._forget_ram(victim)
-            self._disk[victim] = written[victim]
-            bisect.insort(self._disk_order, self._records[victim].age_key)
-            self._disk_used += self._nbytes[victim]
-            events.append(self._event("spilled", victim))
+            chunk = self._leave_ram(victim) if victim in self._ram else new
+            self._disk.insert(chunk.record, chunk.nbytes, slots[victim])
+            self._disk_used += chunk.nbytes
+            events.append(StoreEvent("spilled", victim, chunk.record.t_end, chunk.nbytes))
         for victim in plan.drop_ram:
-            self._forget_ram(victim)
-            events.append(self._drop(victim))
+            chunk = self._leave_ram(victim) if victim in self._ram else new
+            events.append(self._count_drop(victim, chunk.record.t_end, chunk.nbytes))
         for victim in plan.drop_disk:
-            self._disk.pop(victim).unlink(missing_ok=True)
-            self._remove_key(self._disk_order, self._records[victim].age_key)
-            self._disk_used -= self._nbytes[victim]
-            events.append(self._drop(victim))
+            events.append(self._drop_disk(victim))
         return events
 
-    def _add(self, record: ChunkRecord, nbytes: int, index: torch.Tensor) -> None:
-        self._records[record.chunk_id] = record
-        self._nbytes[record.chunk_id] = nbytes
-        self._index[record.chunk_id] = index
-        self._index_used += index.numel() * index.element_size()
-        self._matrix.append(record.chunk_id, index)
+    def _enter_ram(self, chunk: _RamChunk, row: torch.Tensor) -> None:
+        self._ram[chunk.record.chunk_id] = chunk
+        bisect.insort(self._ram_order, chunk.record.age_key)
+        self._ram_used += chunk.nbytes
+        self._ram_index.append(chunk.record.chunk_id, row)
 
-    def _forget_ram(self, chunk_id: int) -> None:
-        """Remove a chunk's tensors from the RAM tier (no-op for a new chunk that never entered it)."""
-        if self._ram.pop(chunk_id, None) is not None:
-            self._remove_key(self._ram_order, self._records[chunk_id].age_key)
-            self._ram_used -= self._nbytes[chunk_id]
+    def _leave_ram(self, chunk_id: int) -> _RamChunk:
+        """Take a chunk, its age key and its index entry out of the RAM tier."""
+        chunk = self._ram.pop(chunk_id)
+        del self._ram_order[bisect.bisect_left(self._ram_order, chunk.record.age_key)]
+        self._ram_used -= chunk.nbytes
+        self._ram_index.remove(chunk_id)
+        return chunk
 
-    @staticmethod
-    def _remove_key(order: list[_AgeKey], key: _AgeKey) -> None:
-        del order[bisect.bisect_left(order, key)]
+    def _drop_disk(self, chunk_id: int) -> StoreEvent:
+        """Delete a disk-tier chunk: its file, its row and its index entry."""
+        pos = self._disk.find(chunk_id)
+        assert pos is not None
+        t_end, nbytes, slot = self._disk.record(pos).t_end, self._disk.nbytes(pos), self._disk.slot(pos)
+        self._spill_path(chunk_id).unlink(missing_ok=True)
+        self._disk.remove(pos)
+        self._disk_index.release(slot)
+        self._disk_used -= nbytes
+        return self._count_drop(chunk_id, t_end, nbytes)
 
-    def _event(self, kind: str, chunk_id: int) -> StoreEvent:
-        return StoreEvent(kind, chunk_id, self._records[chunk_id].t_end, self._nbytes[chunk_id])
-
-    def _drop(self, chunk_id: int) -> StoreEvent:
-        """Forget a chunk's record and index entry, count the drop, and return its event."""
-        event = self._event("dropped", chunk_id)
-        del self._records[chunk_id]
-        del self._nbytes[chunk_id]
-        index = self._index.pop(chunk_id)
-        self._index_used -= index.numel() * index.element_size()
-        self._matrix.remove(chunk_id)
+    def _count_drop(self, chunk_id: int, t_end: float, nbytes: int) -> StoreEvent:
+        """Count a drop and return its event."""
         self._dropped_chunks += 1
-        self._dropped_bytes += event.bytes
-        if self._dropped_up_to is None or event.t_end > self._dropped_up_to:
-            self._dropped_up_to = event.t_end
-        return event
+        self._dropped_bytes += nbytes
+        if self._dropped_up_to is None or t_end > self._dropped_up_to:
+            self._dropped_up_to = t_end
+        return StoreEvent("dropped", chunk_id, t_end, nbytes)
 
     # ------------------------------------------------------------------------------------------ get
 
@@ -618,11 +915,12 @@ class LongTermStore:
         """
         self._ensure_open()
         if chunk_id in self._ram:
-            keys, values = self._ram[chunk_id]
-            return self._records[chunk_id], [k.clone() for k in keys], [v.clone() for v in values]
-        if chunk_id in self._disk:
-            _, keys, values = _read_chunk(self._disk[chunk_id])
-            return self._records[chunk_id], keys, values
+            chunk = self._ram[chunk_id]
+            return chunk.record, [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
+        pos = self._disk.find(chunk_id) if _is_int(chunk_id) else None
+        if pos is not None:
+            _, keys, values = _read_chunk(self._spill_path(chunk_id))
+            return self._disk.record(pos), keys, values
         raise KeyError(self._unknown(chunk_id))
 
     # --------------------------------------------------------------------------------------- search
@@ -640,33 +938,44 @@ class LongTermStore:
         each layer's scores are z-normalised over the chunks (with a single chunk its raw per-layer
         scores are used; a layer where all chunks tie contributes 0) and then averaged, so layers with
         large raw dot products do not dominate. One ranking serves all layers on purpose: a retrieved
-        chunk is brought back with complete KV in every layer. An empty store returns ``[]``.
+        chunk is brought back with complete KV in every layer. Chunks are scored in chunk-id order
+        whichever tier holds them; the disk tier's entries are read from its index file block by block.
+        An empty store returns ``[]``.
         """
         self._ensure_open()
         if not _is_int(top_k) or top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0, got {top_k!r}")
-        if not self._index or top_k == 0:
+        if not len(self) or top_k == 0:
             return []
-        ids, matrix = self._matrix.view()
-        scores = self._layer_scores(queries, matrix, self._kv_heads())
-        combined = self._combine_layers(scores)
+        assert self._shape is not None
+        grouped = self._grouped_queries(queries, *self._shape)  # [layers, width, 1]
+        id_parts: list[np.ndarray] = []
+        parts: list[torch.Tensor] = []  # [chunks, layers] raw scores
+        if self._ram:
+            ram_ids, matrix = self._ram_index.view()
+            id_parts.append(np.asarray(ram_ids, dtype=np.int64))
+            parts.append(torch.bmm(matrix, grouped)[..., 0].T)
+        for block_ids, rows in self._disk_index.blocks():
+            id_parts.append(block_ids)
+            # Elementwise, not bmm: a block is small, and bmm on it costs more in thread hand-offs than in work.
+            parts.append((rows * grouped[..., 0]).sum(dim=-1))
+        ids = np.concatenate(id_parts)
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        combined = self._combine_layers(torch.cat(parts)[torch.from_numpy(order)])
         k = min(int(top_k), len(ids))
         kth = torch.topk(combined, k).values[-1]
         candidates = torch.nonzero(combined >= kth).flatten().tolist()  # ties at the cut are kept, then ordered by id
-        ranked = sorted(candidates, key=lambda i: (-float(combined[i]), ids[i]))[:k]
-        return [(ids[i], float(combined[i])) for i in ranked]
-
-    def _kv_heads(self) -> int:
-        return int(next(iter(self._index.values())).shape[1])
+        ranked = sorted(candidates, key=lambda i: (-float(combined[i]), int(ids[i])))[:k]
+        return [(int(ids[i]), float(combined[i])) for i in ranked]
 
     @staticmethod
-    def _layer_scores(queries: torch.Tensor, matrix: torch.Tensor, kv_heads: int) -> torch.Tensor:
-        """``[chunks, layers]``: mean over query heads and tokens of ``q . index / sqrt(head_dim)``.
+    def _grouped_queries(queries: torch.Tensor, layers: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+        """``[layers, kv_heads * head_dim, 1]`` such that ``entries @ it`` is each layer's score.
 
-        ``matrix`` is the index, layer-major: ``[layers, chunks, kv_heads * head_dim]``.
+        The score is linear in q: the query tokens are averaged, each kv head's group of query heads is
+        summed, and the result is divided by ``q_heads * sqrt(head_dim)``.
         """
-        layers, _, width = matrix.shape
-        head_dim = width // kv_heads
         if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or not queries.is_floating_point():
             raise InputError("queries must be a float tensor [layers, q_heads, n_q, head_dim]")
         q_layers, q_heads, n_q, q_dim = queries.shape
@@ -678,9 +987,8 @@ class LongTermStore:
         q = queries.detach().to("cpu", torch.float32)
         if not bool(torch.isfinite(q).all()):
             raise InputError("queries hold NaN or infinite values")
-        # The score is linear in q: average the tokens, then sum each kv head's group of query heads.
-        grouped = q.mean(dim=2).reshape(layers, kv_heads, q_heads // kv_heads, head_dim).sum(dim=2).reshape(layers, width, 1)
-        return torch.bmm(matrix, grouped)[..., 0].T / (q_heads * math.sqrt(head_dim))
+        grouped = q.mean(dim=2).reshape(layers, kv_heads, q_heads // kv_heads, head_dim).sum(dim=2)
+        return grouped.reshape(layers, kv_heads * head_dim, 1) / (q_heads * math.sqrt(head_dim))
 
     @staticmethod
     def _combine_layers(scores: torch.Tensor) -> torch.Tensor:
@@ -698,8 +1006,8 @@ class LongTermStore:
     def save(self, directory: str | Path) -> Path:
         """Write every held chunk, the index, the records and the drop counters into ``directory``.
 
-        Each chunk becomes ``chunk-<id>.safetensors``, the index ``index.safetensors``, and
-        ``manifest.json`` (written last, atomically) ties them together with a format version. The
+        Each chunk becomes ``chunk-<id>.safetensors``, the index ``index.safetensors`` (float32 entries),
+        and ``manifest.json`` (written last, atomically) ties them together with a format version. The
         directory is created if missing; files from an earlier save there that the new manifest no
         longer lists are removed. The store is unchanged and stays usable; :meth:`close` never deletes
         what was saved. Returns the directory. Restore with :meth:`load`.
@@ -710,8 +1018,9 @@ class LongTermStore:
             raise ConfigError(f"cannot save into the store's own temporary directory {target}; pick another")
         target.mkdir(parents=True, exist_ok=True)
         previous = self._previous_files(target)
-        entries = [self._save_chunk(target, cid) for _, cid in sorted(self._ram_order + self._disk_order)]
-        index = {str(cid): t for cid, t in self._index.items()}
+        held = self._held()
+        entries = [self._save_chunk(target, record, nbytes, tier) for record, nbytes, tier in held]
+        index = {str(record.chunk_id): self.index_entry(record.chunk_id) for record, _, _ in held}
         _write_tensors(target / _INDEX_FILE, index)
         manifest = {
             "format": _FORMAT_NAME,
@@ -738,19 +1047,16 @@ class LongTermStore:
         except (OSError, ValueError, KeyError, TypeError):
             return set()
 
-    def _save_chunk(self, target: Path, chunk_id: int) -> dict[str, Any]:
-        name = f"chunk-{chunk_id}.safetensors"
-        record = self._records[chunk_id]
-        if chunk_id in self._ram:
-            keys, values = self._ram[chunk_id]
-            _write_chunk(target / name, record, keys, values)
-            tier = "ram"
+    def _save_chunk(self, target: Path, record: ChunkRecord, nbytes: int, tier: str) -> dict[str, Any]:
+        name = f"chunk-{record.chunk_id}.safetensors"
+        if tier == "ram":
+            chunk = self._ram[record.chunk_id]
+            _write_chunk(target / name, record, chunk.keys, chunk.values)
         else:
             tmp = target / (name + ".tmp")
-            shutil.copyfile(self._disk[chunk_id], tmp)
+            shutil.copyfile(self._spill_path(record.chunk_id), tmp)
             os.replace(tmp, target / name)
-            tier = "disk"
-        return {"record": record.to_dict(), "bytes": self._nbytes[chunk_id], "file": name, "tier": tier}
+        return {"record": record.to_dict(), "bytes": nbytes, "file": name, "tier": tier}
 
     @classmethod
     def load(
@@ -788,49 +1094,53 @@ class LongTermStore:
         self._dropped_up_to = float(up_to) if _is_real(up_to) else None
         events: list[StoreEvent] = []
         index_path = source / manifest["index_file"]
+        seen: set[int] = set()
+        on_disk: list[tuple[ChunkRecord, int, int]] = []
         for record, nbytes, name in sorted(entries, key=lambda e: e[0].age_key, reverse=True):
-            if record.chunk_id in self._records:
+            if record.chunk_id in seen:
                 raise InputError(f"{source / MANIFEST_NAME} lists chunk {record.chunk_id} twice")
+            seen.add(record.chunk_id)
             if str(record.chunk_id) not in index:
                 raise InputError(f"{index_path} has no index entry for chunk {record.chunk_id}")
             summary = index[str(record.chunk_id)]
             if nbytes <= self._ram_quota - self._ram_used:
                 self._restore_chunk(source / name, record, nbytes, summary, index_path, to_ram=True)
             elif self._disk_fits(nbytes + self._disk_used):
-                self._restore_chunk(source / name, record, nbytes, summary, index_path, to_ram=False)
+                slot = self._restore_chunk(source / name, record, nbytes, summary, index_path, to_ram=False)
+                on_disk.append((record, nbytes, slot))
             else:
-                self._add(record, nbytes, summary)
-                events.append(self._drop(record.chunk_id))
+                events.append(self._count_drop(record.chunk_id, record.t_end, nbytes))
+        for record, nbytes, slot in reversed(on_disk):  # oldest first, so every row is appended
+            self._disk.insert(record, nbytes, slot)
         self.load_events = tuple(events)
 
     def _restore_chunk(
         self, path: Path, record: ChunkRecord, nbytes: int, index: torch.Tensor, index_path: Path, *, to_ram: bool
-    ) -> None:
-        """Validate one saved chunk file and place it in RAM or copy it into this store's disk tier."""
+    ) -> int:
+        """Validate one saved chunk file and place it in RAM or copy it into this store's disk tier.
+
+        Returns the disk-index slot of a disk-tier chunk (-1 for RAM); its row is added by the caller.
+        """
         saved, keys, values = _read_chunk(path)
         if saved != record or _tensor_bytes(keys) + _tensor_bytes(values) != nbytes:
             raise InputError(f"chunk file {path} does not match its manifest entry (record or byte size differ)")
-        expected = next(iter(self._index.values())).shape if self._index else None
-        try:
-            _check_index(index, keys, expected)
+        try:  # the store is fresh while it loads: every placed chunk so far set the shape
+            _check_index(index, keys, torch.Size(self._shape) if self._shape is not None else None)
         except InputError as exc:
             raise InputError(f"{index_path}, chunk {record.chunk_id}: {exc}") from exc
-        self._add(record, nbytes, index)
+        row = index.to(torch.float32).reshape(index.shape[0], -1)
+        self._shape = (int(index.shape[0]), int(index.shape[1]), int(index.shape[2]))
         if to_ram:
-            self._ram[record.chunk_id] = (keys, values)
-            bisect.insort(self._ram_order, record.age_key)
-            self._ram_used += nbytes
-            return
-        target = self._spill_path(record.chunk_id)
-        shutil.copyfile(path, target)
-        self._disk[record.chunk_id] = target
-        bisect.insort(self._disk_order, record.age_key)
+            self._enter_ram(_RamChunk(record, nbytes, keys, values), row)
+            return -1
+        shutil.copyfile(path, self._spill_path(record.chunk_id))
         self._disk_used += nbytes
+        return self._disk_index.add(record.chunk_id, row)
 
     # ----------------------------------------------------------------------------------------- close
 
     def close(self) -> None:
-        """Delete the spill files this store wrote (and its temporary directory); safe to call twice.
+        """Delete the spill files and disk-tier index file this store wrote (and its temporary directory); safe to call twice.
 
         Directories given to :meth:`save` are never touched. Afterwards every operation except
         :meth:`close`, :meth:`stats`, ``len`` and ``in`` raises StreamVLMError.
@@ -839,14 +1149,11 @@ class LongTermStore:
             return
         self._closed = True
         self._finalizer()
-        self._records.clear()
         self._ram.clear()
-        self._index.clear()
-        self._nbytes.clear()
         self._ram_order.clear()
-        self._disk_order.clear()
-        self._ram_used = self._disk_used = self._index_used = 0
-        self._matrix = _IndexMatrix()
+        self._ram_index = _IndexMatrix()
+        self._disk.clear()
+        self._ram_used = self._disk_used = 0
 
     @property
     def closed(self) -> bool:
@@ -918,6 +1225,10 @@ def _parse_entry(path: Path, entry: object) -> tuple[ChunkRecord, int, str]:
         raise InputError(f"store manifest {path} has a malformed chunk entry: {exc}") from exc
     if not _is_int(nbytes) or nbytes < 0 or not isinstance(name, str) or Path(name).name != name:
         raise InputError(f"store manifest {path}: chunk {record.chunk_id} has a bad 'bytes' or 'file'")
+    try:
+        _check_int64(record)
+    except InputError as exc:
+        raise InputError(f"store manifest {path}: {exc}") from exc
     return record, int(nbytes), name
 
 
