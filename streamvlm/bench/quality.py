@@ -15,6 +15,7 @@ produces with full memory, for every policy, with retrieval on and off.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,7 +33,7 @@ from ..dialogue import (
 from ..engine.session import StreamSession
 from ..errors import ConfigError
 from ..models.base import ModelAdapter
-from ..shapeworld import FORWARD_TOLERANCE_S, QA, Episode, make_episode, make_questions
+from ..shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
 from ..shapeworld.questions import appearances, is_correct, watch_target
 
 __all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts"]
@@ -125,6 +126,7 @@ def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: Qua
     colour, shape = watch_target(episode)
     pending: dict[str, QA] = {}
     alerts: list[float] = []
+    ids = itertools.count()
 
     def act(actions: list, t: float) -> None:
         queue = list(actions)
@@ -163,7 +165,7 @@ def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: Qua
         act(controller.frame(t), t)
         while remaining and remaining[0].t < t + 1:
             qa = remaining.pop(0)
-            request_id = f"q{len(pending)}-{qa.t}"
+            request_id = f"q{next(ids)}"
             pending[request_id] = qa
             act(controller.user_message(request_id, qa.question, qa.t), qa.t)
     act(controller.stream_ended(episode.duration_s), episode.duration_s)
