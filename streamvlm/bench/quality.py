@@ -9,8 +9,10 @@ count as right when that happens within ``FORWARD_TOLERANCE_S`` of the appearanc
 watch per episode (a thing that appears in it) measures alert precision and recall at the same
 tolerance. Answers are greedy.
 
-The sweep repeats this at working-memory budgets of 50 %, 25 % and 10 % of the tokens the episode
-produces with full memory, for every policy, with retrieval on and off.
+The sweep repeats this with the frames' share of working memory cut to 50 %, 25 % and 10 % of the
+tokens the episode's frames take with full memory (never below the two most recent frames), for every
+policy, with retrieval on and off; the system prompt and the dialogue keep their full share, so what is
+measured is visual memory under compression.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class EpisodeScore:
     alerts: int = 0
     truths: int = 0
     tokens: int = 0
+    frames: int = 0
+    frame_tokens: int = 0  # held at the end; with full memory, every frame's tokens
+    dialogue_tokens: int = 0
     answers: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, category: str, ok: bool) -> None:
@@ -175,8 +180,21 @@ def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: Qua
     score.alerts, score.truths = len(alerts), len(truth)
     score.alerts_true = match_alerts(alerts, truth)
     score.tokens = session.stats()["logical_tokens"]
+    score.frames = len(episode.frame_times())
+    score.frame_tokens = session.memory.ledger.working_tokens(("frame",))
+    score.dialogue_tokens = session.memory.ledger.working_tokens(("question", "answer"))
     session.close()
     return score
+
+
+def sweep_memory(full: EpisodeScore, fraction: float, policy: str, top_k: int) -> MemoryConfig:
+    """The memory settings for one sweep point: the frames get ``fraction`` of the tokens they take with
+    full memory (at least one frame's worth), the system prompt and the dialogue keep all of theirs, so
+    what is measured is visual memory under compression."""
+    per_frame = -(-full.frame_tokens // max(1, full.frames))
+    frames = max(int(full.frame_tokens * fraction), MemoryConfig().recent_frames * per_frame)
+    budget = full.tokens - full.frame_tokens + frames
+    return replace(MemoryConfig(), budget_tokens=budget, text_budget_tokens=full.dialogue_tokens, policy=policy, retrieval_top_k=top_k)
 
 
 def run_quality(
@@ -186,10 +204,10 @@ def run_quality(
     seeds = [cfg.seed_base + i for i in range(cfg.episodes)]
     say = progress or (lambda _msg: None)
     full = EpisodeScore()
-    tokens: dict[int, int] = {}
+    full_runs: dict[int, EpisodeScore] = {}
     for seed in seeds:
         one = run_episode(adapter, seed, MemoryConfig(), cfg)
-        tokens[seed] = one.tokens
+        full_runs[seed] = one
         full.merge(one)
     result: dict[str, Any] = {"model": adapter.source, "config": {**cfg.__dict__}, "full": full.summary(), "sweep": []}
     result["full"]["answers"] = full.answers
@@ -201,8 +219,7 @@ def run_quality(
             for top_k in (cfg.retrieval_top_k, 0):
                 total = EpisodeScore()
                 for seed in seeds:
-                    budget = max(1, int(tokens[seed] * fraction))
-                    memory = replace(MemoryConfig(), budget_tokens=budget, policy=policy, retrieval_top_k=top_k)
+                    memory = sweep_memory(full_runs[seed], fraction, policy, top_k)
                     total.merge(run_episode(adapter, seed, memory, cfg))
                 row = {"budget": fraction, "policy": policy, "retrieval": top_k > 0, **total.summary()}
                 result["sweep"].append(row)
