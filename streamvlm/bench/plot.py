@@ -71,7 +71,7 @@ def plot_quality(result: dict[str, Any], path: str | Path, *, panel: tuple[int, 
     legend = 190
     img = np.full((2 * ph + 40, 2 * pw + legend, 3), 255, np.uint8)
     text = lambda s, xy, scale=0.42: cv2.putText(img, s, xy, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)  # noqa: E731
-    text(f"{result.get('model')}: accuracy vs working-memory budget (share of the episode's tokens)", (10, 22), 0.5)
+    text(f"{result.get('model')}: accuracy vs the frames' share of working memory (100 % = full memory)", (10, 22), 0.5)
     for i, cat in enumerate(_PANELS):
         x0, y0 = (i % 2) * pw, 40 + (i // 2) * ph
         left, right, top, bottom = x0 + 50, x0 + pw - 15, y0 + 25, y0 + ph - 35
