@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--episodes", type=int, default=12, help="held-out episodes per configuration (default 12)")
     qual.add_argument("--duration", type=float, default=24.0, help="seconds per episode at 1 frame/s (default 24)")
     qual.add_argument("--seed", type=int, default=0, help="first episode seed (default 0; training uses seeds >= 500000)")
-    qual.add_argument("--budgets", default="50,25,10", help="working-memory budgets, %% of the episode's tokens (default 50,25,10)")
+    qual.add_argument("--budgets", default="50,25,10", help="the frames' share of working memory, %% of what they take with full memory (default 50,25,10)")
     qual.add_argument("--policies", default=",".join(POLICIES), help="memory policies to sweep, comma-separated (default: all)")
     qual.add_argument("--no-sweep", action="store_true", help="full memory only")
     qual.add_argument("--json", metavar="OUT", help="write the result to this file")

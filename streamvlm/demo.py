@@ -23,6 +23,7 @@ from .engine.session import StreamSession
 from .engine.worker import LiveWorker
 from .models.base import ModelAdapter
 from .shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
+from .shapeworld.model import FRAME_SIZE
 from .shapeworld.questions import appearances, clock, is_correct, watch_target
 from .types import Frame
 
@@ -82,7 +83,7 @@ def _mark(ok: bool) -> str:
 
 async def run_demo(adapter: ModelAdapter, cfg: DemoConfig = DemoConfig(), out: TextIO = sys.stdout) -> dict[str, Any]:
     """Play the demo episode and return its summary (also printed): accuracy, alerts, memory, frames/s."""
-    episode = make_episode(cfg.seed, duration_s=cfg.duration_s, fps=1.0, size=64)
+    episode = make_episode(cfg.seed, duration_s=cfg.duration_s, fps=1.0, size=FRAME_SIZE)
     questions = make_questions(episode, rng_seed=cfg.seed, per_category=1)
     colour, shape = watch_target(episode)
     truth_alerts = appearances(episode, colour, shape)

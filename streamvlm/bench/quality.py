@@ -36,6 +36,7 @@ from ..engine.session import StreamSession
 from ..errors import ConfigError
 from ..models.base import ModelAdapter
 from ..shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
+from ..shapeworld.model import FRAME_SIZE
 from ..shapeworld.questions import appearances, is_correct, watch_target
 
 __all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts"]
@@ -123,7 +124,7 @@ def match_alerts(alerts: Iterable[float], truth: Iterable[float], tolerance: flo
 
 def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: QualityConfig) -> EpisodeScore:
     """Stream episode ``seed`` through a fresh session under ``memory`` and score every answer and alert."""
-    episode = make_episode(seed, duration_s=cfg.duration_s, fps=1.0, size=64)
+    episode = make_episode(seed, duration_s=cfg.duration_s, fps=1.0, size=FRAME_SIZE)
     questions = make_questions(episode, rng_seed=seed, per_category=cfg.per_category)
     session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=12)), memory)
     controller = DialogueController(ControllerConfig(probe_every_frames=1))
