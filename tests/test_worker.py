@@ -165,6 +165,10 @@ def test_bench_live_reports_the_documented_figures(tmp_path):
     assert 0 <= result["lag_p50_s"] <= result["lag_p95_s"]
     assert result["change_reaction_s"] is not None
     assert len(result["lag_by_frame"]) == frames["ingested"] and result["lag_max_s"] >= result["lag_p95_s"]
+    last_read = result["lag_by_frame"][-1]  # the source's last frame (2.8 s) is read unless a read was under way
+    assert (result["lag_last_frame_s"] is None) == (last_read[0] != 2.8)
+    if result["lag_last_frame_s"] is not None:
+        assert abs(result["lag_last_frame_s"] - last_read[1]) < 1e-4
     assert set(result["preemptions"]) == {"encode_pauses", "prefill_restarts"} and result["torch_threads"] >= 1
 
 

@@ -9,7 +9,8 @@ token idle vs. under load; the latency from a probed frame's capture to its aler
 used during the static phase once the worker had caught up with the moving scene (fraction of one core); and how long the first changed frame after the
 static phase waited before the model read it. Also how often a frame read gave way to a question
 (``preemptions``: times an encode was paused, prefills abandoned and re-run), each read frame's lag,
-and torch's intra-op thread count.
+the lag of the source's last frame when it was read (no later frame can replace it, so it waits for the
+read in progress: up to one whole read), and torch's intra-op thread count.
 
 With random-weight presets the probe scores are noise, so the alert *latency* is a system figure
 (capture, probe, rule, event), not a detection result.
@@ -118,6 +119,8 @@ async def _run(session: StreamSession, model: str, fps: float, duration: float, 
         "lag_p95_s": _percentile(lags, 95),
         "lag_max_s": max(lags, default=0.0),
         "lag_by_frame": [[round(pts, 3), round(lag, 4)] for pts, lag in zip(c.ingested_pts, lags)],  # [stream time, lag s]
+        # The source's last frame has no successor to replace it, so it waits for the read in progress.
+        "lag_last_frame_s": lags[-1] if lags and abs(c.ingested_pts[-1] - (n - 1) * interval) < 1e-6 else None,
         "ttft_idle_s": ttft["idle"],
         "ttft_load_s": ttft.get("load"),
         "ttft_load_over_idle": ttft.get("load", float("nan")) / ttft["idle"],

@@ -44,7 +44,9 @@ TRAIN_SEED_BASE = 1_000_000
 EVAL_SEED_BASE = 500_000
 _IGNORE = -100
 # Relative frequency of each kind of training question.
-_MIX = {"count": 2, "shape": 2, "probe": 4, "first": 1, "when": 3, "tell": 1}
+_MIX = {"count": 2, "shape": 2, "colour": 2, "probe": 5, "first": 1, "when": 3, "tell": 1}
+#: Kinds asked during the short warm-up (present tense only).
+_PRESENT = ("count", "shape", "colour", "probe")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class TrainConfig:
     threads: int = 1
     eval_every: int = 200
     eval_streams: int = 32
+    init: str | None = None  # start from this checkpoint's weights instead of a fresh initialisation
 
 
 @dataclass
@@ -131,7 +134,7 @@ def _pick_questions(episode: Episode, rng: np.random.Generator, *, short: bool, 
     for cat, qas in candidates(episode).items():
         for qa in qas:
             by_t.setdefault(qa.t, {}).setdefault(cat, []).append(qa)
-    kinds = [k for k in _MIX if not short or k in ("count", "shape", "probe")]
+    kinds = [k for k in _MIX if not short or k in _PRESENT]
     weights = np.array([_MIX[k] for k in kinds], dtype=float)
     out = []
     for t, cats in sorted(by_t.items()):
@@ -156,6 +159,9 @@ def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, lis
         qa = pick([q for q in realtime if q.question.startswith("How many")])
     elif kind == "shape":
         qa = pick([q for q in realtime if q.question.startswith("What shape")])
+    elif kind == "colour":  # training-only: "What colour is the shape on screen now?" with one shape visible
+        visible = episode.visible(t)
+        return ("What colour is the shape on screen now?", visible[0].colour) if len(visible) == 1 else None
     elif kind == "first":
         qa = pick([q for q in backward if q.question.startswith("What colour")])
     elif kind == "when":
@@ -230,6 +236,18 @@ def _evaluate(model, streams: list[Stream], pad_id: int, image_token_id: int) ->
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())}
 
 
+def _load_weights(model, init: Path, out: Path) -> None:
+    """Copy ``init``'s weights into ``model``; its tokenizer must be the one just built in ``out``."""
+    from safetensors.torch import load_file
+
+    if (init / "tokenizer.json").read_text() != (out / "tokenizer.json").read_text():
+        raise RuntimeError(f"{init} was trained with a different tokenizer; it cannot be continued with this recipe")
+    try:
+        model.load_state_dict(load_file(init / "model.safetensors"))
+    except RuntimeError as exc:
+        raise RuntimeError(f"{init} does not match the recipe's architecture: {exc}") from None
+
+
 def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     """Train from scratch and save the checkpoint (model, tokenizer, processor, ``training.json``) to ``out``.
 
@@ -241,6 +259,8 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_untrained(out, seed=cfg.seed)
+    if cfg.init is not None:
+        _load_weights(model, Path(cfg.init), out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     processor = AutoImageProcessor.from_pretrained(out, backend="pil")
     adapter = SmolVLMAdapter(model, tokenizer, processor, source=str(out))
@@ -326,8 +346,9 @@ circle appears." asked once it is on screen, answered with that time). Only answ
 ## Training
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --init {cfg.init}" if cfg.init else ""}
 ```
+{_init_note(cfg)}
 
 AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
 learning rate over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
@@ -342,6 +363,13 @@ when every token is the greedy choice, which is exactly what greedy decoding wou
 """
 
 
+def _init_note(cfg: TrainConfig) -> str:
+    if cfg.init is None:
+        return ""
+    return (f"\nThis run continued from the weights in `{cfg.init}` (the previous checkpoint, whose own card gives "
+            "its command), with fresh optimizer state and the schedule below.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamvlm.shapeworld.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint to")
@@ -352,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    parser.add_argument("--short-steps", type=int, default=TrainConfig.short_steps, help="steps of 2-4-frame warm-up streams")
+    parser.add_argument("--init", default=None, help="continue from this checkpoint's weights (same tokenizer)")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads, eval_every=args.eval_every)
+    cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
+                      threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps, init=args.init)
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
