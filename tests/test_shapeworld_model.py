@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +99,30 @@ def test_training_logits_equal_streaming_logits(untrained: SmolVLMAdapter) -> No
 
 def test_training_runs_and_the_result_loads(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=3, batch=2, warmup_steps=1, short_steps=1, min_duration_s=6, max_duration_s=7, eval_every=3, eval_streams=2)
-    history = train(cfg, tmp_path, log=lambda _line: None)["history"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    history = train(cfg, first, log=lambda _line: None)["history"]
     assert history[-1]["step"] == 3 and np.isfinite(history[-1]["loss"])
-    assert json.loads((tmp_path / "training.json").read_text())["config"]["steps"] == 3
-    adapter = load_model(str(tmp_path))
+    assert json.loads((first / "training.json").read_text())["config"]["steps"] == 3
+    adapter = load_model(str(first))
     assert isinstance(adapter, SmolVLMAdapter) and adapter.image_seq_len == 4
+    # A second stage continues from the first one's weights, and its card lists both stages.
+    train(replace(cfg, steps=1, eval_every=1, init=str(first)), second, log=lambda _line: None)
+    record = json.loads((second / "training.json").read_text())
+    assert [stage["config"]["steps"] for stage in record["previous"]] == [3]
+    card = (second / "README.md").read_text()
+    assert "### Stage 1: 3 steps, from a fresh initialisation" in card and "### Stage 2: 1 steps, continued" in card
+    assert "--init STAGE_1_DIR" in card
+
+
+def test_continuing_needs_the_same_architecture(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    build_untrained(tmp_path / "other")
+    weights = load_file(tmp_path / "other" / "model.safetensors")
+    weights.pop(next(iter(weights)))
+    save_file(weights, tmp_path / "other" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="does not match the recipe's architecture"):
+        train(TrainConfig(steps=1, init=str(tmp_path / "other")), tmp_path / "out", log=lambda _line: None)
 
 
 def test_training_streams_are_deterministic(untrained: SmolVLMAdapter) -> None:

@@ -38,7 +38,7 @@ from .model import FRAME_SIZE, SYSTEM_PROMPT, VOCAB_SIZE, build_untrained
 from .questions import QA, candidates, clock, spoken_answer
 from .world import COLOURS, SHAPES, Episode, make_episode
 
-__all__ = ["TrainConfig", "StreamLayout", "train", "model_card", "TRAIN_SEED_BASE", "EVAL_SEED_BASE"]
+__all__ = ["TrainConfig", "StreamLayout", "train", "model_card", "write_card", "TRAIN_SEED_BASE", "EVAL_SEED_BASE"]
 
 TRAIN_SEED_BASE = 1_000_000
 EVAL_SEED_BASE = 500_000
@@ -307,19 +307,63 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
             losses.clear()
             log(json.dumps(entry))
             model.save_pretrained(out)
-            (out / "training.json").write_text(json.dumps({"config": cfg.__dict__, "history": history}, indent=1))
-    (out / "README.md").write_text(model_card(cfg, history, sum(p.numel() for p in model.parameters())))
+            (out / "training.json").write_text(json.dumps({"config": cfg.__dict__, "mix": _MIX, "history": history}, indent=1))
+    write_card(out)
     return {"config": cfg.__dict__, "history": history}
 
 
-def model_card(cfg: TrainConfig, history: list[dict], params: int) -> str:
-    """The checkpoint's README: what it is, the data, the command that reproduces it, and its curve."""
+def write_card(out: Path) -> None:
+    """Write ``out/README.md`` from ``out/training.json``; a run that continued another checkpoint
+    (``--init``) first copies that checkpoint's stages into its ``training.json`` (key ``previous``), so
+    the card lists every stage that led to the weights."""
+    record = json.loads((out / "training.json").read_text())
+    init = record["config"].get("init")
+    if init and "previous" not in record:
+        before = json.loads((Path(init) / "training.json").read_text())
+        record["previous"] = before.pop("previous", []) + [before]
+        (out / "training.json").write_text(json.dumps(record, indent=1))
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    stages = record.get("previous", []) + [{k: v for k, v in record.items() if k != "previous"}]
+    (out / "README.md").write_text(model_card(stages, params))
+
+
+def _stage(number: int, stage: dict) -> str:
+    cfg = TrainConfig(**{k: v for k, v in stage["config"].items() if k in TrainConfig.__dataclass_fields__})
+    history = stage["history"]
     last = history[-1] if history else {"step": 0, "minutes": 0, "eval": {}}
     rows = "\n".join(
         f"| {h['step']} | {h['minutes']:.1f} | {h['loss']:.3f} | "
-        + " | ".join(f"{h['eval'].get(k, 0):.2f}" for k in _MIX) + " |"
+        + " | ".join(f"{h['eval'][k]:.2f}" if k in h["eval"] else "-" for k in _MIX) + " |"
         for h in history
     )
+    start = f"continued from the weights of stage {number - 1}" if cfg.init else "from a fresh initialisation"
+    return f"""### Stage {number}: {last['step']} steps, {start}
+
+```
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
+```
+
+AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
+learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
+{cfg.threads} CPU thread(s), {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
+present-tense questions, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
+probability {cfg.ask_probability}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes here.
+
+| step | minutes | loss | {" | ".join(_MIX)} |
+|---|---|---|{"---|" * len(_MIX)}
+{rows}
+"""
+
+
+def model_card(stages: list[dict], params: int) -> str:
+    """The checkpoint's README: what it is, the data, the commands that reproduce it, and its curves.
+
+    ``stages`` are ``{"config": ..., "history": ...}`` records, oldest first (one per training run).
+    """
+    cfg = TrainConfig(**{k: v for k, v in stages[-1]["config"].items() if k in TrainConfig.__dataclass_fields__})
     return f"""# ShapeWorld model
 
 A {params / 1e6:.2f} M-parameter vision-language model in the SmolVLM architecture
@@ -333,41 +377,22 @@ background. It exists so that answer quality can be measured offline; see docs/s
 
 Every example is a ShapeWorld stream at 1 frame/s laid out exactly as the engine lays it out (system
 prompt, `Frame from MM:SS:` + visual tokens per frame, questions and answers with turn ends). Episodes
-use seeds {TRAIN_SEED_BASE:,} and up ({cfg.batch} per step); evaluation during training uses seeds
-{EVAL_SEED_BASE:,} and up; the quality benchmark and the demo use seeds below both. The first
-{cfg.short_steps} steps are 2-4-frame streams with present-tense questions; then {cfg.min_duration_s}-{cfg.max_duration_s}
-frames with a question at each half second with probability {cfg.ask_probability}. Question kinds and weights:
-{", ".join(f"{k} {v}" for k, v in _MIX.items())} (count: "How many shapes are visible?"; shape: "What shape
-is on screen now?"; probe: "Is there a red circle now?" or the dialogue controller's "Is it true that a
-red circle appears right now? Answer yes or no."; first: "What colour was the first shape?"; when:
-"When did the red circle appear?" answered as the `MM:SS` of its first frame; tell: "Tell me when a red
+use seeds {TRAIN_SEED_BASE:,} + 10,000,000 x seed and up ({cfg.batch} per step); evaluation during training uses
+seeds {EVAL_SEED_BASE:,} and up; the quality benchmark and the demo use seeds below both. Question kinds and
+their weights in the last stage: {", ".join(f"{k} {v}" for k, v in _MIX.items())} (count: "How many shapes are
+visible?"; shape: "What shape is on screen now?"; colour (asked in training only): "What colour is the shape on
+screen now?"; probe: "Is there a red circle now?" or the dialogue controller's "Is it true that a red
+circle appears right now? Answer yes or no."; first: "What colour was the first shape?"; when: "When
+did the red circle appear?" answered as the `MM:SS` of its first frame; tell: "Tell me when a red
 circle appears." asked once it is on screen, answered with that time). Only answer tokens carry a loss.
 
 ## Training
 
-```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --init {cfg.init}" if cfg.init else ""}
-```
-{_init_note(cfg)}
+{len(stages)} stage(s), each a run of the command shown. Held-out teacher-forced accuracy during training
+({cfg.eval_streams} streams of 12-24 frames; an answer counts when every token is the greedy choice, which is
+exactly what greedy decoding would say; "-" where the stage did not train that kind):
 
-AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
-learning rate over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
-{cfg.threads} CPU threads: {last['minutes']:.0f} minutes here.
-
-Held-out teacher-forced accuracy during training ({cfg.eval_streams} streams of 12-24 frames; an answer counts
-when every token is the greedy choice, which is exactly what greedy decoding would say):
-
-| step | minutes | loss | {" | ".join(_MIX)} |
-|---|---|---|{"---|" * len(_MIX)}
-{rows}
-"""
-
-
-def _init_note(cfg: TrainConfig) -> str:
-    if cfg.init is None:
-        return ""
-    return (f"\nThis run continued from the weights in `{cfg.init}` (the previous checkpoint, whose own card gives "
-            "its command), with fresh optimizer state and the schedule below.\n")
+{"".join(_stage(i + 1, stage) for i, stage in enumerate(stages))}"""
 
 
 def main(argv: list[str] | None = None) -> int:
