@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamvlm.errors import ConfigError, InputError, StreamVLMError
-from streamvlm.memory.store import ChunkRecord, LongTermStore, StoreEvent
+from streamvlm.memory.store import ChunkRecord, LongTermStore, StoreEvent, sweep_stale_directories
 
 LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 2, 2, 8, 4
 CHUNK_BYTES = 2 * LAYERS * KV_HEADS * TOKENS * HEAD_DIM * 4  # keys + values, float32
@@ -156,7 +157,7 @@ def test_drops_are_reported_with_dropped_up_to_s() -> None:
             store.get(0)
         spills = sorted(p.name for p in store.directory.glob("*.safetensors"))
         assert spills == sorted(f"spill-{store._tag}-{c}.safetensors" for c in (2, 3))
-        assert len(list(store.directory.iterdir())) == 3  # and the disk tier's index file
+        assert len(list(store.directory.glob("spill-*"))) == 3  # and the disk tier's index file
 
 
 def test_oversized_chunks_go_straight_to_disk_or_are_dropped() -> None:
@@ -172,7 +173,7 @@ def test_ram_victim_larger_than_disk_quota_is_dropped_not_written() -> None:
     with LongTermStore(3 * CHUNK_BYTES, CHUNK_BYTES) as store:
         put(store, 0, tokens=2 * TOKENS)
         assert kinds(put(store, 1, tokens=2 * TOKENS)) == [("stored", 1), ("dropped", 0)]
-        assert store.stats().disk_chunks == 0 and not any(store.directory.iterdir())
+        assert store.stats().disk_chunks == 0 and not any(store.directory.glob("spill-*"))
 
 
 @settings(max_examples=40, deadline=None)
@@ -566,3 +567,30 @@ def test_truncated_safetensors_raises_input_error_naming_it(tmp_path: Path, vict
     (tmp_path / victim).write_bytes(data[: len(data) - 7])
     with pytest.raises(InputError, match=victim):
         LongTermStore.load(tmp_path, 10 * CHUNK_BYTES, 10 * CHUNK_BYTES)
+
+
+def test_a_new_store_removes_temporary_directories_of_dead_processes(tmp_path: Path, monkeypatch) -> None:
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    host = socket.gethostname()
+    owners = {"dead": f"{host} {dead_pid}", "alive": f"{host} {os.getpid()}", "elsewhere": f"other-host {dead_pid}", "unowned": None}
+    for name, owner in owners.items():
+        path = tmp_path / f"streamvlm-store-{name}"
+        path.mkdir()
+        (path / "spill-x-0.safetensors").write_bytes(b"kv")
+        if owner is not None:
+            (path / "owner").write_text(owner)
+    (tmp_path / "unrelated-dir").mkdir()
+    with LongTermStore(CHUNK_BYTES, 4 * CHUNK_BYTES) as store:
+        mine = store.directory
+        assert mine.parent == tmp_path and (mine / "owner").read_text().split() == [host, str(os.getpid())]
+        left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["streamvlm-store-alive", "streamvlm-store-elsewhere", "streamvlm-store-unowned", "unrelated-dir", mine.name])
+    assert not mine.exists()  # closed: its own directory is gone too
+    assert sweep_stale_directories(tmp_path) == []  # nothing stale is left

@@ -7,7 +7,10 @@ relevant ones back. It has two tiers and a small index:
 * **RAM tier** - chunks kept as CPU tensors, at most ``ram_bytes`` of keys and values in all.
 * **Disk tier** - chunks written as one safetensors file each (tensors plus the chunk's record as JSON
   metadata), at most ``disk_bytes`` in all. The files live in the ``directory`` given to the store, or in
-  a fresh temporary directory the store creates and removes again on :meth:`LongTermStore.close`.
+  a fresh temporary directory the store creates and removes again on :meth:`LongTermStore.close`. A
+  temporary directory carries an owner file (host name and process id); a process killed before it could
+  close its store leaves its directory behind, and the next store created on the same host removes
+  such directories whose process is gone (:func:`sweep_stale_directories`).
 * **Index** - one small position-free summary per chunk (typically the mean key per layer and kv head),
   stored as float32. It is what :meth:`LongTermStore.search` scores; it is not counted against either
   quota (see ``StoreStats.index_bytes``). RAM-tier chunks' entries are held in RAM; disk-tier chunks'
@@ -51,6 +54,7 @@ import math
 import numbers
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 import weakref
@@ -66,7 +70,7 @@ from safetensors.torch import save_file
 
 from streamvlm.errors import ConfigError, InputError, StreamVLMError
 
-__all__ = ["ChunkRecord", "StoreEvent", "StoreStats", "LongTermStore", "MANIFEST_NAME", "FORMAT_VERSION"]
+__all__ = ["ChunkRecord", "StoreEvent", "StoreStats", "LongTermStore", "MANIFEST_NAME", "FORMAT_VERSION", "sweep_stale_directories"]
 
 MANIFEST_NAME = "manifest.json"
 """Name of the JSON manifest :meth:`LongTermStore.save` writes and :meth:`LongTermStore.load` reads."""
@@ -287,6 +291,42 @@ def _read_chunk(path: Path) -> tuple[ChunkRecord, list[torch.Tensor], list[torch
     except InputError as exc:
         raise InputError(f"chunk file {path}: {exc}") from exc
     return record, keys, values
+
+
+_TEMP_PREFIX = "streamvlm-store-"
+_OWNER_NAME = "owner"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def sweep_stale_directories(parent: str | Path | None = None) -> list[Path]:
+    """Remove temporary store directories under ``parent`` (default: the system temporary directory)
+    whose owner process on this host is gone, and return them.
+
+    Only directories with an owner file naming this host and a process that no longer exists are
+    removed; a directory without an owner file (or from another host sharing the same ``/tmp``) is
+    left alone. Stores call this when they create their own temporary directory.
+    """
+    host = socket.gethostname()
+    removed = []
+    for path in Path(parent if parent is not None else tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*"):
+        try:
+            owner_host, pid = (path / _OWNER_NAME).read_text().split()
+            stale = owner_host == host and not _process_alive(int(pid))
+        except (OSError, ValueError):
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _cleanup(directory: Path | None, owned: bool, tag: str, created: bool, disk_index: _DiskIndex) -> None:
@@ -661,7 +701,10 @@ class LongTermStore:
             path.mkdir(parents=True, exist_ok=True)
             return path, False, created
         if self._disk_quota > 0:
-            return Path(tempfile.mkdtemp(prefix="streamvlm-store-")), True, True
+            sweep_stale_directories()
+            path = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
+            (path / _OWNER_NAME).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+            return path, True, True
         return None, False, False
 
     # ------------------------------------------------------------------------------------ queries
