@@ -57,6 +57,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 100  # linear learning-rate warm-up
     short_steps: int = 400  # the first steps use 2-4-frame streams with present-tense questions only
+    short_every: int = 0  # after those, every short_every-th step is such a step as well (0 = none)
     min_duration_s: int = 6
     max_duration_s: int = 24
     ask_probability: float = 0.9  # chance a question is asked at each half second
@@ -286,7 +287,7 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     losses: list[float] = []
     next_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
     for step in range(min(cfg.steps, cfg.stop_after or cfg.steps)):
-        short = step < cfg.short_steps
+        short = step < cfg.short_steps or (cfg.short_every > 0 and step % cfg.short_every == 0)
         duration = _duration(batch_rng, cfg, short)  # one length per batch: little padding
         streams = [make_stream(layout, next_seed + i, duration, cfg, short=short) for i in range(cfg.batch)]
         next_seed += cfg.batch
@@ -343,13 +344,13 @@ def _stage(number: int, stage: dict) -> str:
     return f"""### Stage {number}: {last['step']} steps, {start}
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
 ```
 
 AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
 learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
 {cfg.threads} CPU thread(s), {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
-present-tense questions, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
+present-tense questions{f" (and every {cfg.short_every}th step after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
 probability {cfg.ask_probability}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes here.
 
 | step | minutes | loss | {" | ".join(_MIX)} |
@@ -406,10 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     parser.add_argument("--short-steps", type=int, default=TrainConfig.short_steps, help="steps of 2-4-frame warm-up streams")
+    parser.add_argument("--short-every", type=int, default=TrainConfig.short_every,
+                        help="after the warm-up, make every N-th step a short present-tense one too (0 = none)")
     parser.add_argument("--init", default=None, help="continue from this checkpoint's weights (same tokenizer)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
-                      threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps, init=args.init)
+                      threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps,
+                      short_every=args.short_every, init=args.init)
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
