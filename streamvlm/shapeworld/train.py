@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,12 @@ class TrainConfig:
     eval_every: int = 200
     eval_streams: int = 32
     init: str | None = None  # start from this checkpoint's weights instead of a fresh initialisation
+    mix: dict[str, int] = field(default_factory=lambda: dict(_MIX))  # relative frequency of each question kind
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mix) - set(_MIX)
+        if unknown or not self.mix or any(not isinstance(w, int) or w < 0 for w in self.mix.values()) or not any(self.mix.values()):
+            raise ValueError(f"mix: integer weights >= 0 (not all 0) for kinds among {', '.join(_MIX)}, got {self.mix!r}")
 
 
 @dataclass
@@ -129,14 +135,17 @@ class StreamLayout:
         return out
 
 
-def _pick_questions(episode: Episode, rng: np.random.Generator, *, short: bool, ask_probability: float) -> list[tuple[float, str, str, str]]:
-    """Questions for a training stream: at most one per half second, kinds drawn by ``_MIX``."""
+def _pick_questions(episode: Episode, rng: np.random.Generator, mix: dict[str, int], *, short: bool,
+                    ask_probability: float) -> list[tuple[float, str, str, str]]:
+    """Questions for a training stream: at most one per half second, kinds drawn with the weights ``mix``."""
     by_t: dict[float, dict[str, list[QA]]] = {}
     for cat, qas in candidates(episode).items():
         for qa in qas:
             by_t.setdefault(qa.t, {}).setdefault(cat, []).append(qa)
-    kinds = [k for k in _MIX if not short or k in _PRESENT]
-    weights = np.array([_MIX[k] for k in kinds], dtype=float)
+    kinds = [k for k, w in mix.items() if w > 0 and (not short or k in _PRESENT)]
+    if not kinds:
+        return []
+    weights = np.array([mix[k] for k in kinds], dtype=float)
     out = []
     for t, cats in sorted(by_t.items()):
         if rng.random() > ask_probability:
@@ -194,7 +203,7 @@ def make_stream(layout: StreamLayout, seed: int, duration_s: int, cfg: TrainConf
     rng = np.random.default_rng([seed, 17])
     episode = make_episode(seed, duration_s=float(duration_s), fps=1.0, size=FRAME_SIZE)
     prob = 1.0 if short else cfg.ask_probability
-    return layout.stream(episode, _pick_questions(episode, rng, short=short, ask_probability=prob))
+    return layout.stream(episode, _pick_questions(episode, rng, cfg.mix, short=short, ask_probability=prob))
 
 
 def _duration(rng: np.random.Generator, cfg: TrainConfig, short: bool) -> int:
@@ -268,7 +277,8 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     layout = StreamLayout(adapter)
     pad_id, image_token_id = int(tokenizer.pad_token_id), adapter.image_token_id
     eval_rng = np.random.default_rng(EVAL_SEED_BASE)
-    eval_streams = [make_stream(layout, EVAL_SEED_BASE + i, int(eval_rng.integers(12, 25)), cfg, short=False)
+    eval_cfg = replace(cfg, mix=dict(_MIX))  # every stage is evaluated on the same questions
+    eval_streams = [make_stream(layout, EVAL_SEED_BASE + i, int(eval_rng.integers(12, 25)), eval_cfg, short=False)
                     for i in range(cfg.eval_streams)]
     eval_streams.sort(key=lambda s: len(s.ids))  # similar lengths batch with little padding
     batch_rng = np.random.default_rng([cfg.seed, 29])
@@ -308,9 +318,13 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
             losses.clear()
             log(json.dumps(entry))
             model.save_pretrained(out)
-            (out / "training.json").write_text(json.dumps({"config": cfg.__dict__, "mix": _MIX, "history": history}, indent=1))
+            (out / "training.json").write_text(json.dumps(_record(cfg, history), indent=1))
     write_card(out)
-    return {"config": cfg.__dict__, "history": history}
+    return _record(cfg, history)
+
+
+def _record(cfg: TrainConfig, history: list[dict]) -> dict:
+    return {"config": {k: v for k, v in cfg.__dict__.items() if k != "mix"}, "mix": cfg.mix, "history": history}
 
 
 def write_card(out: Path) -> None:
@@ -396,6 +410,13 @@ exactly what greedy decoding would say; "-" where the stage did not train that k
 {"".join(_stage(i + 1, stage) for i, stage in enumerate(stages))}"""
 
 
+def _parse_mix(text: str) -> dict[str, int]:
+    try:
+        return {kind.strip(): int(weight) for kind, weight in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--mix: expected kind=weight pairs separated by commas, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamvlm.shapeworld.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint to")
@@ -409,11 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short-steps", type=int, default=TrainConfig.short_steps, help="steps of 2-4-frame warm-up streams")
     parser.add_argument("--short-every", type=int, default=TrainConfig.short_every,
                         help="after the warm-up, make every N-th step a short present-tense one too (0 = none)")
+    parser.add_argument("--mix", default=None, help="question weights, e.g. probe=8,colour=2 (kinds left out: 0; "
+                        f"default {','.join(f'{k}={v}' for k, v in _MIX.items())})")
     parser.add_argument("--init", default=None, help="continue from this checkpoint's weights (same tokenizer)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
                       threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps,
-                      short_every=args.short_every, init=args.init)
+                      short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX))
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
