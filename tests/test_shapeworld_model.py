@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamvlm.bench.quality import EpisodeScore, QualityConfig, match_alerts, run_episode, run_quality
+from streamvlm.bench.quality import PROBE_CASES, EpisodeScore, QualityConfig, match_alerts, probe_binding, run_episode, run_quality
 from streamvlm.cli import main
 from streamvlm.config import MemoryConfig, SessionConfig
 from streamvlm.engine.session import StreamSession
@@ -203,6 +203,18 @@ def test_sweep_stays_inside_its_budget(untrained: SmolVLMAdapter) -> None:
     assert set(result["full"]["accuracy"]) <= {"realtime", "backward", "when", "forward", "probe"}
 
 
+def test_probe_binding_sorts_every_probe_into_its_case(untrained: SmolVLMAdapter) -> None:
+    result = probe_binding(untrained, [3], 6.0)
+    episode = make_episode(3, duration_s=6.0, fps=1.0, size=64)
+    on_screen = [{(s.colour, s.shape) for s in episode.visible(t)} for t in episode.frame_times()]
+    assert list(result) == list(PROBE_CASES)
+    assert sum(case["probes"] for case in result.values()) == 12 * len(on_screen)  # every colour x shape, every frame
+    assert result["yes"]["probes"] == sum(len(on) for on in on_screen)
+    for case in result.values():
+        if case["probes"]:
+            assert 0 <= case["mean_p_yes"] <= 1 and 0 <= case["share_above_half"] <= 1
+
+
 def test_episode_score_summary() -> None:
     s = EpisodeScore()
     s.add("realtime", True)
@@ -221,6 +233,7 @@ def test_bench_quality_cli_writes_json_and_plot(tmp_path: Path) -> None:
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["model"] == "shapeworld" and len(result["sweep"]) == 2
+    assert set(result["probe_binding"]) == set(PROBE_CASES)
     assert png.stat().st_size > 1000
 
 

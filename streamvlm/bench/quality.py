@@ -37,9 +37,15 @@ from ..errors import ConfigError
 from ..models.base import ModelAdapter
 from ..shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
 from ..shapeworld.model import FRAME_SIZE
+from ..shapeworld.world import COLOURS, SHAPES
 from ..shapeworld.questions import appearances, is_correct, watch_target
 
-__all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts"]
+__all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts", "probe_binding", "PROBE_CASES"]
+
+#: How a yes/no probe "Is there a <colour> <shape> now?" relates to the frame: "yes" (that shape in that
+#: colour is on screen), or a "no" whose colour and shape are both on screen on different shapes
+#: ("both_apart"), whose colour only or shape only is on screen, or neither.
+PROBE_CASES = ("yes", "both_apart", "colour_only", "shape_only", "neither")
 
 #: Categories reported, in order; "when" is the subset of backward questions answered with a time.
 REPORTED = ("realtime", "backward", "when", "forward", "probe")
@@ -188,6 +194,41 @@ def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: Qua
     return score
 
 
+def probe_binding(adapter: ModelAdapter, seeds: Iterable[int], duration_s: float) -> dict[str, dict[str, float]]:
+    """Probe every colour x shape after every frame of the episodes ``seeds`` and summarise P(yes) by case.
+
+    Returns, for each of :data:`PROBE_CASES`, how many probes fell in it, their mean P(yes) and the share
+    with P(yes) > 0.5. A model that binds colour to shape scores "yes" high and every other case low;
+    one that only notices whether the colour or the shape is present scores "colour_only",
+    "shape_only" and "both_apart" like "yes" - which is what makes alerts and deferred answers fire on
+    the wrong thing or never. The probes run on rolled-back extensions, so the stream is read once.
+    """
+    scores: dict[str, list[float]] = {case: [] for case in PROBE_CASES}
+    combos = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    prompts = [f"Is there a {colour} {shape} now?" for colour, shape in combos]
+    for seed in seeds:
+        episode = make_episode(seed, duration_s=duration_s, fps=1.0, size=FRAME_SIZE)
+        session = StreamSession(adapter, SessionConfig())
+        try:
+            for t, image in episode.frames():
+                session.ingest(image, t)
+                on = {(s.colour, s.shape) for s in episode.visible(t)}
+                colours, shapes = {c for c, _ in on}, {h for _, h in on}
+                for (colour, shape), p in zip(combos, session.probe(prompts)):
+                    if (colour, shape) in on:
+                        case = "yes"
+                    elif colour in colours:
+                        case = "both_apart" if shape in shapes else "colour_only"
+                    else:
+                        case = "shape_only" if shape in shapes else "neither"
+                    scores[case].append(p)
+        finally:
+            session.close()
+    return {case: {"probes": len(v), "mean_p_yes": round(sum(v) / len(v), 4) if v else None,
+                   "share_above_half": round(sum(p > 0.5 for p in v) / len(v), 4) if v else None}
+            for case, v in scores.items()}
+
+
 def sweep_memory(full: EpisodeScore, fraction: float, policy: str, top_k: int) -> MemoryConfig:
     """The memory settings for one sweep point: the frames get ``fraction`` of the tokens they take with
     full memory (at least one frame's worth), the system prompt and the dialogue keep all of theirs, so
@@ -213,6 +254,8 @@ def run_quality(
     result: dict[str, Any] = {"model": adapter.source, "config": {**cfg.__dict__}, "full": full.summary(), "sweep": []}
     result["full"]["answers"] = full.answers
     say(f"full memory: {full.summary()['accuracy']} alerts {full.summary()['alerts']}")
+    result["probe_binding"] = probe_binding(adapter, seeds, cfg.duration_s)
+    say(f"probe P(yes) by case: { {k: v['mean_p_yes'] for k, v in result['probe_binding'].items()} }")
     if not sweep:
         return result
     for fraction in cfg.budgets:
