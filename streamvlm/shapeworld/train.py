@@ -67,6 +67,8 @@ class TrainConfig:
     eval_streams: int = 32
     init: str | None = None  # start from this checkpoint's weights instead of a fresh initialisation
     mix: dict[str, int] = field(default_factory=lambda: dict(_MIX))  # relative frequency of each question kind
+    # Share of "no" probes asked about a near miss (its colour or its shape is on screen on another shape).
+    hard_negatives: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(_MIX)
@@ -136,7 +138,7 @@ class StreamLayout:
 
 
 def _pick_questions(episode: Episode, rng: np.random.Generator, mix: dict[str, int], *, short: bool,
-                    ask_probability: float) -> list[tuple[float, str, str, str]]:
+                    ask_probability: float, hard_negatives: float = 0.0) -> list[tuple[float, str, str, str]]:
     """Questions for a training stream: at most one per half second, kinds drawn with the weights ``mix``."""
     by_t: dict[float, dict[str, list[QA]]] = {}
     for cat, qas in candidates(episode).items():
@@ -152,14 +154,15 @@ def _pick_questions(episode: Episode, rng: np.random.Generator, mix: dict[str, i
             continue
         for _ in range(4):  # a few tries to find a kind that has a question here
             kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-            item = _question_of_kind(episode, t, kind, cats, rng)
+            item = _question_of_kind(episode, t, kind, cats, rng, hard_negatives)
             if item is not None:
                 out.append((t, kind, *item))
                 break
     return out
 
 
-def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, list[QA]], rng: np.random.Generator) -> tuple[str, str] | None:
+def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, list[QA]], rng: np.random.Generator,
+                      hard_negatives: float = 0.0) -> tuple[str, str] | None:
     def pick(items: list[QA]) -> QA | None:
         return items[int(rng.integers(len(items)))] if items else None
 
@@ -190,6 +193,9 @@ def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, lis
             answer = "yes"
         else:
             absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in on_screen]
+            near = [(c, s) for c, s in absent if any(c == oc or s == os_ for oc, os_ in on_screen)]
+            if near and hard_negatives > 0 and rng.random() < hard_negatives:
+                absent = near
             colour, shape = absent[int(rng.integers(len(absent)))]
             answer = "no"
         if rng.random() < 0.5:
@@ -203,7 +209,8 @@ def make_stream(layout: StreamLayout, seed: int, duration_s: int, cfg: TrainConf
     rng = np.random.default_rng([seed, 17])
     episode = make_episode(seed, duration_s=float(duration_s), fps=1.0, size=FRAME_SIZE)
     prob = 1.0 if short else cfg.ask_probability
-    return layout.stream(episode, _pick_questions(episode, rng, cfg.mix, short=short, ask_probability=prob))
+    return layout.stream(episode, _pick_questions(episode, rng, cfg.mix, short=short, ask_probability=prob,
+                                                  hard_negatives=cfg.hard_negatives))
 
 
 def _duration(rng: np.random.Generator, cfg: TrainConfig, short: bool) -> int:
@@ -358,7 +365,7 @@ def _stage(number: int, stage: dict) -> str:
     return f"""### Stage {number}: {last['step']} steps, {start}
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
 ```
 
 AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
@@ -432,11 +439,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="after the warm-up, make every N-th step a short present-tense one too (0 = none)")
     parser.add_argument("--mix", default=None, help="question weights, e.g. probe=8,colour=2 (kinds left out: 0; "
                         f"default {','.join(f'{k}={v}' for k, v in _MIX.items())})")
+    parser.add_argument("--hard-negatives", type=float, default=TrainConfig.hard_negatives,
+                        help="share of 'no' probes about a near miss (colour or shape on screen on another shape)")
     parser.add_argument("--init", default=None, help="continue from this checkpoint's weights (same tokenizer)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
                       threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps,
-                      short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX))
+                      short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
+                      hard_negatives=args.hard_negatives)
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
