@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     layout = StreamLayout(adapter)
     pad_id, image_token_id = int(tokenizer.pad_token_id), adapter.image_token_id
     eval_rng = np.random.default_rng(EVAL_SEED_BASE)
-    eval_cfg = replace(cfg, mix=dict(_MIX))  # every stage is evaluated on the same questions
+    eval_cfg = replace(cfg, mix=dict(_MIX), hard_negatives=0.0)  # every stage is evaluated on the same questions
     eval_streams = [make_stream(layout, EVAL_SEED_BASE + i, int(eval_rng.integers(12, 25)), eval_cfg, short=False)
                     for i in range(cfg.eval_streams)]
     eval_streams.sort(key=lambda s: len(s.ids))  # similar lengths batch with little padding
