@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..dialogue.controller import DEFAULT_PROBE_TEMPLATE
+from ..errors import ConfigError
 from ..models.smolvlm import SmolVLMAdapter
 from .model import FRAME_SIZE, SYSTEM_PROMPT, VOCAB_SIZE, build_untrained
 from .questions import QA, candidates, clock, spoken_answer
@@ -73,7 +74,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(_MIX)
         if unknown or not self.mix or any(not isinstance(w, int) or w < 0 for w in self.mix.values()) or not any(self.mix.values()):
-            raise ValueError(f"mix: integer weights >= 0 (not all 0) for kinds among {', '.join(_MIX)}, got {self.mix!r}")
+            raise ConfigError(f"mix: integer weights >= 0 (not all 0) for kinds among {', '.join(_MIX)}, got {self.mix!r}")
 
 
 @dataclass
@@ -352,8 +353,12 @@ def write_card(out: Path) -> None:
     (out / "README.md").write_text(model_card(stages, params))
 
 
+def _config(stage: dict) -> TrainConfig:
+    return TrainConfig(**{k: v for k, v in stage["config"].items() if k in TrainConfig.__dataclass_fields__})
+
+
 def _stage(number: int, stage: dict) -> str:
-    cfg = TrainConfig(**{k: v for k, v in stage["config"].items() if k in TrainConfig.__dataclass_fields__})
+    cfg = _config(stage)
     history = stage["history"]
     last = history[-1] if history else {"step": 0, "minutes": 0, "eval": {}}
     rows = "\n".join(
@@ -385,7 +390,7 @@ def model_card(stages: list[dict], params: int) -> str:
 
     ``stages`` are ``{"config": ..., "history": ...}`` records, oldest first (one per training run).
     """
-    cfg = TrainConfig(**{k: v for k, v in stages[-1]["config"].items() if k in TrainConfig.__dataclass_fields__})
+    cfg = _config(stages[-1])
     return f"""# ShapeWorld model
 
 A {params / 1e6:.2f} M-parameter vision-language model in the SmolVLM architecture
@@ -401,7 +406,7 @@ Every example is a ShapeWorld stream at 1 frame/s laid out exactly as the engine
 prompt, `Frame from MM:SS:` + visual tokens per frame, questions and answers with turn ends). Episodes
 use seeds {TRAIN_SEED_BASE:,} + 10,000,000 x seed and up ({cfg.batch} per step); evaluation during training uses
 seeds {EVAL_SEED_BASE:,} and up; the quality benchmark and the demo use seeds below both. Question kinds and
-their weights in the last stage: {", ".join(f"{k} {v}" for k, v in _MIX.items())} (count: "How many shapes are
+their weights in the last stage: {", ".join(f"{k} {v}" for k, v in stages[-1]["mix"].items())} (count: "How many shapes are
 visible?"; shape: "What shape is on screen now?"; colour (asked in training only): "What colour is the shape on
 screen now?"; probe: "Is there a red circle now?" or the dialogue controller's "Is it true that a red
 circle appears right now? Answer yes or no."; first: "What colour was the first shape?"; when: "When
@@ -421,7 +426,7 @@ def _parse_mix(text: str) -> dict[str, int]:
     try:
         return {kind.strip(): int(weight) for kind, weight in (item.split("=") for item in text.split(","))}
     except ValueError:
-        raise SystemExit(f"--mix: expected kind=weight pairs separated by commas, got {text!r}") from None
+        raise ConfigError(f"mix: expected kind=weight pairs separated by commas, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,10 +448,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of 'no' probes about a near miss (colour or shape on screen on another shape)")
     parser.add_argument("--init", default=None, help="continue from this checkpoint's weights (same tokenizer)")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
-                      threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps,
-                      short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
-                      hard_negatives=args.hard_negatives)
+    try:
+        cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
+                          threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps,
+                          short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
+                          hard_negatives=args.hard_negatives)
+    except ConfigError as exc:
+        parser.error(str(exc))
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
