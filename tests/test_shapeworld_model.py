@@ -144,17 +144,19 @@ def test_shipped_checkpoint_is_small_and_documented() -> None:
 
 @needs_checkpoint
 def test_shipped_checkpoint_answers_fixed_questions() -> None:
-    """Held-out episodes (seeds 100-105; training uses 500,000 and up), questions fixed by seed.
+    """Held-out episodes (seeds 100-111; training uses 500,000 and up), questions fixed by seed.
 
-    The shipped model reads the present well (what shape, how many) and is weak on memory questions
-    (see docs/shapeworld.md for its benchmark figures): real-time questions must be answered at least
-    75 % right and clearly better than always giving the most common answer.
+    The shipped model reads the present well (what shape, how many) and remembers the first shape's
+    colour; its yes/no probes and "when" answers are weak (docs/shapeworld.md has its benchmark
+    figures). Real-time questions must be answered at least 85 % right and clearly better than always
+    giving the most common answer; "What colour was the first shape?" at most one wrong.
     """
     adapter = load_model("shapeworld")
     outcomes: list[tuple[QA, str, bool]] = []
-    for seed in range(100, 106):
+    for seed in range(100, 112):
         ep = make_episode(seed, duration_s=16, fps=1.0, size=64)
-        qas = [q for q in make_questions(ep, rng_seed=seed, per_category=2) if q.category == "realtime"]
+        qas = [q for q in make_questions(ep, rng_seed=seed, per_category=2)
+               if q.category == "realtime" or q.question == "What colour was the first shape?"]
         session = StreamSession(adapter, SessionConfig())
         pending = list(qas)
         for t, image in ep.frames():
@@ -164,14 +166,17 @@ def test_shipped_checkpoint_answers_fixed_questions() -> None:
                 text = session.ask(qa.question, qa.t).text
                 outcomes.append((qa, text, is_correct(qa, text)))
         session.close()
-    assert len(outcomes) >= 10
-    accuracy = sum(ok for _, _, ok in outcomes) / len(outcomes)
+    realtime = [o for o in outcomes if o[0].category == "realtime"]
+    first = [o for o in outcomes if o[0].category == "backward"]
+    assert len(realtime) >= 20 and len(first) >= 5
+    accuracy = sum(ok for _, _, ok in realtime) / len(realtime)
     by_question: dict[str, list[str]] = {}
-    for qa, _, _ in outcomes:
+    for qa, _, _ in realtime:
         by_question.setdefault(qa.question, []).append(qa.answer)
-    majority = sum(max(answers.count(a) for a in answers) for answers in by_question.values()) / len(outcomes)
+    majority = sum(max(answers.count(a) for a in answers) for answers in by_question.values()) / len(realtime)
     wrong = [(qa.t, qa.question, qa.answer, text) for qa, text, ok in outcomes if not ok]
-    assert accuracy >= 0.75 and accuracy >= majority + 0.25, (accuracy, majority, wrong)
+    assert accuracy >= 0.85 and accuracy >= majority + 0.25, (accuracy, majority, wrong)
+    assert sum(not ok for _, _, ok in first) <= 1, wrong
 
 
 # -- the benchmark and the demo ----------------------------------------------------------------------------------
