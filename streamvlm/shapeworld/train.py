@@ -376,7 +376,7 @@ python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-aft
 AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
 learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
 {cfg.threads} CPU thread(s), {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
-present-tense questions{f" (and every {cfg.short_every}th step after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
+present-tense questions{f" (and one step in {cfg.short_every} after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
 probability {cfg.ask_probability}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes here.
 
 | step | minutes | loss | {" | ".join(_MIX)} |
