@@ -38,7 +38,7 @@ from ..models.base import ModelAdapter
 from ..shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
 from ..shapeworld.model import FRAME_SIZE
 from ..shapeworld.world import COLOURS, SHAPES
-from ..shapeworld.questions import appearances, is_correct, watch_target
+from ..shapeworld.questions import appearances, is_correct, probe_question, watch_target
 
 __all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts", "probe_binding", "PROBE_CASES"]
 
@@ -194,7 +194,7 @@ def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: Qua
     return score
 
 
-def probe_binding(adapter: ModelAdapter, seeds: Iterable[int], duration_s: float) -> dict[str, dict[str, float]]:
+def probe_binding(adapter: ModelAdapter, seeds: Iterable[int], duration_s: float) -> dict[str, dict[str, float | None]]:
     """Probe every colour x shape after every frame of the episodes ``seeds`` and summarise P(yes) by case.
 
     Returns, for each of :data:`PROBE_CASES`, how many probes fell in it, their mean P(yes) and the share
@@ -205,7 +205,7 @@ def probe_binding(adapter: ModelAdapter, seeds: Iterable[int], duration_s: float
     """
     scores: dict[str, list[float]] = {case: [] for case in PROBE_CASES}
     combos = [(colour, shape) for colour in COLOURS for shape in SHAPES]
-    prompts = [f"Is there a {colour} {shape} now?" for colour, shape in combos]
+    prompts = [probe_question(colour, shape) for colour, shape in combos]
     for seed in seeds:
         episode = make_episode(seed, duration_s=duration_s, fps=1.0, size=FRAME_SIZE)
         session = StreamSession(adapter, SessionConfig())
@@ -231,7 +231,7 @@ def probe_binding(adapter: ModelAdapter, seeds: Iterable[int], duration_s: float
 
 def sweep_memory(full: EpisodeScore, fraction: float, policy: str, top_k: int) -> MemoryConfig:
     """The memory settings for one sweep point: the frames get ``fraction`` of the tokens they take with
-    full memory (at least one frame's worth), the system prompt and the dialogue keep all of theirs, so
+    full memory (never less than the most recent frames that every policy keeps), the system prompt and the dialogue keep all of theirs, so
     what is measured is visual memory under compression."""
     per_frame = -(-full.frame_tokens // max(1, full.frames))
     frames = max(int(full.frame_tokens * fraction), MemoryConfig().recent_frames * per_frame)

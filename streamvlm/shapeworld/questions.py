@@ -24,7 +24,7 @@ import numpy as np
 from streamvlm.errors import ConfigError
 from streamvlm.shapeworld.world import COLOURS, SHAPES, Episode
 
-__all__ = ["QA", "CATEGORIES", "make_questions", "candidates", "FORWARD_TOLERANCE_S", "WHEN_TOLERANCE_S", "clock", "parse_clock", "spoken_answer", "is_correct", "appearances", "watch_target"]
+__all__ = ["QA", "CATEGORIES", "make_questions", "candidates", "FORWARD_TOLERANCE_S", "WHEN_TOLERANCE_S", "clock", "parse_clock", "spoken_answer", "is_correct", "appearances", "watch_target", "probe_question"]
 
 CATEGORIES: tuple[str, ...] = ("realtime", "backward", "forward", "probe")
 FORWARD_TOLERANCE_S = 2.0
@@ -42,6 +42,11 @@ class QA:
     question: str
     answer: str
     tolerance_s: float | None = None
+
+
+def probe_question(colour: str, shape: str) -> str:
+    """The yes/no probe about the present: "Is there a <colour> <shape> now?"."""
+    return f"Is there a {colour} {shape} now?"
 
 
 def _seconds(t: float) -> str:
@@ -69,11 +74,11 @@ def candidates(episode: Episode) -> dict[str, list[QA]]:
         out["realtime"].append(QA(t, "realtime", "How many shapes are visible?", str(len(vis))))
         # probe
         for colour, shape in sorted(set(combos)):
-            out["probe"].append(QA(t, "probe", f"Is there a {colour} {shape} now?", "yes"))
+            out["probe"].append(QA(t, "probe", probe_question(colour, shape), "yes"))
         for colour in COLOURS:
             for shape in SHAPES:
                 if (colour, shape) not in combos:
-                    out["probe"].append(QA(t, "probe", f"Is there a {colour} {shape} now?", "no"))
+                    out["probe"].append(QA(t, "probe", probe_question(colour, shape), "no"))
         # backward: first shape's colour (unique first entry)
         past = [e for e in enters if e.t < t]
         if past and sum(1 for e in past if e.t == past[0].t) == 1:

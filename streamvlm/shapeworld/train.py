@@ -36,7 +36,7 @@ from ..dialogue.controller import DEFAULT_PROBE_TEMPLATE
 from ..errors import ConfigError
 from ..models.smolvlm import SmolVLMAdapter
 from .model import FRAME_SIZE, SYSTEM_PROMPT, VOCAB_SIZE, build_untrained
-from .questions import QA, candidates, clock, spoken_answer
+from .questions import QA, candidates, clock, probe_question, spoken_answer
 from .world import COLOURS, SHAPES, Episode, make_episode
 
 __all__ = ["TrainConfig", "StreamLayout", "train", "model_card", "write_card", "TRAIN_SEED_BASE", "EVAL_SEED_BASE"]
@@ -200,7 +200,7 @@ def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, lis
             colour, shape = absent[int(rng.integers(len(absent)))]
             answer = "no"
         if rng.random() < 0.5:
-            return f"Is there a {colour} {shape} now?", answer
+            return probe_question(colour, shape), answer
         return DEFAULT_PROBE_TEMPLATE.format(condition=f"a {colour} {shape} appears"), answer
     return None if qa is None else (qa.question, spoken_answer(qa))
 
