@@ -23,7 +23,8 @@ from streamvlm.models.smolvlm import SmolVLMAdapter
 from streamvlm.shapeworld import QA, make_episode, make_questions
 from streamvlm.shapeworld.model import SYSTEM_PROMPT, build_untrained, checkpoint_dir
 from streamvlm.shapeworld.questions import appearances, clock, is_correct, parse_clock, spoken_answer, watch_target
-from streamvlm.shapeworld.train import StreamLayout, TrainConfig, _batch_logits, make_stream, train
+from streamvlm.shapeworld.train import (StreamLayout, TrainConfig, _batch_logits, _binding_question, conjunction_frames, make_stream,
+                                        pretrain_vision, train)
 
 SHIPPED = (checkpoint_dir() / "config.json").exists()
 needs_checkpoint = pytest.mark.skipif(not SHIPPED, reason="the ShapeWorld checkpoint is not in this tree")
@@ -123,6 +124,49 @@ def test_continuing_needs_the_same_architecture(tmp_path: Path) -> None:
     save_file(weights, tmp_path / "other" / "model.safetensors")
     with pytest.raises(RuntimeError, match="does not match the recipe's architecture"):
         train(TrainConfig(steps=1, init=str(tmp_path / "other")), tmp_path / "out", log=lambda _line: None)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_binding_questions_name_one_shape_and_answer_its_other_attribute(seed: int) -> None:
+    episode = make_episode(seed, duration_s=20, fps=1.0, size=64)
+    rng = np.random.default_rng(seed)
+    asked = 0
+    for t in episode.frame_times():
+        visible = episode.visible(t)
+        for kind in ("bind_colour", "bind_shape"):
+            item = _binding_question(visible, kind, rng)
+            if len(visible) < 2:  # one shape on screen needs no binding: the plain questions cover it
+                assert item is None
+                continue
+            if item is None:
+                continue
+            asked += 1
+            question, answer = item
+            named = question.split()[4]  # "What colour is the circle now?" / "What shape is the red one now?"
+            key = "shape" if kind == "bind_colour" else "colour"
+            matches = [s for s in visible if getattr(s, key) == named]
+            assert len(matches) == 1  # the question names exactly one shape on screen
+            assert answer == (matches[0].colour if kind == "bind_colour" else matches[0].shape)
+    assert asked > 0
+
+
+def test_conjunction_frames_label_what_is_on_screen() -> None:
+    pixels, targets = conjunction_frames(np.random.default_rng(5), 6)
+    again = conjunction_frames(np.random.default_rng(5), 6)
+    assert torch.equal(pixels, again[0]) and torch.equal(targets, again[1])
+    assert pixels.shape == (6, 1, 3, 64, 64) and targets.shape == (6, 12)
+    assert (targets.sum(1) >= 1).all() and set(targets.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_vision_pretraining_changes_only_the_vision_tower(tmp_path: Path) -> None:
+    model = build_untrained(tmp_path / "m")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = pretrain_vision(model, 2, 1e-3, 0, log=lambda _line: None, eval_every=1)
+    assert [h["step"] for h in history] == [1, 2] and all(0 <= h["frames_exact"] <= 1 for h in history)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".vision_model." in k or ".connector." in k for k in changed), sorted(changed)
+    with pytest.raises(ConfigError, match="vision_steps"):
+        TrainConfig(vision_steps=-1)
 
 
 def test_training_streams_are_deterministic(untrained: SmolVLMAdapter) -> None:

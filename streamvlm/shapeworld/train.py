@@ -45,9 +45,9 @@ TRAIN_SEED_BASE = 1_000_000
 EVAL_SEED_BASE = 500_000
 _IGNORE = -100
 # Relative frequency of each kind of training question.
-_MIX = {"count": 2, "shape": 2, "colour": 2, "probe": 5, "first": 1, "when": 3, "tell": 1}
+_MIX = {"count": 2, "shape": 2, "colour": 2, "probe": 5, "first": 1, "when": 3, "tell": 1, "bind_colour": 2, "bind_shape": 2}
 #: Kinds asked during the short warm-up (present tense only).
-_PRESENT = ("count", "shape", "colour", "probe")
+_PRESENT = ("count", "shape", "colour", "probe", "bind_colour", "bind_shape")
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,15 @@ class TrainConfig:
     mix: dict[str, int] = field(default_factory=lambda: dict(_MIX))  # relative frequency of each question kind
     # Share of "no" probes asked about a near miss (its colour or its shape is on screen on another shape).
     hard_negatives: float = 0.0
+    # Steps of vision pre-training before the language steps (see pretrain_vision); 0 = none.
+    vision_steps: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(_MIX)
         if unknown or not self.mix or any(not isinstance(w, int) or w < 0 for w in self.mix.values()) or not any(self.mix.values()):
             raise ConfigError(f"mix: integer weights >= 0 (not all 0) for kinds among {', '.join(_MIX)}, got {self.mix!r}")
+        if not isinstance(self.vision_steps, int) or self.vision_steps < 0:
+            raise ConfigError(f"vision_steps must be an integer >= 0, got {self.vision_steps!r}")
 
 
 @dataclass
@@ -176,6 +180,8 @@ def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, lis
     elif kind == "colour":  # training-only: "What colour is the shape on screen now?" with one shape visible
         visible = episode.visible(t)
         return ("What colour is the shape on screen now?", visible[0].colour) if len(visible) == 1 else None
+    elif kind in ("bind_colour", "bind_shape"):  # training-only: one attribute of a shape named by the other
+        return _binding_question(episode.visible(t), kind, rng)
     elif kind == "first":
         qa = pick([q for q in backward if q.question.startswith("What colour")])
     elif kind == "when":
@@ -203,6 +209,82 @@ def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, lis
             return probe_question(colour, shape), answer
         return DEFAULT_PROBE_TEMPLATE.format(condition=f"a {colour} {shape} appears"), answer
     return None if qa is None else (qa.question, spoken_answer(qa))
+
+
+def _binding_question(visible: list, kind: str, rng: np.random.Generator) -> tuple[str, str] | None:
+    """With two or more shapes on screen, ask the colour of the one shape of a kind ("What colour is the
+    circle now?") or the shape of the one shape of a colour ("What shape is the red one now?"): answering
+    needs colour and shape bound to the same object, which probes, "when" and alerts rely on."""
+    if len(visible) < 2:
+        return None
+    key, other = ("shape", "colour") if kind == "bind_colour" else ("colour", "shape")
+    unique = [s for s in visible if sum(getattr(o, key) == getattr(s, key) for o in visible) == 1]
+    if not unique:
+        return None
+    target = unique[int(rng.integers(len(unique)))]
+    if kind == "bind_colour":
+        return f"What colour is the {target.shape} now?", target.colour
+    return f"What shape is the {target.colour} one now?", target.shape
+
+
+_COMBOS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+_VISION_BATCH = 64
+
+
+def conjunction_frames(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` frames with two or more shapes on screen (pixels as the model reads them, ``(n, 1, 3, H, W)``)
+    and, per frame, which of the colour x shape combinations are on it (``(n, 12)`` of 0/1)."""
+    pixels, targets = [], []
+    while len(pixels) < n:
+        episode = make_episode(int(rng.integers(TRAIN_SEED_BASE, 2**31 - 1)), duration_s=20.0, fps=1.0, size=FRAME_SIZE)
+        t = float(rng.integers(0, 20))
+        visible = episode.visible(t)
+        if len(visible) < 2:
+            continue
+        on = {(s.colour, s.shape) for s in visible}
+        pixels.append(StreamLayout.pixels(episode.render(t)))
+        targets.append([float(combo in on) for combo in _COMBOS])
+    return torch.from_numpy(np.stack(pixels))[:, None], torch.tensor(targets)
+
+
+def pretrain_vision(model, steps: int, lr: float, seed: int, *, log=print, eval_every: int = 500) -> list[dict]:
+    """Train the vision tower and connector alone to tell which colour x shape combinations a frame holds.
+
+    The readout (discarded afterwards) is one linear map per visual token with the maximum taken over a
+    frame's tokens: a combination counts as on screen when some token points its way. So the tower
+    learns tokens in which colour and shape are bound to one object, each combination readable from
+    the token that holds it - what an attention query "red circle" needs for probes, "when did the red
+    circle appear?" and alerts, and what language-model training alone did not teach (docs/shapeworld.md).
+    Returns the held-out history: the share of 400 frames (seeds apart from training's) whose every
+    combination is right.
+    """
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, len(_COMBOS))
+    tower = list(model.model.vision_model.parameters()) + list(model.model.connector.parameters())
+    optimizer = torch.optim.AdamW(tower + list(head.parameters()), lr=lr)
+    rng = np.random.default_rng([seed, 31])
+    held_out = conjunction_frames(np.random.default_rng([seed, 37]), 400)
+
+    def readout(pixels: torch.Tensor) -> torch.Tensor:
+        return head(torch.stack(model.model.get_image_features(pixels, return_dict=True).pooler_output)).amax(1)
+
+    history, losses, started = [], [], time.perf_counter()
+    for step in range(steps):
+        pixels, targets = conjunction_frames(rng, _VISION_BATCH)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(readout(pixels), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            with torch.no_grad():
+                exact = float(((readout(held_out[0]) > 0) == (held_out[1] > 0.5)).all(1).float().mean())
+            entry = {"step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
+                     "loss": round(float(np.mean(losses)), 4), "frames_exact": round(exact, 4)}
+            history.append(entry)
+            losses.clear()
+            log(json.dumps({"vision": entry}))
+    return history
 
 
 def make_stream(layout: StreamLayout, seed: int, duration_s: int, cfg: TrainConfig, *, short: bool) -> Stream:
@@ -279,6 +361,7 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     model = build_untrained(out, seed=cfg.seed)
     if cfg.init is not None:
         _load_weights(model, Path(cfg.init), out)
+    vision = pretrain_vision(model, cfg.vision_steps, cfg.lr, cfg.seed, log=log) if cfg.vision_steps else []
     tokenizer = AutoTokenizer.from_pretrained(out)
     processor = AutoImageProcessor.from_pretrained(out, backend="pil")
     adapter = SmolVLMAdapter(model, tokenizer, processor, source=str(out))
@@ -326,13 +409,14 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
             losses.clear()
             log(json.dumps(entry))
             model.save_pretrained(out)
-            (out / "training.json").write_text(json.dumps(_record(cfg, history), indent=1))
+            (out / "training.json").write_text(json.dumps(_record(cfg, history, vision), indent=1))
     write_card(out)
-    return _record(cfg, history)
+    return _record(cfg, history, vision)
 
 
-def _record(cfg: TrainConfig, history: list[dict]) -> dict:
-    return {"config": {k: v for k, v in cfg.__dict__.items() if k != "mix"}, "mix": cfg.mix, "history": history}
+def _record(cfg: TrainConfig, history: list[dict], vision: list[dict]) -> dict:
+    record = {"config": {k: v for k, v in cfg.__dict__.items() if k != "mix"}, "mix": cfg.mix, "history": history}
+    return record | ({"vision": vision} if vision else {})
 
 
 def write_card(out: Path) -> None:
@@ -446,13 +530,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"default {','.join(f'{k}={v}' for k, v in _MIX.items())})")
     parser.add_argument("--hard-negatives", type=float, default=TrainConfig.hard_negatives,
                         help="share of 'no' probes about a near miss (colour or shape on screen on another shape)")
+    parser.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
+                        help="first train the vision tower alone this many steps to bind colour to shape (0 = none)")
     parser.add_argument("--init", default=None, help="continue from this checkpoint's weights (same tokenizer)")
     args = parser.parse_args(argv)
     try:
         cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
                           threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps,
                           short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
-                          hard_negatives=args.hard_negatives)
+                          hard_negatives=args.hard_negatives, vision_steps=args.vision_steps)
     except ConfigError as exc:
         parser.error(str(exc))
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
