@@ -72,6 +72,9 @@ class TrainConfig:
     hard_negatives: float = 0.0
     # Steps of vision pre-training before the language steps (see pretrain_vision); 0 = none.
     vision_steps: int = 0
+    # Keep the vision tower and connector as they are (for instance after vision pre-training): language
+    # training alone wears the binding down before the language model has learned to read it.
+    freeze_vision: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(_MIX)
@@ -229,6 +232,7 @@ def _binding_question(visible: list, kind: str, rng: np.random.Generator) -> tup
 
 _COMBOS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 _VISION_BATCH = 64
+_VISION_LR = 1e-3
 
 
 def conjunction_frames(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +251,10 @@ def conjunction_frames(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, 
     return torch.from_numpy(np.stack(pixels))[:, None], torch.tensor(targets)
 
 
+def _vision_parameters(model) -> list[torch.nn.Parameter]:
+    return list(model.model.vision_model.parameters()) + list(model.model.connector.parameters())
+
+
 def pretrain_vision(model, steps: int, lr: float, seed: int, *, log=print, eval_every: int = 500) -> list[dict]:
     """Train the vision tower and connector alone to tell which colour x shape combinations a frame holds.
 
@@ -260,8 +268,7 @@ def pretrain_vision(model, steps: int, lr: float, seed: int, *, log=print, eval_
     """
     torch.manual_seed(seed)
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(_COMBOS))
-    tower = list(model.model.vision_model.parameters()) + list(model.model.connector.parameters())
-    optimizer = torch.optim.AdamW(tower + list(head.parameters()), lr=lr)
+    optimizer = torch.optim.AdamW(_vision_parameters(model) + list(head.parameters()), lr=lr)
     rng = np.random.default_rng([seed, 31])
     held_out = conjunction_frames(np.random.default_rng([seed, 37]), 400)
 
@@ -361,7 +368,10 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     model = build_untrained(out, seed=cfg.seed)
     if cfg.init is not None:
         _load_weights(model, Path(cfg.init), out)
-    vision = pretrain_vision(model, cfg.vision_steps, cfg.lr, cfg.seed, log=log) if cfg.vision_steps else []
+    vision = pretrain_vision(model, cfg.vision_steps, _VISION_LR, cfg.seed, log=log) if cfg.vision_steps else []
+    if vision:
+        model.save_pretrained(out)
+        (out / "training.json").write_text(json.dumps(_record(cfg, [], vision), indent=1))
     tokenizer = AutoTokenizer.from_pretrained(out)
     processor = AutoImageProcessor.from_pretrained(out, backend="pil")
     adapter = SmolVLMAdapter(model, tokenizer, processor, source=str(out))
@@ -375,7 +385,9 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     batch_rng = np.random.default_rng([cfg.seed, 29])
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    for p in _vision_parameters(model):
+        p.requires_grad_(not cfg.freeze_vision)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -451,13 +463,17 @@ def _stage(number: int, stage: dict) -> str:
         for h in history
     )
     start = f"continued from the weights of stage {number - 1}" if cfg.init else "from a fresh initialisation"
-    return f"""### Stage {number}: {last['step']} steps, {start}
+    what = f"{last['step']} steps" if cfg.steps else "vision pre-training only"
+    head = f"""### Stage {number}: {what}, {start}
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
 ```
-
-AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
+{_vision_stage(cfg, stage.get("vision", []))}
+"""
+    if not cfg.steps:
+        return head
+    return head + f"""AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
 learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
 {cfg.threads} CPU thread(s), {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
 present-tense questions{f" (and one step in {cfg.short_every} after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
@@ -467,6 +483,21 @@ probability {cfg.ask_probability}; question weights {", ".join(f"{k} {v}" for k,
 |---|---|---|{"---|" * len(_MIX)}
 {rows}
 """
+
+
+def _vision_stage(cfg: TrainConfig, vision: list[dict]) -> str:
+    if not cfg.vision_steps and not cfg.freeze_vision:
+        return ""
+    lines = []
+    if cfg.vision_steps:
+        curve = ", ".join(f"{h['frames_exact']:.2f} at {h['step']}" for h in vision)
+        lines.append(f"First {cfg.vision_steps} steps of vision pre-training ({_VISION_BATCH} frames with two or more shapes per step, "
+                     f"learning rate {_VISION_LR}, "
+                     f"{vision[-1]['minutes'] if vision else 0:.0f} minutes): share of 400 held-out frames whose every colour x shape "
+                     f"combination the tokens tell right: {curve}.")
+    if cfg.freeze_vision:
+        lines.append("The vision tower and connector stay frozen during the language steps.")
+    return "\n" + " ".join(lines) + "\n"
 
 
 def model_card(stages: list[dict], params: int) -> str:
@@ -522,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     parser.add_argument("--short-steps", type=int, default=TrainConfig.short_steps, help="steps of 2-4-frame warm-up streams")
     parser.add_argument("--short-every", type=int, default=TrainConfig.short_every,
@@ -532,13 +564,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of 'no' probes about a near miss (colour or shape on screen on another shape)")
     parser.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
                         help="first train the vision tower alone this many steps to bind colour to shape (0 = none)")
+    parser.add_argument("--freeze-vision", action="store_true", help="train the language model only")
     parser.add_argument("--init", default=None, help="continue from this checkpoint's weights (same tokenizer)")
     args = parser.parse_args(argv)
     try:
         cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
-                          threads=args.threads, eval_every=args.eval_every, short_steps=args.short_steps,
+                          threads=args.threads, warmup_steps=args.warmup_steps, eval_every=args.eval_every, short_steps=args.short_steps,
                           short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
-                          hard_negatives=args.hard_negatives, vision_steps=args.vision_steps)
+                          hard_negatives=args.hard_negatives, vision_steps=args.vision_steps,
+                          freeze_vision=args.freeze_vision)
     except ConfigError as exc:
         parser.error(str(exc))
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
