@@ -220,7 +220,7 @@ def _binding_question(visible: list, kind: str, rng: np.random.Generator) -> tup
     needs colour and shape bound to the same object, which probes, "when" and alerts rely on."""
     if len(visible) < 2:
         return None
-    key, other = ("shape", "colour") if kind == "bind_colour" else ("colour", "shape")
+    key = "shape" if kind == "bind_colour" else "colour"
     unique = [s for s in visible if sum(getattr(o, key) == getattr(s, key) for o in visible) == 1]
     if not unique:
         return None
@@ -526,7 +526,9 @@ visible?"; shape: "What shape is on screen now?"; colour (asked in training only
 screen now?"; probe: "Is there a red circle now?" or the dialogue controller's "Is it true that a red
 circle appears right now? Answer yes or no."; first: "What colour was the first shape?"; when: "When
 did the red circle appear?" answered as the `MM:SS` of its first frame; tell: "Tell me when a red
-circle appears." asked once it is on screen, answered with that time). Only answer tokens carry a loss.
+circle appears." asked once it is on screen, answered with that time; bind_colour and bind_shape (in
+training only, with two or more shapes on screen): "What colour is the circle now?" and "What shape
+is the red one now?"). Only answer tokens carry a loss.
 
 ## Training
 
