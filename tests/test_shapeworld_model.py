@@ -191,8 +191,9 @@ def test_shipped_checkpoint_answers_fixed_questions() -> None:
     """Held-out episodes (seeds 100-111; training uses 500,000 and up), questions fixed by seed.
 
     The shipped model reads the present well (what shape, how many) and remembers the first shape's
-    colour; its "when" answers are weak (docs/shapeworld.md has its benchmark figures). Real-time questions must be answered at least 85 % right and clearly better than always
-    giving the most common answer; "What colour was the first shape?" at most one wrong.
+    colour; its "when" answers are weak (docs/shapeworld.md has its benchmark figures). Real-time
+    questions must be answered at least 85 % right and clearly better than always giving the most
+    common answer; "What colour was the first shape?" at most one wrong.
     """
     adapter = load_model("shapeworld")
     outcomes: list[tuple[QA, str, bool]] = []
