@@ -263,8 +263,8 @@ def pretrain_vision(model, steps: int, lr: float, seed: int, *, log=print, eval_
     learns tokens in which colour and shape are bound to one object, each combination readable from
     the token that holds it - what an attention query "red circle" needs for probes, "when did the red
     circle appear?" and alerts, and what language-model training alone did not teach (docs/shapeworld.md).
-    Returns the held-out history: the share of 400 frames (seeds apart from training's) whose every
-    combination is right.
+    Returns the held-out history: the share of 400 frames from a separate random draw (episode seeds out
+    of two billion, so a repeat of a training frame is unlikely) whose every combination is right.
     """
     torch.manual_seed(seed)
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(_COMBOS))
@@ -493,7 +493,7 @@ def _vision_stage(cfg: TrainConfig, vision: list[dict]) -> str:
         curve = ", ".join(f"{h['frames_exact']:.2f} at {h['step']}" for h in vision)
         lines.append(f"First {cfg.vision_steps} steps of vision pre-training ({_VISION_BATCH} frames with two or more shapes per step, "
                      f"learning rate {_VISION_LR}, "
-                     f"{vision[-1]['minutes'] if vision else 0:.0f} minutes): share of 400 held-out frames whose every colour x shape "
+                     f"{vision[-1]['minutes'] if vision else 0:.0f} minutes): share of 400 frames from a separate draw whose every colour x shape "
                      f"combination the tokens tell right: {curve}.")
     if cfg.freeze_vision:
         lines.append("The vision tower and connector stay frozen during the language steps.")
