@@ -115,6 +115,20 @@ def test_training_runs_and_the_result_loads(tmp_path: Path) -> None:
     assert "--init STAGE_1_DIR" in card
 
 
+def test_worker_processes_do_not_change_what_is_trained(tmp_path: Path) -> None:
+    """Batches made ahead by worker processes are the batches the main process would make, in order."""
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(steps=2, batch=2, warmup_steps=1, short_steps=1, min_duration_s=6, max_duration_s=7, eval_every=2,
+                      eval_streams=2, vision_steps=2)
+    train(cfg, tmp_path / "here", log=lambda _line: None)
+    train(replace(cfg, workers=2), tmp_path / "ahead", log=lambda _line: None)
+    here, ahead = load_file(tmp_path / "here" / "model.safetensors"), load_file(tmp_path / "ahead" / "model.safetensors")
+    assert here.keys() == ahead.keys() and all(torch.equal(here[k], ahead[k]) for k in here)
+    with pytest.raises(ConfigError, match="workers"):
+        TrainConfig(workers=-1)
+
+
 def test_continuing_needs_the_same_architecture(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -154,7 +168,7 @@ def test_conjunction_frames_label_what_is_on_screen() -> None:
     pixels, targets = conjunction_frames(np.random.default_rng(5), 6)
     again = conjunction_frames(np.random.default_rng(5), 6)
     assert torch.equal(pixels, again[0]) and torch.equal(targets, again[1])
-    assert pixels.shape == (6, 1, 3, 64, 64) and targets.shape == (6, 12)
+    assert pixels.shape == (6, 64, 64, 3) and pixels.dtype == torch.uint8 and targets.shape == (6, 12)
     assert (targets.sum(1) >= 1).all() and set(targets.unique().tolist()) <= {0.0, 1.0}
 
 

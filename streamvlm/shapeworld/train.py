@@ -75,6 +75,8 @@ class TrainConfig:
     # Keep the vision tower and connector as they are (for instance after vision pre-training): language
     # training alone wears the binding down before the language model has learned to read it.
     freeze_vision: bool = False
+    device: str = "cpu"  # "cuda" trains on a GPU: same data and steps, different rounding
+    workers: int = 0  # processes that lay out the next batches while the model trains (0 = the main process)
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(_MIX)
@@ -82,16 +84,51 @@ class TrainConfig:
             raise ConfigError(f"mix: integer weights >= 0 (not all 0) for kinds among {', '.join(_MIX)}, got {self.mix!r}")
         if not isinstance(self.vision_steps, int) or self.vision_steps < 0:
             raise ConfigError(f"vision_steps must be an integer >= 0, got {self.vision_steps!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"workers must be an integer >= 0, got {self.workers!r}")
 
 
 @dataclass
 class Stream:
-    """One training stream: token ids, per-token targets (``-100`` where no loss), frames, answer spans."""
+    """One training stream: token ids, per-token targets (``-100`` where no loss), frames (``H x W x 3``
+    uint8, as rendered), answer spans."""
 
     ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
     answers: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, first label index, end)
+
+
+@dataclass
+class Batch:
+    """Right-padded streams as tensors: ``ids``, ``labels`` and ``mask`` are ``(B, T)``; ``frames`` holds every
+    stream's frames in order, ``(N, H, W, 3)`` uint8 (a quarter of the bytes of pixels, for worker processes)."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    frames: torch.Tensor
+
+    @classmethod
+    def of(cls, streams: list[Stream], pad_id: int) -> Batch:
+        width = max(len(s.ids) for s in streams)
+        ids = torch.full((len(streams), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(streams), width), _IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(streams), width), dtype=torch.long)
+        for i, s in enumerate(streams):
+            ids[i, : len(s.ids)] = torch.tensor(s.ids)
+            labels[i, : len(s.labels)] = torch.tensor(s.labels)
+            mask[i, : len(s.ids)] = 1
+        return cls(ids, labels, mask, torch.from_numpy(np.stack([f for s in streams for f in s.frames])))
+
+    def to(self, device: str) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.ids, self.labels, self.mask, self.frames)))
+
+
+def pixels(frames: torch.Tensor) -> torch.Tensor:
+    """Rendered frames ``(N, H, W, 3)`` uint8 -> what the model reads, ``(N, 1, 3, H, W)`` in [-1, 1]: the
+    image processor's rescale and normalisation (checked against it by :class:`StreamLayout`)."""
+    return ((frames.float() / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2)[:, None]
 
 
 class StreamLayout:
@@ -106,7 +143,7 @@ class StreamLayout:
         self._frame_cache: dict[int, list[int]] = {}
         # The engine reads frames through the image processor; training computes the same pixels directly.
         reference = adapter.prepare_frame(blank, 0.0).pixels["pixel_values"][0, 0].numpy()
-        if not np.allclose(reference, self.pixels(blank), atol=1e-6):
+        if not np.allclose(reference, pixels(torch.from_numpy(blank[None]))[0, 0].numpy(), atol=1e-6):
             raise RuntimeError("training pixels differ from the image processor's; the recipe is out of date")
 
     def frame_ids(self, t: float) -> list[int]:
@@ -114,10 +151,6 @@ class StreamLayout:
         if key not in self._frame_cache:
             self._frame_cache[key] = self.adapter.prepare_frame(np.full((FRAME_SIZE, FRAME_SIZE, 3), 40, np.uint8), t).input_ids
         return self._frame_cache[key]
-
-    @staticmethod
-    def pixels(image: np.ndarray) -> np.ndarray:
-        return ((image.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
 
     def stream(self, episode: Episode, questions: list[tuple[float, str, str, str]]) -> Stream:
         """Lay out ``episode`` at 1 frame/s with ``questions`` = (t, kind, question, answer text), sorted by t."""
@@ -129,7 +162,7 @@ class StreamLayout:
             seg = self.frame_ids(t)
             out.ids.extend(seg)
             out.labels.extend([_IGNORE] * len(seg))
-            out.frames.append(self.pixels(episode.render(t)))
+            out.frames.append(episode.render(t))
             while pending and pending[0][0] < t + 1:
                 _, kind, question, answer = pending.pop(0)
                 q = self.adapter.question_ids(question)
@@ -236,26 +269,48 @@ _VISION_LR = 1e-3
 
 
 def conjunction_frames(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` frames with two or more shapes on screen (pixels as the model reads them, ``(n, 1, 3, H, W)``)
-    and, per frame, which of the colour x shape combinations are on it (``(n, 12)`` of 0/1)."""
-    pixels, targets = [], []
-    while len(pixels) < n:
+    """``n`` frames with two or more shapes on screen (as rendered, ``(n, H, W, 3)`` uint8) and, per frame,
+    which of the colour x shape combinations are on it (``(n, 12)`` of 0/1)."""
+    frames, targets = [], []
+    while len(frames) < n:
         episode = make_episode(int(rng.integers(TRAIN_SEED_BASE, 2**31 - 1)), duration_s=20.0, fps=1.0, size=FRAME_SIZE)
         t = float(rng.integers(0, 20))
         visible = episode.visible(t)
         if len(visible) < 2:
             continue
         on = {(s.colour, s.shape) for s in visible}
-        pixels.append(StreamLayout.pixels(episode.render(t)))
+        frames.append(episode.render(t))
         targets.append([float(combo in on) for combo in _COMBOS])
-    return torch.from_numpy(np.stack(pixels))[:, None], torch.tensor(targets)
+    return torch.from_numpy(np.stack(frames)), torch.tensor(targets)
 
 
 def _vision_parameters(model) -> list[torch.nn.Parameter]:
     return list(model.model.vision_model.parameters()) + list(model.model.connector.parameters())
 
 
-def pretrain_vision(model, steps: int, lr: float, seed: int, *, log=print, eval_every: int = 500) -> list[dict]:
+class _Steps(torch.utils.data.Dataset):
+    """Step ``i``'s batch is ``make(i)``: worker processes make the next batches, delivered in step order."""
+
+    def __init__(self, make, steps: int) -> None:
+        self.make, self.steps = make, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        return self.make(step)
+
+
+def _batches(make, steps: int, workers: int):
+    """``make(0), make(1), ...`` - made ahead by ``workers`` forked processes when ``workers > 0``; the
+    batches depend only on the step, so the worker count does not change what is trained on."""
+    if workers == 0 or steps == 0:
+        return map(make, range(steps))
+    return iter(torch.utils.data.DataLoader(_Steps(make, steps), batch_size=None, num_workers=workers,
+                                            prefetch_factor=4, multiprocessing_context="fork"))
+
+
+def pretrain_vision(model, steps: int, lr: float, seed: int, *, log=print, eval_every: int = 500, workers: int = 0) -> list[dict]:
     """Train the vision tower and connector alone to tell which colour x shape combinations a frame holds.
 
     The readout (discarded afterwards) is one linear map per visual token with the maximum taken over a
@@ -265,20 +320,21 @@ def pretrain_vision(model, steps: int, lr: float, seed: int, *, log=print, eval_
     circle appear?" and alerts, and what language-model training alone did not teach (docs/shapeworld.md).
     Returns the held-out history: the share of 400 frames from a separate random draw (episode seeds out
     of two billion, so a repeat of a training frame is unlikely) whose every combination is right.
+    Runs on the model's device; step ``i``'s frames come from the seed ``[seed, 31, i]``.
     """
+    device = next(model.parameters()).device
     torch.manual_seed(seed)
-    head = torch.nn.Linear(model.config.text_config.hidden_size, len(_COMBOS))
+    head = torch.nn.Linear(model.config.text_config.hidden_size, len(_COMBOS)).to(device)
     optimizer = torch.optim.AdamW(_vision_parameters(model) + list(head.parameters()), lr=lr)
-    rng = np.random.default_rng([seed, 31])
-    held_out = conjunction_frames(np.random.default_rng([seed, 37]), 400)
+    held_out = [t.to(device) for t in conjunction_frames(np.random.default_rng([seed, 37]), 400)]
 
-    def readout(pixels: torch.Tensor) -> torch.Tensor:
-        return head(torch.stack(model.model.get_image_features(pixels, return_dict=True).pooler_output)).amax(1)
+    def readout(frames: torch.Tensor) -> torch.Tensor:
+        return head(torch.stack(model.model.get_image_features(pixels(frames), return_dict=True).pooler_output)).amax(1)
 
     history, losses, started = [], [], time.perf_counter()
-    for step in range(steps):
-        pixels, targets = conjunction_frames(rng, _VISION_BATCH)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(readout(pixels), targets)
+    draws = _batches(lambda step: conjunction_frames(np.random.default_rng([seed, 31, step]), _VISION_BATCH), steps, workers)
+    for step, (frames, targets) in enumerate(draws):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(readout(frames.to(device)), targets.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -307,23 +363,20 @@ def _duration(rng: np.random.Generator, cfg: TrainConfig, short: bool) -> int:
     return int(rng.integers(2, 5)) if short else int(rng.integers(cfg.min_duration_s, cfg.max_duration_s + 1))
 
 
-def _batch_logits(model, streams: list[Stream], pad_id: int, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits for a right-padded batch of streams and the matching label tensor."""
-    width = max(len(s.ids) for s in streams)
-    ids = torch.full((len(streams), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(streams), width), _IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(streams), width), dtype=torch.long)
-    for i, s in enumerate(streams):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        labels[i, : len(s.labels)] = torch.tensor(s.labels)
-        mask[i, : len(s.ids)] = 1
-    pixels = torch.from_numpy(np.stack([f for s in streams for f in s.frames]))[:, None]
-    features = torch.cat(model.model.get_image_features(pixels, return_dict=True).pooler_output)
-    embeds = model.get_input_embeddings()(ids)
-    slots = ids == image_token_id
+def _logits(model, batch: Batch, image_token_id: int) -> torch.Tensor:
+    """Logits for every position of ``batch`` (on the model's device)."""
+    features = torch.cat(model.model.get_image_features(pixels(batch.frames), return_dict=True).pooler_output)
+    embeds = model.get_input_embeddings()(batch.ids)
+    slots = batch.ids == image_token_id
     embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
-    hidden = model.model.text_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    return model.lm_head(hidden), labels
+    hidden = model.model.text_model(inputs_embeds=embeds, attention_mask=batch.mask).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def _batch_logits(model, streams: list[Stream], pad_id: int, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for a right-padded batch of streams and the matching label tensor (on the model's device)."""
+    batch = Batch.of(streams, pad_id).to(next(model.parameters()).device)
+    return _logits(model, batch, image_token_id), batch.labels
 
 
 def _evaluate(model, streams: list[Stream], pad_id: int, image_token_id: int) -> dict[str, float]:
@@ -334,7 +387,7 @@ def _evaluate(model, streams: list[Stream], pad_id: int, image_token_id: int) ->
         for i in range(0, len(streams), 8):
             chunk = streams[i : i + 8]
             logits, labels = _batch_logits(model, chunk, pad_id, image_token_id)
-            guess = logits.argmax(-1)
+            guess, labels = logits.argmax(-1).cpu(), labels.cpu()
             for b, s in enumerate(chunk):
                 for kind, lo, hi in s.answers:
                     ok = bool((guess[b, lo:hi] == labels[b, lo:hi]).all())
@@ -368,7 +421,8 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     model = build_untrained(out, seed=cfg.seed)
     if cfg.init is not None:
         _load_weights(model, Path(cfg.init), out)
-    vision = pretrain_vision(model, cfg.vision_steps, _VISION_LR, cfg.seed, log=log) if cfg.vision_steps else []
+    model.to(cfg.device)
+    vision = pretrain_vision(model, cfg.vision_steps, _VISION_LR, cfg.seed, log=log, workers=cfg.workers) if cfg.vision_steps else []
     if vision:
         model.save_pretrained(out)
         (out / "training.json").write_text(json.dumps(_record(cfg, [], vision), indent=1))
@@ -398,16 +452,21 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     history: list[dict] = []
     started = time.perf_counter()
     losses: list[float] = []
-    next_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
-    for step in range(min(cfg.steps, cfg.stop_after or cfg.steps)):
-        short = step < cfg.short_steps or (cfg.short_every > 0 and step % cfg.short_every == 0)
-        duration = _duration(batch_rng, cfg, short)  # one length per batch: little padding
-        streams = [make_stream(layout, next_seed + i, duration, cfg, short=short) for i in range(cfg.batch)]
-        next_seed += cfg.batch
+    steps = min(cfg.steps, cfg.stop_after or cfg.steps)
+    short = [step < cfg.short_steps or (cfg.short_every > 0 and step % cfg.short_every == 0) for step in range(steps)]
+    duration = [_duration(batch_rng, cfg, s) for s in short]  # one length per batch: little padding
+    first_seed = TRAIN_SEED_BASE + cfg.seed * 10_000_000
+
+    def make_batch(step: int) -> Batch:
+        return Batch.of([make_stream(layout, first_seed + step * cfg.batch + i, duration[step], cfg, short=short[step])
+                         for i in range(cfg.batch)], pad_id)
+
+    for step, batch in enumerate(_batches(make_batch, steps, cfg.workers)):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        logits, labels = _batch_logits(model, streams, pad_id, image_token_id)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=_IGNORE)
+        batch = batch.to(cfg.device)
+        loss = torch.nn.functional.cross_entropy(_logits(model, batch, image_token_id).flatten(0, 1), batch.labels.flatten(),
+                                                 ignore_index=_IGNORE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -428,6 +487,8 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
 
 def _record(cfg: TrainConfig, history: list[dict], vision: list[dict]) -> dict:
     record = {"config": {k: v for k, v in cfg.__dict__.items() if k != "mix"}, "mix": cfg.mix, "history": history}
+    if cfg.device != "cpu":
+        record["hardware"] = torch.cuda.get_device_name(cfg.device) if cfg.device.startswith("cuda") else cfg.device
     return record | ({"vision": vision} if vision else {})
 
 
@@ -467,7 +528,7 @@ def _stage(number: int, stage: dict) -> str:
     head = f"""### Stage {number}: {what}, {start}
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{f" --device {cfg.device} --workers {cfg.workers}" if cfg.device != "cpu" else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
 ```
 {_vision_stage(cfg, stage.get("vision", []))}
 """
@@ -475,14 +536,20 @@ python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-aft
         return head
     return head + f"""AdamW (weight decay 0.01, betas 0.9/0.98), {cfg.warmup_steps} warm-up steps, cosine decay to a tenth of the
 learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
-{cfg.threads} CPU thread(s), {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
+{_where(cfg, stage)}, {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
 present-tense questions{f" (and one step in {cfg.short_every} after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
-probability {cfg.ask_probability}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes here.
+probability {cfg.ask_probability}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes.
 
 | step | minutes | loss | {" | ".join(_MIX)} |
 |---|---|---|{"---|" * len(_MIX)}
 {rows}
 """
+
+
+def _where(cfg: TrainConfig, stage: dict) -> str:
+    if cfg.device == "cpu":
+        return f"{cfg.threads} CPU thread(s)"
+    return f"{stage.get('hardware', cfg.device)} with {cfg.workers} data processes"
 
 
 def _vision_stage(cfg: TrainConfig, vision: list[dict]) -> str:
@@ -568,13 +635,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="first train the vision tower alone this many steps to bind colour to shape (0 = none)")
     parser.add_argument("--freeze-vision", action="store_true", help="train the language model only")
     parser.add_argument("--init", default=None, help="continue from this checkpoint's weights (same tokenizer)")
+    parser.add_argument("--device", default=TrainConfig.device, help="torch device to train on, e.g. cuda (default cpu)")
+    parser.add_argument("--workers", type=int, default=TrainConfig.workers,
+                        help="processes that make the next batches ahead (0 = the main process; results do not depend on it)")
     args = parser.parse_args(argv)
     try:
         cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
                           threads=args.threads, warmup_steps=args.warmup_steps, eval_every=args.eval_every, short_steps=args.short_steps,
                           short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
                           hard_negatives=args.hard_negatives, vision_steps=args.vision_steps,
-                          freeze_vision=args.freeze_vision)
+                          freeze_vision=args.freeze_vision, device=args.device, workers=args.workers)
     except ConfigError as exc:
         parser.error(str(exc))
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
