@@ -164,6 +164,27 @@ def test_binding_questions_name_one_shape_and_answer_its_other_attribute(seed: i
     assert asked > 0
 
 
+def test_follow_up_questions_share_their_moment() -> None:
+    """With follow-ups, some moments hold two or three questions (as when a user asks twice before the next
+    frame, or the controller probes right after an answer); without them, one at most."""
+    from collections import Counter
+
+    from streamvlm.shapeworld.train import _MIX, _pick_questions
+
+    def per_moment(follow_ups: float) -> Counter:
+        counts: Counter = Counter()
+        for seed in range(6):
+            episode = make_episode(seed, duration_s=20, fps=1.0, size=64)
+            asked = _pick_questions(episode, np.random.default_rng(seed), _MIX, short=False, ask_probability=0.9, follow_ups=follow_ups)
+            counts.update(Counter(Counter(t for t, *_ in asked).values()))
+        return counts
+
+    assert set(per_moment(0.0)) == {1}
+    assert set(per_moment(0.5)) == {1, 2, 3}
+    with pytest.raises(ConfigError, match="follow_ups"):
+        TrainConfig(follow_ups=1.0)
+
+
 def test_conjunction_frames_label_what_is_on_screen() -> None:
     pixels, targets = conjunction_frames(np.random.default_rng(5), 6)
     again = conjunction_frames(np.random.default_rng(5), 6)

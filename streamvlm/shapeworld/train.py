@@ -70,6 +70,9 @@ class TrainConfig:
     mix: dict[str, int] = field(default_factory=lambda: dict(_MIX))  # relative frequency of each question kind
     # Share of "no" probes asked about a near miss (its colour or its shape is on screen on another shape).
     hard_negatives: float = 0.0
+    # Chance that another question follows a question at the same moment, before the next frame (at most
+    # three in a row): users ask in quick succession and the dialogue controller probes right after an answer.
+    follow_ups: float = 0.0
     # Steps of vision pre-training before the language steps (see pretrain_vision); 0 = none.
     vision_steps: int = 0
     # Keep the vision tower and connector as they are (for instance after vision pre-training): language
@@ -84,6 +87,8 @@ class TrainConfig:
             raise ConfigError(f"mix: integer weights >= 0 (not all 0) for kinds among {', '.join(_MIX)}, got {self.mix!r}")
         if not isinstance(self.vision_steps, int) or self.vision_steps < 0:
             raise ConfigError(f"vision_steps must be an integer >= 0, got {self.vision_steps!r}")
+        if not 0.0 <= self.follow_ups < 1.0:
+            raise ConfigError(f"follow_ups must be a probability in [0, 1), got {self.follow_ups!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError(f"workers must be an integer >= 0, got {self.workers!r}")
 
@@ -179,8 +184,9 @@ class StreamLayout:
 
 
 def _pick_questions(episode: Episode, rng: np.random.Generator, mix: dict[str, int], *, short: bool,
-                    ask_probability: float, hard_negatives: float = 0.0) -> list[tuple[float, str, str, str]]:
-    """Questions for a training stream: at most one per half second, kinds drawn with the weights ``mix``."""
+                    ask_probability: float, hard_negatives: float = 0.0, follow_ups: float = 0.0) -> list[tuple[float, str, str, str]]:
+    """Questions for a training stream at half seconds, kinds drawn with the weights ``mix``; each one is
+    followed by another at the same moment with probability ``follow_ups`` (at most three in a row)."""
     by_t: dict[float, dict[str, list[QA]]] = {}
     for cat, qas in candidates(episode).items():
         for qa in qas:
@@ -193,11 +199,14 @@ def _pick_questions(episode: Episode, rng: np.random.Generator, mix: dict[str, i
     for t, cats in sorted(by_t.items()):
         if rng.random() > ask_probability:
             continue
-        for _ in range(4):  # a few tries to find a kind that has a question here
-            kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-            item = _question_of_kind(episode, t, kind, cats, rng, hard_negatives)
-            if item is not None:
-                out.append((t, kind, *item))
+        for _ in range(3):
+            for _ in range(4):  # a few tries to find a kind that has a question here
+                kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+                item = _question_of_kind(episode, t, kind, cats, rng, hard_negatives)
+                if item is not None:
+                    out.append((t, kind, *item))
+                    break
+            if not (follow_ups and rng.random() < follow_ups):
                 break
     return out
 
@@ -356,7 +365,7 @@ def make_stream(layout: StreamLayout, seed: int, duration_s: int, cfg: TrainConf
     episode = make_episode(seed, duration_s=float(duration_s), fps=1.0, size=FRAME_SIZE)
     prob = 1.0 if short else cfg.ask_probability
     return layout.stream(episode, _pick_questions(episode, rng, cfg.mix, short=short, ask_probability=prob,
-                                                  hard_negatives=cfg.hard_negatives))
+                                                  hard_negatives=cfg.hard_negatives, follow_ups=cfg.follow_ups))
 
 
 def _duration(rng: np.random.Generator, cfg: TrainConfig, short: bool) -> int:
@@ -432,7 +441,7 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     layout = StreamLayout(adapter)
     pad_id, image_token_id = int(tokenizer.pad_token_id), adapter.image_token_id
     eval_rng = np.random.default_rng(EVAL_SEED_BASE)
-    eval_cfg = replace(cfg, mix=dict(_MIX), hard_negatives=0.0)  # every stage is evaluated on the same questions
+    eval_cfg = replace(cfg, mix=dict(_MIX), hard_negatives=0.0, follow_ups=0.0)  # every stage: the same questions
     eval_streams = [make_stream(layout, EVAL_SEED_BASE + i, int(eval_rng.integers(12, 25)), eval_cfg, short=False)
                     for i in range(cfg.eval_streams)]
     eval_streams.sort(key=lambda s: len(s.ids))  # similar lengths batch with little padding
@@ -528,7 +537,7 @@ def _stage(number: int, stage: dict) -> str:
     head = f"""### Stage {number}: {what}, {start}
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{f" --device {cfg.device} --workers {cfg.workers}" if cfg.device != "cpu" else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{f" --follow-ups {cfg.follow_ups}" if cfg.follow_ups else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{f" --device {cfg.device} --workers {cfg.workers}" if cfg.device != "cpu" else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
 ```
 {_vision_stage(cfg, stage.get("vision", []))}
 """
@@ -538,7 +547,7 @@ python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-aft
 learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
 {_where(cfg, stage)}, {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
 present-tense questions{f" (and one step in {cfg.short_every} after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
-probability {cfg.ask_probability}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes.
+probability {cfg.ask_probability}{f" (followed by another at the same moment with probability {cfg.follow_ups})" if cfg.follow_ups else ""}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes.
 
 | step | minutes | loss | {" | ".join(_MIX)} |
 |---|---|---|{"---|" * len(_MIX)}
@@ -631,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"default {','.join(f'{k}={v}' for k, v in _MIX.items())})")
     parser.add_argument("--hard-negatives", type=float, default=TrainConfig.hard_negatives,
                         help="share of 'no' probes about a near miss (colour or shape on screen on another shape)")
+    parser.add_argument("--follow-ups", type=float, default=TrainConfig.follow_ups,
+                        help="chance that another question follows at the same moment, before the next frame")
     parser.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
                         help="first train the vision tower alone this many steps to bind colour to shape (0 = none)")
     parser.add_argument("--freeze-vision", action="store_true", help="train the language model only")
@@ -643,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
                           threads=args.threads, warmup_steps=args.warmup_steps, eval_every=args.eval_every, short_steps=args.short_steps,
                           short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
-                          hard_negatives=args.hard_negatives, vision_steps=args.vision_steps,
+                          hard_negatives=args.hard_negatives, follow_ups=args.follow_ups, vision_steps=args.vision_steps,
                           freeze_vision=args.freeze_vision, device=args.device, workers=args.workers)
     except ConfigError as exc:
         parser.error(str(exc))
