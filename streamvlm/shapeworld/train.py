@@ -1,4 +1,4 @@
-"""Train the ShapeWorld model from scratch on this machine's CPU, from a seed.
+"""Train the ShapeWorld model from scratch, from a seed, on a CPU (or a GPU with ``--device cuda``).
 
 Every training example is one ShapeWorld stream laid out token for token as the engine lays it out
 at inference: the conversation start, then for each frame its ``Frame from MM:SS:`` text and visual
@@ -16,7 +16,8 @@ appears." asked once it is on screen (the deferred question's final answer). A w
 Seeds: training episodes use seeds from :data:`TRAIN_SEED_BASE` up; evaluation during training uses
 :data:`EVAL_SEED_BASE`; the quality benchmark uses seeds below both, so it is held out.
 
-Run: ``python -m streamvlm.shapeworld.train --steps N --out DIR``.
+Run: ``python -m streamvlm.shapeworld.train --steps N --out DIR``; the shipped model's stages and their
+commands are in its model card (``checkpoint/README.md``).
 """
 
 from __future__ import annotations
