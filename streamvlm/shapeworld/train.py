@@ -37,7 +37,7 @@ from ..dialogue.controller import DEFAULT_PROBE_TEMPLATE
 from ..errors import ConfigError
 from ..models.smolvlm import SmolVLMAdapter
 from .model import FRAME_SIZE, SYSTEM_PROMPT, VOCAB_SIZE, build_untrained
-from .questions import QA, candidates, clock, probe_question, spoken_answer
+from .questions import QA, appearances, candidates, clock, probe_question, spoken_answer
 from .world import COLOURS, SHAPES, Episode, make_episode
 
 __all__ = ["TrainConfig", "StreamLayout", "train", "model_card", "write_card", "TRAIN_SEED_BASE", "EVAL_SEED_BASE"]
@@ -46,7 +46,10 @@ TRAIN_SEED_BASE = 1_000_000
 EVAL_SEED_BASE = 500_000
 _IGNORE = -100
 # Relative frequency of each kind of training question.
-_MIX = {"count": 2, "shape": 2, "colour": 2, "probe": 5, "first": 1, "when": 3, "tell": 1, "bind_colour": 2, "bind_shape": 2}
+_MIX = {"count": 2, "shape": 2, "colour": 2, "probe": 5, "first": 1, "when": 3, "tell": 1, "bind_colour": 2, "bind_shape": 2,
+        "tell_now": 0}
+#: Kinds the evaluation during training asks (and the model card's curves show).
+_EVALUATED = [kind for kind, weight in _MIX.items() if weight]
 #: Kinds asked during the short warm-up (present tense only).
 _PRESENT = ("count", "shape", "colour", "probe", "bind_colour", "bind_shape")
 
@@ -226,6 +229,8 @@ def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, lis
     elif kind == "colour":  # training-only: "What colour is the shape on screen now?" with one shape visible
         visible = episode.visible(t)
         return ("What colour is the shape on screen now?", visible[0].colour) if len(visible) == 1 else None
+    elif kind == "tell_now":  # training-only: the deferred answer as the controller asks it, soon after the appearance
+        return _recent_appearance(episode, t, rng)
     elif kind in ("bind_colour", "bind_shape"):  # training-only: one attribute of a shape named by the other
         return _binding_question(episode.visible(t), kind, rng)
     elif kind == "first":
@@ -255,6 +260,21 @@ def _question_of_kind(episode: Episode, t: float, kind: str, cats: dict[str, lis
             return probe_question(colour, shape), answer
         return DEFAULT_PROBE_TEMPLATE.format(condition=f"a {colour} {shape} appears"), answer
     return None if qa is None else (qa.question, spoken_answer(qa))
+
+
+def _recent_appearance(episode: Episode, t: float, rng: np.random.Generator) -> tuple[str, str] | None:
+    """"Tell me when a red circle appears." about a colour x shape that started to be on screen at most
+    2.5 s before ``t``, answered with that moment: what the dialogue controller asks once its trigger
+    fires, one or two frames after the appearance (the "tell" kind asks at any time, about the first)."""
+    recent = []
+    for colour, shape in sorted({(s.colour, s.shape) for s in episode.visible(t)}):
+        last = max((a for a in appearances(episode, colour, shape) if a <= t), default=None)
+        if last is not None and t - last <= 2.5:
+            recent.append((colour, shape, last))
+    if not recent:
+        return None
+    colour, shape, last = recent[int(rng.integers(len(recent)))]
+    return f"Tell me when a {colour} {shape} appears.", clock(last)
 
 
 def _binding_question(visible: list, kind: str, rng: np.random.Generator) -> tuple[str, str] | None:
@@ -530,7 +550,7 @@ def _stage(number: int, stage: dict) -> str:
     last = history[-1] if history else {"step": 0, "minutes": 0, "eval": {}}
     rows = "\n".join(
         f"| {h['step']} | {h['minutes']:.1f} | {h['loss']:.3f} | "
-        + " | ".join(f"{h['eval'][k]:.2f}" if k in h["eval"] else "-" for k in _MIX) + " |"
+        + " | ".join(f"{h['eval'][k]:.2f}" if k in h["eval"] else "-" for k in _EVALUATED) + " |"
         for h in history
     )
     start = f"continued from the weights of stage {number - 1}" if cfg.init else "from a fresh initialisation"
@@ -550,8 +570,8 @@ learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gr
 present-tense questions{f" (and one step in {cfg.short_every} after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
 probability {cfg.ask_probability}{f" (followed by another at the same moment with probability {cfg.follow_ups})" if cfg.follow_ups else ""}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes.
 
-| step | minutes | loss | {" | ".join(_MIX)} |
-|---|---|---|{"---|" * len(_MIX)}
+| step | minutes | loss | {" | ".join(_EVALUATED)} |
+|---|---|---|{"---|" * len(_EVALUATED)}
 {rows}
 """
 
@@ -605,7 +625,9 @@ circle appears right now? Answer yes or no."; first: "What colour was the first 
 did the red circle appear?" answered as the `MM:SS` of its first frame; tell: "Tell me when a red
 circle appears." asked once it is on screen, answered with that time; bind_colour and bind_shape (in
 training only, with two or more shapes on screen): "What colour is the circle now?" and "What shape
-is the red one now?"). Only answer tokens carry a loss.
+is the red one now?"; tell_now (in training only): "Tell me when a red circle appears." asked at most 2.5 s after
+it started to be on screen, answered with that moment, as the dialogue controller asks once its trigger fires).
+Only answer tokens carry a loss.
 
 ## Training
 
