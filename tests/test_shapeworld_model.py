@@ -23,8 +23,8 @@ from streamvlm.models.smolvlm import SmolVLMAdapter
 from streamvlm.shapeworld import COLOURS, QA, SHAPES, make_episode, make_questions
 from streamvlm.shapeworld.model import SYSTEM_PROMPT, build_untrained, checkpoint_dir
 from streamvlm.shapeworld.questions import appearances, clock, is_correct, parse_clock, probe_question, spoken_answer, watch_target
-from streamvlm.shapeworld.train import (StreamLayout, TrainConfig, _batch_logits, _binding_question, conjunction_frames, make_stream,
-                                        pretrain_vision, train)
+from streamvlm.shapeworld.train import (_MIX, StreamLayout, TrainConfig, _batch_logits, _binding_question, _pick_questions,
+                                        _recent_appearance, conjunction_frames, make_stream, pretrain_vision, train)
 
 SHIPPED = (checkpoint_dir() / "config.json").exists()
 needs_checkpoint = pytest.mark.skipif(not SHIPPED, reason="the ShapeWorld checkpoint is not in this tree")
@@ -167,8 +167,6 @@ def test_binding_questions_name_one_shape_and_answer_its_other_attribute(seed: i
 def test_tell_now_asks_about_a_recent_appearance_and_answers_its_moment() -> None:
     """The deferred answer as the controller asks it: about something that started to be on screen at
     most 2.5 s ago, answered with that moment."""
-    from streamvlm.shapeworld.train import _recent_appearance
-
     asked = 0
     for seed in range(8):
         episode = make_episode(seed, duration_s=20, fps=1.0, size=64)
@@ -191,8 +189,6 @@ def test_follow_up_questions_share_their_moment() -> None:
     """With follow-ups, some moments hold two or three questions (as when a user asks twice before the next
     frame, or the controller probes right after an answer); without them, one at most."""
     from collections import Counter
-
-    from streamvlm.shapeworld.train import _MIX, _pick_questions
 
     def per_moment(follow_ups: float) -> Counter:
         counts: Counter = Counter()

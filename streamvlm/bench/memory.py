@@ -92,7 +92,7 @@ def _time_retrieval(session: StreamSession) -> tuple[list[float], list[float], l
         if placed is not None:
             memory.release(placed)
         if memory.store is not None and len(memory.store):
-            queries = session.runner.query_vectors(ids, rotated=False)
+            queries = memory.retrieval_queries(ids)
             t0 = time.perf_counter()
             memory.store.search(queries, memory.config.retrieval_top_k)
             search_s.append(time.perf_counter() - t0)

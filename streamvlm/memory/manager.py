@@ -242,16 +242,21 @@ class MemoryManager:
         return out
 
     # ---- retrieval -----------------------------------------------------------------------------------------
+    def retrieval_queries(self, question_ids: list[int]) -> torch.Tensor:
+        """The position-free query vectors that score stored chunks for this question, ``[L, Hq, 1, D]``.
+
+        Only the question's last position: it is the one that writes the first answer token, having read
+        the whole question, as attention will; the template and question tokens before it query for
+        themselves (on ShapeWorld at a 10 % budget, the mean over all of them recalled the wrong frames:
+        backward 0.40 against 0.58, docs/benchmarks.md).
+        """
+        return self.runner.query_vectors(question_ids, rotated=False)[:, :, -1:]
+
     def retrieve(self, question_ids: list[int]) -> Retrieved | None:
         """Place the stored chunks most relevant to the question at the end of the cache; None if none."""
         if self.store is None or not len(self.store) or not self.config.retrieval_top_k:
             return None
-        # Only the question's last position scores the chunks: it is the one that writes the first answer
-        # token, having read the whole question, as attention will; the template and question tokens
-        # before it query for themselves (on ShapeWorld at a 10 % budget, the mean over all of them
-        # recalled the wrong frames: backward 0.40 against 0.58, docs/benchmarks.md).
-        queries = self.runner.query_vectors(question_ids, rotated=False)[:, :, -1:]
-        hits = self.store.search(queries, self.config.retrieval_top_k)
+        hits = self.store.search(self.retrieval_queries(question_ids), self.config.retrieval_top_k)
         if not hits:
             return None
         records = sorted((self.store.get(chunk_id) for chunk_id, _ in hits), key=lambda r: (r[0].t_start, r[0].chunk_id))
