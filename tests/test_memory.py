@@ -129,6 +129,26 @@ def test_retrieved_chunks_reach_the_model_and_memory_is_restored(adapter):
     assert with_store.memory.ledger.working_tokens() == with_store.runner.cache_length
 
 
+def test_a_stored_frame_is_indexed_by_its_visual_tokens(smol):
+    """The index key of an evicted frame is the mean position-free key of its image tokens: the timestamp
+    text before them would make every question match clock digits rather than what the frame shows."""
+    session = StreamSession(smol, SessionConfig(system_prompt="Watch."), MemoryConfig(budget_tokens=200, recent_frames=1))
+    for i, f in enumerate(synthetic_frames(8, seed=3)):
+        session.ingest(f, float(i))
+    stored = [c for c in session.memory.ledger.all() if c.tier == "store" and c.kind == "frame"]
+    assert stored and all(0 < c.protected_prefix < c.tokens_held for c in stored)
+    for chunk in stored:
+        record, keys, _ = session.memory.store.get(chunk.chunk_id)
+        positions = torch.arange(record.position_start, record.position_end)[None]
+        unrotated = [session.memory.rotator.unrotate(k.float(), positions) for k in keys]
+        expected = torch.stack([k[:, chunk.protected_prefix :].mean(dim=1) for k in unrotated])
+        everything = torch.stack([k.mean(dim=1) for k in unrotated])
+        entry = session.memory.store.index_entry(chunk.chunk_id).reshape(expected.shape).float()
+        assert torch.allclose(entry, expected, atol=1e-5)
+        assert not torch.allclose(entry, everything, atol=1e-3)
+    session.close()
+
+
 def test_store_overflow_is_reported_not_silent(smol):
     session = StreamSession(smol, SessionConfig(system_prompt="Watch."), MemoryConfig(budget_tokens=200, store_ram_bytes=10_000, store_disk_bytes=0))
     for i, f in enumerate(synthetic_frames(12, seed=9)):

@@ -1,8 +1,8 @@
 """The memory manager: keeps working memory within its budget after every step.
 
 It reads the ledger, asks the policy for a plan, and applies it: evicted chunks are copied to the
-long-term store (keys, values and a position-free index of mean keys) before their tokens leave the
-cache; compressed chunks keep the chosen tokens; merged frames vanish into their prototype. With
+long-term store (keys, values and a position-free index: the mean key of a frame's visual tokens, of
+a dialogue chunk's tokens) before their tokens leave the cache; compressed chunks keep the chosen tokens; merged frames vanish into their prototype. With
 ``positions="reindex"`` (or when positions pass half the model's range) the kept chunks are
 re-rotated to contiguous positions. Every change is reported as a memory event.
 
@@ -187,7 +187,10 @@ class MemoryManager:
 
         keys, values = kv.extract(self.runner.cache, start, start + chunk.tokens_held)
         positions = self.positions[chunk.chunk_id]
-        index = torch.stack([self.rotator.unrotate(k.float(), positions).mean(dim=1) for k in keys])  # [L, H, D]
+        # A frame is found by what it shows: its timestamp text ("Frame from 00:05:", 10 of ShapeWorld's 17
+        # tokens) is left out of the index key, or questions would match clock digits instead of content.
+        skip = min(chunk.protected_prefix, chunk.tokens_held - 1) if chunk.kind == "frame" else 0
+        index = torch.stack([self.rotator.unrotate(k.float(), positions)[:, skip:].mean(dim=1) for k in keys])  # [L, H, D]
         record = ChunkRecord(chunk.chunk_id, "text" if chunk.is_dialogue else "frame", chunk.t_start, chunk.t_end, chunk.source_id,
                              chunk.position_start, chunk.position_end, chunk.tokens_held)
         chunk.tier = STORE
