@@ -98,6 +98,55 @@ def test_training_logits_equal_streaming_logits(untrained: SmolVLMAdapter) -> No
     session.close()
 
 
+def test_budgeted_training_streams_see_what_a_budget_with_retrieval_leaves(untrained: SmolVLMAdapter) -> None:
+    """A budgeted stream's loss is taken on what the engine computes under a window budget of two frames
+    with the older frames brought back by retrieval: each frame fed next to its two predecessors only."""
+    layout = StreamLayout(untrained)
+    ep = make_episode(11, duration_s=7, fps=1.0, size=64)
+    question = "When did the red circle appear?"
+    stream = layout.stream(ep, [(6.5, "when", question, "00:02")])
+    assert stream.questions[0][2] == 2  # the answer rests on the frame at 00:02
+    stream.window, stream.recalled = 2, [[0, 1, 2, 3, 4]]  # what retrieval of every stored frame brings back
+    kind, first, _end = stream.answers[0]
+    with torch.no_grad():
+        budgeted, _ = _batch_logits(untrained.model, [stream], untrained.tokenizer.pad_token_id, untrained.image_token_id)
+        stream.window = None
+        whole, _ = _batch_logits(untrained.model, [stream], untrained.tokenizer.pad_token_id, untrained.image_token_id)
+    system = len(untrained.conversation_start(SYSTEM_PROMPT))
+    frame = len(untrained.prepare_frame(ep.render(0.0), 0.0).input_ids)
+    memory = MemoryConfig(budget_tokens=system + 200 + 2 * frame, text_budget_tokens=200, recent_frames=2, retrieval_top_k=100)
+    session = StreamSession(untrained, SessionConfig(system_prompt=SYSTEM_PROMPT), memory)
+    for t, image in ep.frames():
+        session.ingest(image, t)
+    assert session.stats()["chunks_stored"] == 5
+    answer_stream = session.ask_stream(question, 6.5, return_logits=True)
+    for _ in answer_stream:
+        pass
+    streamed = answer_stream.logits[len(untrained.question_ids(question)) - 1]
+    assert (budgeted[0, first] - streamed).abs().max().item() < 1e-4
+    assert (whole[0, first] - streamed).abs().max().item() > 1e-3  # the frames' own context differs from the whole stream's
+    session.close()
+
+
+def test_budgeting_recalls_the_frame_an_answer_rests_on(untrained: SmolVLMAdapter) -> None:
+    layout = StreamLayout(untrained)
+    cfg = TrainConfig(budgeted=1.0, mix={"when": 1, "first": 1, "count": 1})
+    budgeted = [make_stream(layout, 1_000_000 + i, 20, cfg, short=False) for i in range(6)]
+    checked = 0
+    for stream in budgeted:
+        assert stream.window is not None and 2 <= stream.window <= 6
+        for (start, _end, evidence), frames in zip(stream.questions, stream.recalled):
+            older = stream.step_of[start] - stream.window + 1
+            assert 1 <= len(frames) <= 4 or older <= 0
+            assert all(0 <= f < older for f in frames)
+            if 0 <= evidence < older:
+                assert evidence in frames
+                checked += 1
+    assert checked >= 10
+    plain = make_stream(layout, 1_000_000, 20, replace(cfg, budgeted=0.0), short=False)
+    assert plain.window is None and plain.ids == budgeted[0].ids  # a budget changes who sees whom, not the stream
+
+
 def test_training_runs_and_the_result_loads(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=3, batch=2, warmup_steps=1, short_steps=1, min_duration_s=6, max_duration_s=7, eval_every=3, eval_streams=2)
     first, second = tmp_path / "first", tmp_path / "second"
