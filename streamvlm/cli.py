@@ -202,7 +202,8 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         budgets = tuple(float(b) / 100 for b in args.budgets.split(",") if b.strip())
     except ValueError as exc:
         raise ConfigError(f"--budgets {args.budgets!r}: expected comma-separated percentages like 50,25,10") from exc
-    cfg = QualityConfig(episodes=args.episodes, duration_s=args.duration, budgets=budgets, policies=policies, seed_base=args.seed)
+    cfg = QualityConfig(episodes=args.episodes, duration_s=args.duration, budgets=budgets, policies=policies, seed_base=args.seed,
+                        retrieval_top_k=args.top_k)
     adapter = load_model(ModelConfig(model=args.model))
     result = run_quality(adapter, cfg, sweep=not args.no_sweep, progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     if args.plot:
@@ -388,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--seed", type=int, default=0, help="first episode seed (default 0; training uses seeds >= 500000)")
     qual.add_argument("--budgets", default="50,25,10", help="the frames' share of working memory, %% of what they take with full memory (default 50,25,10)")
     qual.add_argument("--policies", default=",".join(POLICIES), help="memory policies to sweep, comma-separated (default: all)")
+    qual.add_argument("--top-k", type=int, default=MemoryConfig.retrieval_top_k,
+                      help=f"stored chunks a question brings back when retrieval is on (default {MemoryConfig.retrieval_top_k}, the engine's)")
     qual.add_argument("--no-sweep", action="store_true", help="full memory only")
     qual.add_argument("--json", metavar="OUT", help="write the result to this file")
     qual.add_argument("--plot", metavar="PNG", help="draw accuracy against budget for every policy to this PNG")

@@ -59,7 +59,7 @@ class QualityConfig:
     seed_base: int = 0  # held out: training uses seeds from 500,000 up
     budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
     policies: tuple[str, ...] = tuple(POLICIES)
-    retrieval_top_k: int = 4
+    retrieval_top_k: int = MemoryConfig.retrieval_top_k  # chunks a question brings back when retrieval is on
 
     def __post_init__(self) -> None:
         if not isinstance(self.episodes, int) or self.episodes < 1:
@@ -68,6 +68,8 @@ class QualityConfig:
             raise ConfigError(f"duration_s: must be between 6 and 3600 seconds, got {self.duration_s!r}")
         if any(not 0 < b < 1 for b in self.budgets):
             raise ConfigError(f"budgets: fractions of the full-memory tokens in (0, 1), got {self.budgets!r}")
+        if not isinstance(self.retrieval_top_k, int) or self.retrieval_top_k < 1:
+            raise ConfigError(f"retrieval_top_k: must be an integer >= 1, got {self.retrieval_top_k!r}")
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown:
             raise ConfigError(f"policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
@@ -265,7 +267,7 @@ def run_quality(
                 for seed in seeds:
                     memory = sweep_memory(full_runs[seed], fraction, policy, top_k)
                     total.merge(run_episode(adapter, seed, memory, cfg))
-                row = {"budget": fraction, "policy": policy, "retrieval": top_k > 0, **total.summary()}
+                row = {"budget": fraction, "policy": policy, "retrieval": top_k > 0, "top_k": top_k, **total.summary()}
                 result["sweep"].append(row)
                 say(f"budget {fraction:.0%} {policy} retrieval={'on' if top_k else 'off'}: {row['accuracy']} "
                     f"alerts f1 {row['alerts']['f1']}")
