@@ -24,7 +24,7 @@ from .engine.worker import LiveWorker
 from .models.base import ModelAdapter
 from .shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
 from .shapeworld.model import FRAME_SIZE
-from .shapeworld.questions import appearances, clock, is_correct, watch_target
+from .shapeworld.questions import appearances, clock, is_correct, parse_clock, watch_target
 from .types import Frame
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -108,9 +108,11 @@ async def run_demo(adapter: ModelAdapter, cfg: DemoConfig = DemoConfig(), out: T
                 answer = data["answer"]
                 if qa is None:
                     continue
-                if qa.category == "forward":
+                if qa.category == "forward":  # scored by when it is answered; the time it says is shown apart
                     ok = abs(answer.asked_at_s - float(qa.answer)) <= FORWARD_TOLERANCE_S
-                    truth = f"appears at {clock(float(qa.answer))}"
+                    said = parse_clock(answer.text)
+                    said_ok = said is not None and abs(said - float(qa.answer)) <= FORWARD_TOLERANCE_S
+                    truth = f"appears at {clock(float(qa.answer))}; the time said {_mark(said_ok)}"
                 else:
                     ok = is_correct(qa, answer.text)
                     truth = clock(float(qa.answer)) if qa.question.startswith("When") else qa.answer
