@@ -108,7 +108,7 @@ def test_budgeted_training_streams_see_what_a_budget_with_retrieval_leaves(untra
     stream = layout.stream(ep, [(6.5, "when", question, "00:02")])
     assert stream.questions[0][2] == 2  # the answer rests on the frame at 00:02
     stream.window, stream.recalled = 2, [[0, 1, 2, 3, 4]]  # what retrieval of every stored frame brings back
-    kind, first, _end = stream.answers[0]
+    first = stream.answers[0][1]
     with torch.no_grad():
         budgeted, _ = _batch_logits(untrained.model, [stream], untrained.tokenizer.pad_token_id, untrained.image_token_id)
         stream.window = None
