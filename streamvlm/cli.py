@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--positions", default="keep", help="keep (original positions) or reindex (re-rotate to contiguous)")
     run.add_argument("--store-ram", default="256MB", help="long-term store quota in RAM (default 256MB)")
     run.add_argument("--store-disk", default="0", help="long-term store quota on disk, e.g. 20GB (default 0)")
-    run.add_argument("--retrieve", type=int, default=4, metavar="K", help="stored chunks a question may bring back (0: off)")
+    run.add_argument("--retrieve", type=int, default=MemoryConfig.retrieval_top_k, metavar="K",
+                     help=f"stored chunks a question may bring back (0: off; default {MemoryConfig.retrieval_top_k}; more pays off under a small budget)")
     run.add_argument("--verbose", action="store_true", help="print memory events as they happen")
     run.set_defaults(func=_cmd_run)
 
