@@ -146,6 +146,12 @@ def test_budgeting_recalls_the_frame_an_answer_rests_on(untrained: SmolVLMAdapte
     assert checked >= 10
     plain = make_stream(layout, 1_000_000, 20, replace(cfg, budgeted=0.0), short=False)
     assert plain.window is None and plain.ids == budgeted[0].ids  # a budget changes who sees whom, not the stream
+    wide = [make_stream(layout, 1_000_000 + i, 24, replace(cfg, budget_window=12, budget_recall=8), short=False) for i in range(6)]
+    assert max(s.window for s in wide) > 6 and all(s.window <= 12 for s in wide)
+    assert max(len(f) for s in wide for f in s.recalled) > 4 and all(len(f) <= 8 for s in wide for f in s.recalled)
+    for bad in ({"budget_window": 1}, {"budget_recall": 0}, {"budgeted": 1.5}):
+        with pytest.raises(ConfigError):
+            replace(cfg, **bad)
 
 
 def test_training_runs_and_the_result_loads(tmp_path: Path) -> None:

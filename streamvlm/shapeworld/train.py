@@ -52,6 +52,9 @@ _MIX = {"count": 2, "shape": 2, "colour": 2, "probe": 5, "first": 1, "when": 3, 
 _EVALUATED = [kind for kind, weight in _MIX.items() if weight]
 #: Kinds asked during the short warm-up (present tense only).
 _PRESENT = ("count", "shape", "colour", "probe", "bind_colour", "bind_shape")
+#: Fewest recent frames a budgeted stream keeps: every memory policy keeps the last two (the quality
+#: benchmark's 10 % budget keeps 2 of a 24 s episode's frames, its 25 % budget 6).
+MIN_WINDOW = 2
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,10 @@ class TrainConfig:
     freeze_vision: bool = False
     device: str = "cpu"  # "cuda" trains on a GPU: same data and steps, different rounding
     # Share of streams laid out as a memory budget leaves them (see Stream.budget): each frame and each
-    # question sees only the last 2-6 frames, and a question also up to four older frames brought back.
+    # question sees only the last 2 to budget_window frames, a question also up to budget_recall older ones.
     budgeted: float = 0.0
+    budget_window: int = 6
+    budget_recall: int = 4
     workers: int = 0  # processes that lay out the next batches while the model trains (0 = the main process)
 
     def __post_init__(self) -> None:
@@ -98,15 +103,12 @@ class TrainConfig:
             raise ConfigError(f"follow_ups must be a probability in [0, 1), got {self.follow_ups!r}")
         if not 0.0 <= self.budgeted <= 1.0:
             raise ConfigError(f"budgeted must be a share in [0, 1], got {self.budgeted!r}")
+        if not isinstance(self.budget_window, int) or self.budget_window < MIN_WINDOW:
+            raise ConfigError(f"budget_window must be an integer >= {MIN_WINDOW}, got {self.budget_window!r}")
+        if not isinstance(self.budget_recall, int) or self.budget_recall < 1:
+            raise ConfigError(f"budget_recall must be an integer >= 1, got {self.budget_recall!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError(f"workers must be an integer >= 0, got {self.workers!r}")
-
-
-#: Recent frames a budgeted stream keeps (drawn per stream, both ends included): the quality benchmark's
-#: 10 % budget keeps 2 of a 24 s episode's frames, its 25 % budget 6.
-BUDGET_WINDOW = (2, 6)
-#: Most stored frames a question of a budgeted stream sees again (the engine's default retrieval_top_k).
-BUDGET_RECALL = 4
 
 
 @dataclass
@@ -126,26 +128,26 @@ class Stream:
     window: int | None = None  # None: every token sees the whole past
     recalled: list[list[int]] = field(default_factory=list)  # per question: older frames it sees again
 
-    def budget(self, rng: np.random.Generator) -> None:
+    def budget(self, rng: np.random.Generator, most_recent: int = 6, most_recalled: int = 4) -> None:
         """Lay the stream out as a working-memory budget with retrieval leaves it at inference.
 
         Every frame's tokens see the previous ``window`` frames and no earlier ones (what the cache
-        holds while the frame is fed; ``window`` is drawn from :data:`BUDGET_WINDOW`), a question and its
-        answer the last ``window`` frames plus 1 to :data:`BUDGET_RECALL` older frames brought back from
-        the store: always the frame the answer rests on (the first appearance for "when", the first
+        holds while the frame is fed; ``window`` is drawn from :data:`MIN_WINDOW` to ``most_recent``), a
+        question and its answer the last ``window`` frames plus 1 to ``most_recalled`` older frames
+        brought back from the store: always the frame the answer rests on (the first appearance for "when", the first
         shape's entry for "first"), the rest drawn at random. Positions stay those of the full stream,
         as the engine keeps them; the dialogue and the system prompt stay visible, as the quality
         benchmark keeps them. Without this a model trained only on whole streams misreads what a
         budget leaves: at a 10 % budget, with the frame of the answer brought back, the shipped stage-5
         model answered 23 of 36 "When did ... appear?" right against 30 of 36 with full memory.
         """
-        self.window = int(rng.integers(BUDGET_WINDOW[0], BUDGET_WINDOW[1] + 1))
+        self.window = int(rng.integers(MIN_WINDOW, most_recent + 1))
         self.recalled = []
         for start, _end, evidence in self.questions:
             older = list(range(self.step_of[start] - self.window + 1))
             picked = [evidence] if 0 <= evidence < len(older) else []
             others = [f for f in older if f != evidence]
-            extra = min(len(others), int(rng.integers(1, BUDGET_RECALL + 1)) - len(picked))
+            extra = min(len(others), int(rng.integers(1, most_recalled + 1)) - len(picked))
             if extra > 0:
                 picked += [others[i] for i in rng.choice(len(others), size=extra, replace=False)]
             self.recalled.append(sorted(picked))
@@ -466,7 +468,7 @@ def make_stream(layout: StreamLayout, seed: int, duration_s: int, cfg: TrainConf
                                                     hard_negatives=cfg.hard_negatives, follow_ups=cfg.follow_ups))
     budget_rng = np.random.default_rng([seed, 19])  # its own draws: streams without a budget stay as they were
     if not short and budget_rng.random() < cfg.budgeted:
-        stream.budget(budget_rng)
+        stream.budget(budget_rng, cfg.budget_window, cfg.budget_recall)
     return stream
 
 
@@ -639,7 +641,7 @@ def _stage(number: int, stage: dict) -> str:
     head = f"""### Stage {number}: {what}, {start}
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{f" --follow-ups {cfg.follow_ups}" if cfg.follow_ups else ""}{f" --budgeted {cfg.budgeted}" if cfg.budgeted else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{f" --device {cfg.device} --workers {cfg.workers}" if cfg.device != "cpu" else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{f" --follow-ups {cfg.follow_ups}" if cfg.follow_ups else ""}{f" --budgeted {cfg.budgeted}" if cfg.budgeted else ""}{f" --budget-window {cfg.budget_window}" if cfg.budget_window != TrainConfig.budget_window else ""}{f" --budget-recall {cfg.budget_recall}" if cfg.budget_recall != TrainConfig.budget_recall else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{f" --device {cfg.device} --workers {cfg.workers}" if cfg.device != "cpu" else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
 ```
 {_vision_stage(cfg, stage.get("vision", []))}
 """
@@ -649,7 +651,7 @@ python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-aft
 learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
 {_where(cfg, stage)}, {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
 present-tense questions{f" (and one step in {cfg.short_every} after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
-probability {cfg.ask_probability}{f" (followed by another at the same moment with probability {cfg.follow_ups})" if cfg.follow_ups else ""}{f"; a share {cfg.budgeted} of streams laid out as a memory budget leaves them ({BUDGET_WINDOW[0]}-{BUDGET_WINDOW[1]} recent frames, up to {BUDGET_RECALL} older ones recalled per question)" if cfg.budgeted else ""}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes.
+probability {cfg.ask_probability}{f" (followed by another at the same moment with probability {cfg.follow_ups})" if cfg.follow_ups else ""}{f"; a share {cfg.budgeted} of streams laid out as a memory budget leaves them ({MIN_WINDOW}-{cfg.budget_window} recent frames, up to {cfg.budget_recall} older ones recalled per question)" if cfg.budgeted else ""}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes.
 
 | step | minutes | loss | {" | ".join(_EVALUATED)} |
 |---|---|---|{"---|" * len(_EVALUATED)}
@@ -748,6 +750,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="chance that another question follows at the same moment, before the next frame")
     parser.add_argument("--budgeted", type=float, default=TrainConfig.budgeted,
                         help="share of streams laid out as a memory budget with retrieval leaves them (recent frames + recalled ones)")
+    parser.add_argument("--budget-window", type=int, default=TrainConfig.budget_window,
+                        help=f"most recent frames a budgeted stream keeps (drawn from {MIN_WINDOW} up to this per stream)")
+    parser.add_argument("--budget-recall", type=int, default=TrainConfig.budget_recall,
+                        help="most older frames a question of a budgeted stream sees again (drawn from 1 up to this)")
     parser.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
                         help="first train the vision tower alone this many steps to bind colour to shape (0 = none)")
     parser.add_argument("--freeze-vision", action="store_true", help="train the language model only")
@@ -760,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(steps=args.steps, stop_after=args.stop_after, batch=args.batch, lr=args.lr, seed=args.seed,
                           threads=args.threads, warmup_steps=args.warmup_steps, eval_every=args.eval_every, short_steps=args.short_steps,
                           short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
-                          hard_negatives=args.hard_negatives, follow_ups=args.follow_ups, budgeted=args.budgeted, vision_steps=args.vision_steps,
+                          hard_negatives=args.hard_negatives, follow_ups=args.follow_ups, budgeted=args.budgeted,
+                          budget_window=args.budget_window, budget_recall=args.budget_recall, vision_steps=args.vision_steps,
                           freeze_vision=args.freeze_vision, device=args.device, workers=args.workers)
     except ConfigError as exc:
         parser.error(str(exc))
