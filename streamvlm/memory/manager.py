@@ -2,8 +2,8 @@
 
 It reads the ledger, asks the policy for a plan, and applies it: evicted chunks are copied to the
 long-term store (keys, values and a position-free index: the mean key of a frame's visual tokens, of
-a dialogue chunk's tokens) before their tokens leave the cache; compressed chunks keep the chosen tokens; merged frames vanish into their prototype. With
-``positions="reindex"`` (or when positions pass half the model's range) the kept chunks are
+a dialogue chunk's tokens) before their tokens leave the cache; compressed chunks keep the chosen
+tokens; merged frames vanish into their prototype. With ``positions="reindex"`` (or when positions pass half the model's range) the kept chunks are
 re-rotated to contiguous positions. Every change is reported as a memory event.
 
 At question time :meth:`retrieve` brings the most relevant stored chunks back into the cache (in time
