@@ -138,8 +138,8 @@ class Stream:
         shape's entry for "first"), the rest drawn at random. Positions stay those of the full stream,
         as the engine keeps them; the dialogue and the system prompt stay visible, as the quality
         benchmark keeps them. Without this a model trained only on whole streams misreads what a
-        budget leaves: at a 10 % budget, with the frame of the answer brought back, the shipped stage-5
-        model answered 23 of 36 "When did ... appear?" right against 30 of 36 with full memory.
+        budget leaves: at a 10 % budget, with the frame of the answer brought back, the stage-5 model
+        (trained on whole streams) answered 23 of 36 "When did ... appear?" right against 30 of 36 with full memory.
         """
         self.window = int(rng.integers(MIN_WINDOW, most_recent + 1))
         self.recalled = []
