@@ -6,6 +6,7 @@ so a typo fails at start-up rather than minutes into a stream.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -199,6 +200,22 @@ class MemoryConfig:
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_HOST_ENTRY = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?)(?::(?P<port>\d{0,5}))?", re.ASCII)
+
+
+def _host_entry_ok(entry: object) -> bool:
+    """An ``allowed_hosts`` entry: a name or IPv4 address, ``[IPv6]`` or a bare IPv6 address, optionally ``:port``."""
+    if not isinstance(entry, str):
+        return False
+    match = _HOST_ENTRY.fullmatch(f"[{entry}]" if entry.count(":") >= 2 and not entry.startswith("[") else entry)
+    if match is None or int(match["port"] or 0) > 65535:
+        return False
+    try:
+        if match["v6"] is not None:
+            ipaddress.IPv6Address(match["v6"])
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -207,7 +224,11 @@ class ServerConfig:
 
     Binding anywhere but loopback requires a ``token`` (sent as ``Authorization: Bearer ...`` or, from
     a browser, ``?access_token=...``). Browser connections (with an ``Origin`` header) must come from
-    the server's own address or one of ``allowed_origins``. At most ``max_sessions`` sessions run at
+    an allowed host (below) or be one of ``allowed_origins``. Every request but ``/healthz`` must
+    name an allowed host in its ``Host`` header (DNS rebinding): the loopback names (``localhost``,
+    ``127.0.0.1``, ``[::1]``, any port), ``host`` unless it binds every address (``0.0.0.0``, ``::``),
+    and each of ``allowed_hosts`` (``name`` for any port, ``name:port`` for one); a server bound to
+    ``0.0.0.0`` needs the names its clients use there. At most ``max_sessions`` sessions run at
     once, each with a working-memory budget of ``session_budget_tokens`` under a global cap of
     ``global_budget_tokens``; a session left by its client can be resumed for ``resume_window_s``.
     ``max_session_s`` (None: unlimited) ends sessions after that long, with a ``session.go_away``
@@ -218,6 +239,7 @@ class ServerConfig:
     port: int = 8765
     token: str | None = None
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # extra Host names clients may use ("name" or "name:port"), see above
     max_sessions: int = 8
     session_budget_tokens: int = 4096
     global_budget_tokens: int = 8 * 4096
@@ -232,6 +254,9 @@ class ServerConfig:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
         _require(self.host in _LOOPBACK or bool(self.token), "token",
                  f"a token is required to bind to {self.host!r}; pass --token or bind to 127.0.0.1")
+        for entry in self.allowed_hosts:
+            _require(_host_entry_ok(entry), "allowed_hosts",
+                     f"{entry!r} is not a host name or address with an optional :port (e.g. 'cam.example:8765')")
         _require(self.max_sessions >= 1, "max_sessions", "must be >= 1")
         _require(self.session_budget_tokens >= 16, "session_budget_tokens", "must be >= 16")
         _require(self.global_budget_tokens >= self.session_budget_tokens, "global_budget_tokens", "must be >= session_budget_tokens")
