@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--token", default=None, help="bearer token clients must present")
     srv.add_argument("--allowed-origin", action="append", help="extra browser origin allowed to connect (repeatable)")
     srv.add_argument("--allowed-host", action="append", metavar="NAME[:PORT]",
-                     help="extra name clients may reach the server by (Host header; repeatable); loopback names and "
-                          "--host are always allowed, so binding 0.0.0.0 needs the names clients use")
+                     help="a name clients reach the server by (Host header; repeatable). Loopback names and a specific "
+                          "--host are always allowed; with --host 0.0.0.0 list the names clients use")
     srv.add_argument("--max-sessions", type=int, default=8)
     srv.add_argument("--session-budget", type=int, default=4096, help="working-memory tokens per session")
     srv.add_argument("--global-budget", type=int, default=8 * 4096, help="working-memory tokens across sessions")

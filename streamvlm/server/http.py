@@ -51,6 +51,8 @@ _ANY_ADDRESS = ("", "0.0.0.0", "::")
 _HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?))(?::(?P<port>\d{0,5}))?",
                    re.ASCII)
 _TEXT = "text/plain; charset=utf-8"
+#: Answered before any check: liveness probes send whatever Host they like, and "ok" tells nobody anything.
+_PROBES = ("/healthz",)
 
 
 @dataclass(frozen=True)
@@ -169,13 +171,15 @@ def process_request(connection: ServerConnection, request: Request, *, config: S
     Bind the keywords once and pass the result to ``websockets.asyncio.server.serve(...,
     process_request=functools.partial(process_request, config=..., metrics=..., ready=...))``.
     ``ready`` is the text ``/readyz`` shows after ``ready`` (the model's source); None answers 503
-    ("loading"). Refusals are plain-text responses that say what to change.
+    ("loading"). Refusals are plain-text responses that say what to change; nothing a client sends
+    makes this raise.
     """
     path, _, query = request.path.partition("?")
-    if path == "/healthz":
+    if path in _PROBES:
         return _respond(connection, HTTPStatus.OK, b"ok\n", _TEXT)
+    allowed = AllowedHosts.from_config(config)
     try:
-        _check_host(request.headers, AllowedHosts.from_config(config))
+        _check_host(request.headers, allowed)
         if path == "/readyz":
             if ready is None:
                 return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, b"loading\n", _TEXT)
@@ -188,7 +192,7 @@ def process_request(connection: ServerConnection, request: Request, *, config: S
         if path != REALTIME_PATH:
             raise _Refusal(HTTPStatus.NOT_FOUND, "not_found", "not found\n")
         _check_token(request.headers, parse_qs(query), config.token)
-        _check_origin(request.headers, AllowedHosts.from_config(config), config.allowed_origins)
+        _check_origin(request.headers, allowed, config.allowed_origins)
     except _Refusal as refusal:
         metrics.http_refused(refusal.reason)
         return _respond(connection, refusal.status, refusal.message.encode(), _TEXT)
