@@ -543,6 +543,23 @@ class DialogueController:
         self._queue.clear()
         return [CancelGeneration(t, running)]
 
+    def withdraw(self, request_id: str, t: float) -> list[Action]:
+        """The user cancelled one request: it leaves the queue or the deferred questions, or, if it is
+        generating, ``[CancelGeneration]`` is returned (the next queued answer then goes out when its
+        finish arrives). Returns ``[]`` when nothing was running; raises InputError for an unknown id."""
+        check_time(t, self._last_t)
+        _check_id(request_id, "request_id")
+        self._advance(t)
+        if request_id == self._generating:
+            return [CancelGeneration(t, request_id)]
+        if self._deferred.pop(request_id, None) is not None:
+            return []
+        queued = [a for a in self._queue if a.request_id == request_id]
+        if not queued:
+            raise InputError(f"request_id: no pending request {request_id!r}")
+        self._queue.remove(queued[0])
+        return []
+
     def tick(self, t: float) -> list[Action]:
         """Time passed with nothing else happening. Returns ``GiveUp`` for timed-out deferred
         questions and ``Narrate`` if commentary is due."""

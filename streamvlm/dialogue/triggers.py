@@ -69,16 +69,21 @@ def _check_unit(value: object, field: str) -> None:
     _require(_is_real(value) and 0.0 <= value <= 1.0, field, f"must be a number in [0, 1], got {value!r}")
 
 
+# Upper bounds: a rule's memory and work grow with its windows, so a client cannot ask for an unbounded one.
+MAX_WINDOW = 10_000  # n (threshold votes) and window (zscore history), in scores
+MAX_COOLDOWN_S = 7 * 24 * 3600.0
+
+
 def _check_cooldown(cooldown_s: object) -> None:
-    _require(_is_real(cooldown_s) and math.isfinite(cooldown_s) and cooldown_s >= 0, "cooldown_s",
-             f"must be a finite number of seconds >= 0, got {cooldown_s!r}")
+    _require(_is_real(cooldown_s) and math.isfinite(cooldown_s) and 0 <= cooldown_s <= MAX_COOLDOWN_S, "cooldown_s",
+             f"must be a number of seconds in [0, {MAX_COOLDOWN_S:g}], got {cooldown_s!r}")
 
 
 def _check_threshold_params(on: object, off: object, m: object, n: object) -> None:
     _check_unit(on, "on")
     _check_unit(off, "off")
     _require(off <= on, "off", f"must be <= on (the hysteresis band), got off={off!r} > on={on!r}")
-    _require(_is_int(n) and n >= 1, "n", f"must be an integer >= 1, got {n!r}")
+    _require(_is_int(n) and 1 <= n <= MAX_WINDOW, "n", f"must be an integer in [1, {MAX_WINDOW}], got {n!r}")
     _require(_is_int(m) and 1 <= m <= n, "m", f"must be an integer in [1, n={n}], got {m!r}")
 
 
@@ -90,7 +95,8 @@ def _check_sum_params(threshold: object, baseline: object) -> None:
 
 def _check_zscore_params(z: object, window: object, min_history: object) -> None:
     _require(_is_real(z) and math.isfinite(z) and z > 0, "z", f"must be a finite number > 0, got {z!r}")
-    _require(_is_int(window) and window >= 2, "window", f"must be an integer >= 2, got {window!r}")
+    _require(_is_int(window) and 2 <= window <= MAX_WINDOW, "window",
+             f"must be an integer in [2, {MAX_WINDOW}], got {window!r}")
     _require(_is_int(min_history) and 2 <= min_history <= window, "min_history",
              f"must be an integer in [2, window={window}], got {min_history!r}")
 

@@ -30,6 +30,18 @@ view, captured later; the older one counts as dropped), so the frame read is alw
 Counters always satisfy ``received == skipped + dropped + ingested + pending`` (``pending``: a frame
 waiting, plus one being read).
 
+Order: a question is answered from every frame submitted before it. An answer waits (without
+pre-empting) while a frame that arrived before its question is waiting or being read; a newer frame
+that replaced such a frame (latest wins) is waited for in its place, so the answer sees the freshest
+view of what was sent before it.
+
+Every request passed to :meth:`LiveWorker.ask` ends exactly once: ``answer.done``, ``gave_up`` or
+``request.ended`` (status ``cancelled`` or ``failed``, with an error code and message). Nothing kills
+the model thread quietly: an exception in a step ends that step's request (``request.ended`` failed)
+or becomes an ``error`` event, and the session goes on; a session the engine reports unusable
+(``StreamSession.broken``) or a fault in the worker itself ends the thread with a ``fatal`` event
+naming the reason, always followed by the end of :meth:`events`.
+
 Everything the worker produces arrives on :meth:`events` as :class:`WorkerEvent` objects.
 """
 
@@ -41,7 +53,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -59,7 +71,7 @@ from ..dialogue import (
     Poll,
     TriggerSpec,
 )
-from ..errors import ConfigError, StreamVLMError
+from ..errors import ConfigError, InputError, QuestionError, StreamVLMError, TimestampError
 from ..types import Frame
 from .session import Preempted, StreamSession
 
@@ -87,7 +99,10 @@ class WorkerEvent:
     ``answer.started`` (``request_id``, ``trigger``), ``answer.delta`` (``request_id``, ``text``), ``answer.done`` (``request_id``, ``answer``, ``trigger``),
     ``acknowledged`` (``request_id``, ``condition``), ``alert`` (``watch_id``, ``condition``, ``t``,
     ``evidence_t``, ``source_id``), ``gave_up`` (``request_id``, ``question``, ``reason``),
-    ``memory`` (``memory_event``), ``error`` (``message``, ``request_id``).
+    ``memory`` (``memory_event``), ``error`` (``code``, ``message``, ``request_id``, ``watch_id``),
+    ``request.ended`` (``request_id``, ``status`` ``cancelled`` or ``failed``, ``code``, ``message``: a request
+    that ended without an answer), ``fatal`` (``reason``: the model thread stops; :meth:`LiveWorker.events`
+    ends right after).
     """
 
     kind: str
@@ -111,6 +126,21 @@ class _Stopped(Exception):
     """Raised inside a frame read when the worker is stopping."""
 
 
+def error_code(exc: BaseException) -> str:
+    """The protocol error code for an exception raised by a step: the caller's mistake or the engine's fault."""
+    if isinstance(exc, QuestionError):
+        return "invalid_question"
+    if isinstance(exc, TimestampError):
+        return "invalid_time"
+    if isinstance(exc, (InputError, ConfigError)):
+        return "invalid_value"
+    return "engine_fault"
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, StreamVLMError) else f"{type(exc).__name__}: {exc}"
+
+
 class LiveWorker:
     """Drive a session live. Create, ``await start()``, feed frames and requests, read :meth:`events`, ``await stop()``."""
 
@@ -131,8 +161,13 @@ class LiveWorker:
         self._control: deque[tuple[str, tuple]] = deque()
         self._answers: deque[AnswerNow | Narrate] = deque()
         self._polls: deque[Poll] = deque()
-        self._frame: tuple[Frame, float] | None = None
+        self._frame: tuple[Frame, float, int] | None = None  # (frame, received at, oldest submit number it stands for)
         self._reading = False  # a frame has been taken for reading and is not committed yet
+        self._reading_covers: int | None = None  # the submit number the frame being read stands for
+        self._submitted = 0  # frames submitted (and not skipped) so far: each gets the next number
+        self._wait_for: dict[str, int] = {}  # request id -> frames submitted before it, which its answer waits for
+        self._max_tokens: dict[str, int] = {}  # request id -> its own answer length limit
+        self._open: set[str] = set()  # requests asked and not ended yet
         self._last_thumb: np.ndarray | None = None
         self._last_read_t = -float("inf")
         self._cancel = threading.Event()
@@ -197,17 +232,30 @@ class LiveWorker:
                 self._control_event("changed", frame.pts_s, False)
                 return "skipped"
             self._last_thumb, self._last_read_t = thumb, frame.pts_s
+            self._submitted += 1
             replaced = self._frame is not None
-            if replaced:
+            covers = self._submitted
+            if self._frame is not None:
                 self.counters.dropped += 1
-            self._frame = (frame, self._clock())
+                covers = self._frame[2]  # questions that waited for the replaced frame wait for this one
+            self._frame = (frame, self._clock(), covers)
             self._cv.notify()
         return "replaced" if replaced else "queued"
 
-    def ask(self, text: str, t: float | None = None, request_id: str | None = None) -> str:
-        """Send a user message (a question, or "tell me when ..."); returns its request id."""
+    def ask(self, text: str, t: float | None = None, request_id: str | None = None, *, max_new_tokens: int | None = None) -> str:
+        """Send a user message (a question, or "tell me when ..."); returns its request id.
+
+        The answer comes from every frame submitted before this call. ``max_new_tokens`` caps this
+        answer only. The request ends exactly once (see the module docstring).
+        """
         request_id = request_id or f"req-{next(self._ids)}"
-        self._control_event("message", request_id, text, t)
+        with self._cv:
+            self._open.add(request_id)
+            self._wait_for[request_id] = self._submitted
+            if max_new_tokens is not None:
+                self._max_tokens[request_id] = int(max_new_tokens)
+            self._control.append(("message", (request_id, text, t)))
+            self._cv.notify()
         return request_id
 
     def watch(self, watch_id: str, condition: str, t: float | None = None, spec: TriggerSpec | None = None) -> None:
@@ -216,10 +264,15 @@ class LiveWorker:
     def unwatch(self, watch_id: str, t: float | None = None) -> None:
         self._control_event("unwatch", watch_id, t)
 
-    def cancel(self) -> None:
-        """Stop the answer being generated (if any) and drop queued ones."""
-        self._cancel.set()
-        self._control_event("cancel")
+    def cancel(self, request_id: str | None = None) -> None:
+        """Stop one request (``request_id``), or the answer being generated and every queued one (None).
+
+        A request not started yet ends ``request.ended`` cancelled; a running one ends ``answer.done``
+        with finish reason ``cancelled``. Deferred questions and watches stay active unless named.
+        """
+        if request_id is None or request_id == self._running_id:
+            self._cancel.set()
+        self._control_event("cancel", request_id)
 
     def end_stream(self) -> None:
         self._control_event("end")
@@ -232,7 +285,22 @@ class LiveWorker:
     # ---- the model thread ----------------------------------------------------------------------------
     def _emit(self, kind: str, **data: Any) -> None:
         assert self._loop is not None and self._events is not None
-        self._loop.call_soon_threadsafe(self._events.put_nowait, WorkerEvent(kind, data))
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, WorkerEvent(kind, data))
+        except RuntimeError:  # the event loop is closed: nobody is left to tell
+            pass
+
+    def _end(self, request_id: str, status: str, code: str | None = None, message: str = "") -> None:
+        """End an open request without an answer (once; a request already ended is left alone)."""
+        if request_id in self._open:
+            self._open.discard(request_id)
+            self._forget(request_id)
+            self._emit("request.ended", request_id=request_id, status=status, code=code, message=message)
+
+    def _forget(self, request_id: str) -> None:
+        self._open.discard(request_id)
+        self._wait_for.pop(request_id, None)
+        self._max_tokens.pop(request_id, None)
 
     def _run(self) -> None:
         try:
@@ -242,26 +310,70 @@ class LiveWorker:
                         self._cv.wait()
                     if self._stopping:
                         return
+                    ready = self._ready_answer()
                     if self._control:
                         job: tuple[str, Any] = ("control", self._control.popleft())
-                    elif self._answers:
-                        job = ("answer", self._answers.popleft())
+                    elif ready is not None:
+                        self._answers.remove(ready)
+                        job = ("answer", ready)
                     elif self._polls:
                         job = ("poll", self._polls.popleft())
-                    else:
+                    else:  # answers wait only while a frame they need is waiting, so there is one
                         job, self._frame = ("frame", self._frame), None
-                        self._reading = True
+                        self._reading, self._reading_covers = True, job[1][2]
                     self._busy = True
                 started = time.perf_counter()
                 try:
-                    getattr(self, f"_do_{job[0]}")(job[1])
-                except StreamVLMError as exc:
-                    self._emit("error", message=str(exc), request_id=None)
+                    self._step(job)
                 finally:
                     self._busy = False
                 self.counters.busy_s += time.perf_counter() - started
+                if self._broken():
+                    return
+        except _Stopped:
+            return
+        except BaseException as exc:  # a fault of the worker itself: say so, never die quietly
+            self._emit("fatal", reason=f"the model thread failed: {_describe(exc)}")
         finally:
+            for request_id in sorted(self._open):
+                self._end(request_id, "failed", "session_closed", "the session's model thread stopped")
             self._emit("stopped")
+
+    def _step(self, job: tuple[str, Any]) -> None:
+        """Run one job; an exception ends what the job was for (a request, a watch, a frame), not the thread."""
+        kind, item = job
+        try:
+            getattr(self, f"_do_{kind}")(item)
+        except _Stopped:
+            raise
+        except Exception as exc:
+            code, message = error_code(exc), _describe(exc)
+            if kind == "control" and item[0] == "message":
+                self._end(item[1][0], "failed", code, message)
+            elif kind == "answer":
+                self._end(item.request_id, "failed", code, message)
+            else:
+                watch_id = item[1][0] if kind == "control" and item[0] in ("watch", "unwatch") else None
+                self._emit("error", code=code, message=f"{kind} step failed: {message}", request_id=None, watch_id=watch_id)
+
+    def _broken(self) -> bool:
+        """True (after a ``fatal`` event) when the engine says the session can no longer be used."""
+        reason = getattr(self.session, "broken", None)
+        if reason:
+            self._emit("fatal", reason=f"the session is unusable: {reason}")
+            return True
+        return False
+
+    def _ready_answer(self) -> AnswerNow | Narrate | None:
+        """The first waiting answer whose frames are all read (call with the lock held)."""
+        for action in self._answers:
+            need = self._wait_for.get(action.request_id)
+            if need is None or not (
+                (self._frame is not None and self._frame[2] <= need)
+                or (self._reading_covers is not None and self._reading_covers <= need)
+            ):
+                return action
+        return None
 
     def _now(self) -> float:
         return max(self.session.last_t, self.controller.last_t or 0.0, 0.0)
@@ -275,11 +387,16 @@ class LiveWorker:
             elif isinstance(action, CancelGeneration):
                 if self._running_id == action.request_id:
                     self._cancel.set()
+                else:  # superseded before it started (interrupt): it ends here, never half-started
+                    for waiting in [a for a in self._answers if a.request_id == action.request_id]:
+                        self._answers.remove(waiting)
+                        self._end(waiting.request_id, "cancelled", None, "replaced by a newer question")
             elif isinstance(action, Alert):
                 self._emit("alert", watch_id=action.watch_id, condition=action.condition, t=action.t, evidence_t=action.evidence_t)
             elif isinstance(action, Acknowledge):
                 self._emit("acknowledged", request_id=action.request_id, condition=action.condition)
             elif isinstance(action, GiveUp):
+                self._forget(action.request_id)
                 self._emit("gave_up", request_id=action.request_id, question=action.question, reason=action.reason)
 
     def _do_control(self, item: tuple[str, tuple]) -> None:
@@ -295,15 +412,35 @@ class LiveWorker:
         elif kind == "unwatch":
             self._act(c.remove_watch(args[0], max(t, args[1] or 0.0)))
         elif kind == "cancel":
-            self._answers.clear()
-            self._act(c.cancel(t))
+            self._do_cancel(args[0], t)
         elif kind == "changed":  # a skipped duplicate: nothing changed, and the clock does not move for it
             self._act(c.frame_changed(t, args[1]))
         elif kind == "end":
             self._act(c.stream_ended(t))
 
-    def _do_frame(self, item: tuple[Frame, float]) -> None:
-        frame, received = item
+    def _do_cancel(self, request_id: str | None, t: float) -> None:
+        c = self.controller
+        if request_id is None:
+            dropped = [a.request_id for a in self._answers] + [a.request_id for a in c.queued]
+            self._answers.clear()
+            self._act(c.cancel(t))
+            for rid in dropped:
+                self._end(rid, "cancelled", None, "cancelled by the client")
+            return
+        waiting = [a for a in self._answers if a.request_id == request_id]
+        if waiting:  # dispatched but not started: the controller counts it as generating until told
+            self._answers.remove(waiting[0])
+            self._end(request_id, "cancelled", None, "cancelled by the client")
+            self._act(c.generation_finished(request_id, t))
+            return
+        if request_id not in self._open:
+            return  # it ended meanwhile; its end event is already on its way
+        self._act(c.withdraw(request_id, t))
+        if request_id != self._running_id:
+            self._end(request_id, "cancelled", None, "cancelled by the client")
+
+    def _do_frame(self, item: tuple[Frame, float, int]) -> None:
+        frame, received, _ = item
         lag = self._clock() - received
         committed = False
         try:
@@ -323,7 +460,7 @@ class LiveWorker:
             return
         finally:
             with self._cv:  # one step, so the counters always add up
-                self._reading = False
+                self._reading, self._reading_covers = False, None
                 if committed:
                     self.counters.lag_s.append(lag)
                     self.counters.ingested_pts.append(t)
@@ -338,31 +475,41 @@ class LiveWorker:
     # ---- pre-emption of a frame read -------------------------------------------------------------------
     def _pause(self) -> None:
         """Called between the vision tower's layers while a frame is encoded: serve what should not wait."""
-        if self._control or self._answers or self._stopping:
+        with self._cv:
+            urgent = bool(self._control) or self._stopping or self._ready_answer() is not None
+        if urgent:
             self.counters.paused += 1
             self._serve_urgent()
 
     def _answer_waiting(self) -> bool:
-        """Asked between the language-model layers of a frame's prefill: abandon it for this?"""
+        """Asked between the language-model layers of a frame's prefill: abandon it for this?
+
+        Only for an answer (or a question) asked before the frame in progress arrived: one asked after
+        it waits for it anyway.
+        """
         with self._cv:
-            return self._stopping or bool(self._answers) or any(kind == "message" for kind, _ in self._control)
+            if self._stopping or self._ready_answer() is not None:
+                return True
+            covers = self._reading_covers if self._reading_covers is not None else self._submitted
+            return any(kind == "message" and self._wait_for.get(args[0], 0) < covers for kind, args in self._control)
 
     def _serve_urgent(self) -> None:
-        """Run all waiting control and answers now (a frame read in progress is suspended meanwhile)."""
+        """Run all waiting control and ready answers now (a frame read in progress is suspended meanwhile)."""
         while True:
             with self._cv:
                 if self._stopping:
                     raise _Stopped
+                ready = self._ready_answer()
                 if self._control:
                     job: tuple[str, Any] = ("control", self._control.popleft())
-                elif self._answers:
-                    job = ("answer", self._answers.popleft())
+                elif ready is not None:
+                    self._answers.remove(ready)
+                    job = ("answer", ready)
                 else:
                     return
-            try:
-                getattr(self, f"_do_{job[0]}")(job[1])
-            except StreamVLMError as exc:
-                self._emit("error", message=str(exc), request_id=None)
+            self._step(job)
+            if getattr(self.session, "broken", None):
+                raise _Stopped  # the frame read cannot go on; the main loop reports it
 
     def _do_poll(self, poll: Poll) -> None:
         scores = self.session.probe([p.prompt for p in poll.probes])
@@ -372,24 +519,35 @@ class LiveWorker:
         question = NARRATION_PROMPT if isinstance(action, Narrate) else action.question
         trigger = "commentary" if isinstance(action, Narrate) else action.trigger
         request_id = action.request_id
+        self._open.add(request_id)  # narrations end exactly once too
         self._cancel.clear()
         self._running_id = request_id
-        self._act(self.controller.generation_started(request_id, self._now()))
-        self._emit("answer.started", request_id=request_id, trigger=trigger)
-        stream = self.session.ask_stream(question, self._now())
+        sampling = self.session.config.sampling
+        if request_id in self._max_tokens:
+            sampling = replace(sampling, max_new_tokens=self._max_tokens[request_id])
         try:
-            for delta in stream:
-                self._emit("answer.delta", request_id=request_id, text=delta)
-                if self._control:  # a new message may interrupt this answer
-                    with self._cv:
-                        pending = list(self._control)
-                        self._control.clear()
-                    for item in pending:
-                        self._do_control(item)
-                if self._cancel.is_set():
-                    break
+            self._act(self.controller.generation_started(request_id, self._now()))
+            self._emit("answer.started", request_id=request_id, trigger=trigger)
+            stream = self.session.ask_stream(question, self._now(), sampling=sampling)
+            try:
+                for delta in stream:
+                    self._emit("answer.delta", request_id=request_id, text=delta)
+                    if self._control:  # a new message may interrupt this answer
+                        with self._cv:
+                            pending = list(self._control)
+                            self._control.clear()
+                        for item in pending:
+                            self._step(("control", item))
+                    if self._cancel.is_set():
+                        break
+            finally:
+                stream.close()
+        except Exception as exc:
+            self._end(request_id, "failed", error_code(exc), _describe(exc))
+            self._act(self.controller.generation_finished(request_id, self._now()))
+            return
         finally:
-            stream.close()
             self._running_id = None
+        self._forget(request_id)
         self._emit("answer.done", request_id=request_id, answer=stream.answer, trigger=trigger)
         self._act(self.controller.generation_finished(request_id, self._now()))
