@@ -229,7 +229,10 @@ class ServerConfig:
     ``127.0.0.1``, ``[::1]``, any port), ``host`` unless it binds every address (``0.0.0.0``, ``::``),
     and each of ``allowed_hosts`` (``name`` for any port, ``name:port`` for one); a server bound to
     ``0.0.0.0`` needs the names its clients use there. At most ``max_sessions`` sessions run at
-    once, each with a working-memory budget of ``session_budget_tokens`` under a global cap of
+    once (parked sessions, waiting for their client to resume, never block a live one: the oldest is
+    ended to make room, and at most ``max_parked_sessions`` are kept), each starting with a
+    working-memory budget of ``session_budget_tokens`` (a client may ask for up to
+    ``max_session_budget_tokens``, never unbounded, and at most ``max_watches`` watches) under a global cap of
     ``global_budget_tokens``; a session left by its client can be resumed for ``resume_window_s``.
     ``max_session_s`` (None: unlimited) ends sessions after that long, with a ``session.go_away``
     ``go_away_notice_s`` before. Events (answers, alerts) are logged to SQLite at ``event_db``.
@@ -242,6 +245,9 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()  # extra Host names clients may use ("name" or "name:port"), see above
     max_sessions: int = 8
     session_budget_tokens: int = 4096
+    max_session_budget_tokens: int = 16384
+    max_parked_sessions: int = 16
+    max_watches: int = 32
     global_budget_tokens: int = 8 * 4096
     resume_window_s: float = 60.0
     max_session_s: float | None = None
@@ -259,6 +265,10 @@ class ServerConfig:
                      f"{entry!r} is not a host name or address with an optional :port (e.g. 'cam.example:8765')")
         _require(self.max_sessions >= 1, "max_sessions", "must be >= 1")
         _require(self.session_budget_tokens >= 16, "session_budget_tokens", "must be >= 16")
+        _require(self.max_session_budget_tokens >= self.session_budget_tokens, "max_session_budget_tokens",
+                 "must be >= session_budget_tokens")
+        _require(self.max_parked_sessions >= 0, "max_parked_sessions", "must be >= 0")
+        _require(self.max_watches >= 1, "max_watches", "must be >= 1")
         _require(self.global_budget_tokens >= self.session_budget_tokens, "global_budget_tokens", "must be >= session_budget_tokens")
         _require(self.resume_window_s >= 0, "resume_window_s", "must be >= 0")
         _require(self.max_session_s is None or self.max_session_s > 0, "max_session_s", "must be > 0 or None")

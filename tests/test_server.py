@@ -30,10 +30,15 @@ async def started(adapter, **config):
     return server, f"ws://{host}:{port}/v1/realtime", f"http://{host}:{port}"
 
 
+HANDLES: dict[int, str] = {}  # id(ws) -> the latest resume handle it was given (handles rotate)
+
+
 async def next_of(ws, kind: str, timeout: float = 60.0) -> dict:
     async def wait():
         while True:
             event = json.loads(await ws.recv())
+            if event["type"] == "session.resumption_update" and event["new_handle"]:
+                HANDLES[id(ws)] = event["new_handle"]
             if event["type"] == kind:
                 return event
     return await asyncio.wait_for(wait(), timeout)
@@ -84,6 +89,8 @@ def test_a_whole_session_over_a_real_websocket(smol, tmp_path):
                 while alert["response"]["trigger"] != "watch":
                     alert = await next_of(ws, "response.done")
                 assert alert["response"]["alert"]["watch_id"] == "red" and alert["response"]["alert"]["t"] == 3.0
+                assert HANDLES[id(ws)] != handle  # a fresh handle after each answer; only the latest resumes
+                handle = HANDLES[id(ws)]
             # resume within the window: same session, memory kept
             async with connect(url + f"?resume={handle}") as ws:
                 again = await next_of(ws, "session.created")

@@ -97,6 +97,12 @@ APPLICATION_ERROR_CODES: Mapping[str, str] = {
     "server_error": "the server failed; the session goes on unless a go_away follows",
     "session_limit": "the server is full (sessions or memory); the connection is closed after this error",
     "setting_locked": "session.update of a setting that cannot change once the stream has started",
+    "budget_too_large": "session.update asks for more working memory than this server gives one session (or none: null)",
+    "watch_limit": "watch.create beyond the watches one session may hold",
+    "engine_fault": "the engine failed on this request or step; the request ends 'failed', the session goes on",
+    "session_closed": "the session ended (an unusable engine state, the server stopping, a slow consumer); "
+                      "the connection is closed after this error",
+    "slow_consumer": "the client read server events too slowly; the connection is closed after this error",
 }
 
 CLIENT_EVENT_TYPES = (
@@ -749,13 +755,17 @@ def _alert(alert: Any) -> dict[str, Any]:
             "t": _finite(_attr(alert, "t"), "alert.t")}
 
 
-def response_created(response_id: str, trigger: str = "user", alert: Any = None) -> dict[str, Any]:
+def response_created(response_id: str, trigger: str = "user", alert: Any = None,
+                     client_event_id: str | None = None) -> dict[str, Any]:
     """``response.created``: a response starts; stream its text with :func:`response_output_text_delta`.
 
     ``trigger`` is why it was produced (RESPONSE_TRIGGERS); for trigger ``watch`` pass ``alert``, a
     mapping or object with ``watch_id``, ``condition`` and ``t`` (stream time of the firing frame).
+    ``client_event_id`` is the ``event_id`` of the ``response.create`` it answers (None for alerts and
+    commentary): clients bind answers to questions by it.
     """
-    response: dict[str, Any] = {"id": response_id, "status": "in_progress", "trigger": _trigger_name(trigger)}
+    response: dict[str, Any] = {"id": response_id, "status": "in_progress", "trigger": _trigger_name(trigger),
+                                "client_event_id": client_event_id}
     if alert is not None:
         response["alert"] = _alert(alert)
     return _server("response.created", response=response)
@@ -767,12 +777,16 @@ def response_output_text_delta(response_id: str, delta: str) -> dict[str, Any]:
 
 
 def response_done(response_id: str, status: str, trigger: str, output_text: str, evidence: Sequence[Any] = (),
-                  input_tokens: int = 0, output_tokens: int = 0, alert: Any = None) -> dict[str, Any]:
+                  input_tokens: int = 0, output_tokens: int = 0, alert: Any = None, *,
+                  client_event_id: str | None = None, no_video: bool = False,
+                  error: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``response.done``: a response ended; the last event about ``response_id``.
 
     ``status`` is one of RESPONSE_STATUSES; ``evidence`` the frames the answer rests on
     (:class:`~streamvlm.types.Evidence` objects or mappings with ``pts_s`` and ``source_id``);
-    ``alert`` as in :func:`response_created` for a proactive response.
+    ``alert`` as in :func:`response_created` for a proactive response; ``client_event_id`` as in
+    :func:`response_created`; ``no_video`` True when the answer rests on no frame at all; ``error``
+    (``code``, ``message``) says why a ``failed`` or ``cancelled`` response ended.
     """
     if status not in RESPONSE_STATUSES:
         raise InputError(f"status: must be one of {', '.join(RESPONSE_STATUSES)}, got {status!r}")
@@ -785,7 +799,11 @@ def response_done(response_id: str, status: str, trigger: str, output_text: str,
                      for e in evidence],
         "usage": {"input_tokens": _count(input_tokens, "input_tokens"), "output_tokens": _count(output_tokens, "output_tokens"),
                   "total_tokens": int(input_tokens) + int(output_tokens)},
+        "client_event_id": client_event_id,
+        "no_video": bool(no_video),
     }
+    if error is not None:
+        response["error"] = {"code": str(error["code"]), "message": str(error["message"])}
     if alert is not None:
         response["alert"] = _alert(alert)
     return _server("response.done", response=response)
@@ -848,13 +866,16 @@ def webrtc_answer(sdp: str) -> dict[str, Any]:
     return _server("webrtc.answer", sdp=sdp)
 
 
-def error_event(code: str, message: str, param: str | None = None, client_event_id: str | None = None) -> dict[str, Any]:
+def error_event(code: str, message: str, param: str | None = None, client_event_id: str | None = None,
+                response_id: str | None = None) -> dict[str, Any]:
     """``error``: a client event was refused (or the server failed); the session goes on.
 
     ``code`` is one of ERROR_CODES or APPLICATION_ERROR_CODES; ``param`` the offending field;
-    ``client_event_id`` the event it answers. Build one from a :class:`ProtocolError` with
-    ``error_event(e.code, e.detail, e.param, e.client_event_id)``.
+    ``client_event_id`` the event it answers; ``response_id`` the response it concerns. Build one from
+    a :class:`ProtocolError` with ``error_event(e.code, e.detail, e.param, e.client_event_id)``.
     """
-    error_type = "server_error" if code == "server_error" else "invalid_request_error"
-    return _server("error", error={"type": error_type, "code": code, "message": message, "param": param,
-                                   "event_id": client_event_id})
+    error_type = "server_error" if code in ("server_error", "engine_fault", "session_closed") else "invalid_request_error"
+    error = {"type": error_type, "code": code, "message": message, "param": param, "event_id": client_event_id}
+    if response_id is not None:
+        error["response_id"] = response_id
+    return _server("error", error=error)

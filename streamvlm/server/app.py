@@ -1,9 +1,18 @@
 """The server: one port for the realtime WebSocket API, the web client page, health and metrics.
 
-A thin transport. Each WebSocket connection gets a :class:`~streamvlm.protocol.Connection` (the
-Sans-I/O protocol: validation, errors, framing) and a :class:`~streamvlm.engine.worker.LiveWorker`
-(the model thread and the dialogue controller) over its own :class:`StreamSession`; this module only
-moves messages between them. All sessions share one loaded model and take turns on it.
+A thin transport over two Sans-I/O cores: each WebSocket connection gets a
+:class:`~streamvlm.protocol.Connection` (bytes to validated client events, errors, framing) and each
+session a :class:`~streamvlm.protocol.session.RealtimeSession` (what those events mean: ids, settings,
+the lifecycle of every response, watches, resumption). This module moves messages between the socket,
+the cores and the session's :class:`~streamvlm.engine.worker.LiveWorker` (the model thread), and
+carries out the commands the core returns. All sessions share one loaded model (its one owner, the
+adapter lock, lets them take turns).
+
+What the transport itself decides: admission (live sessions, memory; parked sessions never block a
+live one), a bounded outbox per connection (memory and stats updates are dropped first; a client that
+stays too slow is closed with ``slow_consumer``), resumption (``?resume=<handle>``; a second connection
+with a live session's handle takes it over), and ending sessions with a reason. HTTP routes and
+checks (hosts, origins, token) live in :mod:`.http`, metrics in :mod:`.metrics`.
 
 Routes: ``/`` (the web client), ``/healthz`` (alive), ``/readyz`` (model loaded), ``/metrics``
 (Prometheus text), ``/v1/realtime`` (the WebSocket API, see docs/protocol.md).
@@ -12,157 +21,92 @@ Routes: ``/`` (the web client), ``/healthz`` (alive), ``/readyz`` (model loaded)
 from __future__ import annotations
 
 import asyncio
-import hmac
-import itertools
 import json
-import secrets
 import time
-from dataclasses import asdict, dataclass, field, replace
-from http import HTTPStatus
-from pathlib import Path
+from collections import deque
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
 from .. import protocol as p
-from ..config import MemoryConfig, ServerConfig, SessionConfig
-from ..dialogue import ControllerConfig
+from ..config import ServerConfig
 from ..engine.session import StreamSession
-from ..engine.worker import LiveWorker, WorkerEvent
+from ..engine.worker import LiveWorker
+from ..errors import StreamVLMError
 from ..models.base import ModelAdapter
-from ..types import Evidence, Frame
+from ..protocol import session as core
+from ..types import Frame
 from .eventlog import EventLog
+from .http import process_request
+from .metrics import ServerMetrics
 
 __all__ = ["StreamServer"]
 
-_STATIC = Path(__file__).parent / "static"
-_TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Outbox of one connection: past SOFT queued events, memory and stats updates are dropped; past HARD
+# the client is too slow to serve and its connection is closed (the session stays resumable).
+_OUTBOX_SOFT = 64
+_OUTBOX_HARD = 1024
+_DROPPABLE = ("memory.update", "input_frame.stats")
 
 
-@dataclass
-class _Metrics:
-    sessions_opened: int = 0
-    sessions_refused: int = 0
-    frames_received: int = 0
-    frames_dropped: int = 0
-    alerts: int = 0
-    protocol_errors: int = 0
-    ttft: list[int] = field(default_factory=lambda: [0] * (len(_TTFT_BUCKETS) + 1))
-    ttft_sum: float = 0.0
-    ttft_count: int = 0
+class _Outbox:
+    """The events waiting to be written to one connection, bounded as described above."""
 
-    def observe_ttft(self, seconds: float) -> None:
-        index = next((i for i, b in enumerate(_TTFT_BUCKETS) if seconds <= b), len(_TTFT_BUCKETS))
-        self.ttft[index] += 1
-        self.ttft_sum += seconds
-        self.ttft_count += 1
+    def __init__(self) -> None:
+        self.items: deque[dict] = deque()
+        self.ready = asyncio.Event()
+        self.overflowed = False
+        self.dropped = 0
+
+    def put(self, event: dict) -> None:
+        if len(self.items) >= _OUTBOX_SOFT and event["type"] in _DROPPABLE:
+            self.dropped += 1
+            return
+        if len(self.items) >= _OUTBOX_HARD:
+            self.overflowed = True
+        self.items.append(event)
+        self.ready.set()
 
 
 class _Session:
-    """One realtime session: its worker, settings and conversation state. Outlives its connection while resumable."""
+    """One realtime session on this server: its core, its model thread, its connection while it has one."""
 
-    def __init__(self, server: StreamServer, session_id: str) -> None:
+    def __init__(self, server: StreamServer, state: core.RealtimeSession) -> None:
         self.server = server
-        self.id = session_id
-        self.handle = secrets.token_urlsafe(24)
-        self.session_config = SessionConfig()
-        self.memory_config = MemoryConfig(budget_tokens=server.config.session_budget_tokens)
-        self.controller_config = ControllerConfig()
-        self.started = False  # a frame or question went in: context-shaping settings are locked
+        self.core = state
         self.worker: LiveWorker | None = None
-        self.last_user_text: str | None = None
-        self.responses = itertools.count(1)
-        self.items = itertools.count(1)
-        self.triggers: dict[str, str] = {}
-        self.asked_at: dict[str, float] = {}
-        self.watches: dict[str, str] = {}
-        self.connection: ServerConnection | None = None
-        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.ws: ServerConnection | None = None
+        self.outbox = _Outbox()
         self.detached_at: float | None = None
         self.opened_at = time.monotonic()
-        self.events_task: asyncio.Task | None = None
+        self.pump: asyncio.Task | None = None
         self.warned = False  # a go_away was sent
         self.peer: Any = None  # the WebRTC peer connection, if the client sends video that way
+        self.frames_seen = 0  # worker frames already reported to the metrics
+        self.dropped_seen = 0
 
-    def settings(self) -> dict[str, Any]:
-        s = self.session_config
-        return {
-            "instructions": s.system_prompt,
-            "sampling": {"max_new_tokens": s.sampling.max_new_tokens, "temperature": s.sampling.temperature},
-            "memory": {"budget_tokens": self.memory_config.budget_tokens, "policy": self.memory_config.policy},
-            "interrupt": self.controller_config.interrupt,
-            "probe_every_frames": self.controller_config.probe_every_frames,
-        }
+    @property
+    def id(self) -> str:
+        return self.core.id
 
-    async def ensure_worker(self) -> LiveWorker:
-        if self.worker is None:
-            session = StreamSession(self.server.adapter, self.session_config, self.memory_config)
-            self.worker = LiveWorker(session, self.controller_config)
-            await self.worker.start()
-            self.events_task = asyncio.create_task(self._pump_events())
-        return self.worker
+    def send(self, event: dict) -> None:
+        if self.ws is not None:
+            self.outbox.put(event)
 
-    async def close(self) -> None:
+    async def stop_worker(self) -> None:
         if self.peer is not None:
             await self.peer.close()
             self.peer = None
         if self.worker is not None:
-            self.worker.cancel()
             await self.worker.stop()
-            if self.events_task is not None:
-                await self.events_task
+            if self.pump is not None:
+                await self.pump
+            self.server._sync_frames(self)
             self.worker.session.close()
             self.worker = None
-
-    def send(self, event: dict[str, Any]) -> None:
-        self.outbox.put_nowait(json.dumps(event))
-
-    async def _pump_events(self) -> None:
-        assert self.worker is not None
-        metrics, log = self.server.metrics, self.server.log
-        async for event in self.worker.events():
-            for out in self._translate(event):
-                if log is not None and out["type"] in ("response.done",):
-                    log.append(self.id, out["type"], out, stream_t=(out["response"].get("alert") or {}).get("t"))
-                self.send(out)
-            if event.kind == "alert":
-                metrics.alerts += 1
-
-    def _translate(self, event: WorkerEvent) -> list[dict[str, Any]]:
-        d = event.data
-        if event.kind == "answer.started":
-            self.triggers[d["request_id"]] = d["trigger"]
-            return [p.response_created(d["request_id"], d["trigger"])]
-        if event.kind == "answer.delta":
-            rid = d["request_id"]
-            if rid in self.asked_at:
-                self.server.metrics.observe_ttft(time.monotonic() - self.asked_at.pop(rid))
-            return [p.response_output_text_delta(rid, d["text"])]
-        if event.kind == "answer.done":
-            answer = d["answer"]
-            self.asked_at.pop(d["request_id"], None)
-            status = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(answer.finish_reason, "completed")
-            return [p.response_done(d["request_id"], status, d["trigger"], answer.text, answer.evidence,
-                                    answer.prompt_tokens, len(answer.token_ids)),
-                    p.session_resumption_update(self.handle, True)]
-        if event.kind == "alert":
-            rid = f"resp_alert_{next(self.responses)}"
-            alert = {"watch_id": d["watch_id"], "condition": d["condition"], "t": d["evidence_t"]}
-            return [p.response_created(rid, "watch", alert),
-                    p.response_done(rid, "completed", "watch", "", [Evidence(d["evidence_t"])], alert=alert)]
-        if event.kind == "acknowledged":
-            return [p.response_acknowledged(d["request_id"], d["condition"])]
-        if event.kind == "gave_up":
-            return [p.response_done(d["request_id"], "incomplete", "deferred", d["reason"])]
-        if event.kind == "memory":
-            return [p.memory_update(**asdict(d["memory_event"]))]
-        if event.kind == "error":
-            return [p.error_event("server_error", d["message"])]
-        return []
 
 
 class StreamServer:
@@ -172,18 +116,28 @@ class StreamServer:
         self.adapter = adapter
         self.config = config or ServerConfig()
         self.limits = limits or p.Limits()
-        self.metrics = _Metrics()
+        self.metrics = ServerMetrics()
+        self.metrics.track_live(
+            live=lambda: sum(s.ws is not None for s in self.sessions.values()),
+            parked=lambda: sum(s.ws is None for s in self.sessions.values()),
+            working_tokens=lambda: sum(int(s.worker.session.stats()["working_tokens"])
+                                       for s in list(self.sessions.values()) if s.worker is not None),
+        )
         self.sessions: dict[str, _Session] = {}
         self.log = EventLog(self.config.event_db) if self.config.event_db else None
-        self._ids = itertools.count(1)
+        self.policy = core.SessionPolicy(self.config.session_budget_tokens, self.config.max_session_budget_tokens,
+                                         self.config.max_watches, self.limits.max_frames_per_s)
         self._server: Any = None
         self._reaper: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         self._server = await serve(
-            self._handle, self.config.host, self.config.port, process_request=self._process_request,
-            max_size=self.limits.max_message_bytes, compression=None,
+            self._handle, self.config.host, self.config.port, compression=None,
+            process_request=partial(process_request, config=self.config, metrics=self.metrics, ready=self.adapter.source),
+            # Messages over the limit get a message_too_large error event from the Connection; only past
+            # this hard ceiling does the socket layer close the connection (1009).
+            max_size=4 * self.limits.max_message_bytes,
         )
         self._reaper = asyncio.create_task(self._reap())
         sock = next(iter(self._server.sockets))
@@ -191,146 +145,152 @@ class StreamServer:
 
     async def stop(self) -> None:
         for session in list(self.sessions.values()):
-            if session.connection is not None:
-                session.send(p.session_go_away(0))
+            session.send(p.session_go_away(0))
         await asyncio.sleep(0.05)
         if self._reaper is not None:
             self._reaper.cancel()
+        for session in list(self.sessions.values()):
+            await self._end(session, "the server is stopping", "server_stopping", close_code=1001)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for session in list(self.sessions.values()):
-            await session.close()
-        self.sessions.clear()
         if self.log is not None:
             self.log.close()
 
-    # ---- HTTP ----------------------------------------------------------------------------------------
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        if url.path == "/healthz":
-            return _text(connection, HTTPStatus.OK, "ok\n")
-        if url.path == "/readyz":
-            return _text(connection, HTTPStatus.OK, f"ready {self.adapter.source}\n")
-        if url.path == "/metrics":
-            return _text(connection, HTTPStatus.OK, self.render_metrics(), "text/plain; version=0.0.4")
-        if url.path in ("/", "/index.html"):
-            return _text(connection, HTTPStatus.OK, (_STATIC / "index.html").read_text(), "text/html; charset=utf-8")
-        if url.path != "/v1/realtime":
-            return _text(connection, HTTPStatus.NOT_FOUND, "not found\n")
-        if not self._authorized(request.headers, parse_qs(url.query)):
-            return _text(connection, HTTPStatus.UNAUTHORIZED, "a valid bearer token is required\n")
-        origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
-            return _text(connection, HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed\n")
-        return None
-
-    def _authorized(self, headers: Headers, query: dict[str, list[str]]) -> bool:
-        if not self.config.token:
-            return True
-        given = headers.get("Authorization", "")
-        token = given[7:] if given.startswith("Bearer ") else (query.get("access_token") or [""])[0]
-        return hmac.compare_digest(token.encode(), self.config.token.encode())
-
-    def _origin_allowed(self, origin: str, host: str) -> bool:
-        own = {f"http://{host}", f"https://{host}"}
-        return origin in own or origin in self.config.allowed_origins
-
-    def render_metrics(self) -> str:
-        m = self.metrics
-        live = [s for s in self.sessions.values() if s.worker is not None]
-        working = sum(int(s.worker.session.stats()["working_tokens"]) for s in live)
-        received = m.frames_received + sum(s.worker.counters.received for s in live)
-        dropped = m.frames_dropped + sum(s.worker.counters.dropped for s in live)
-        lines = [
-            "# TYPE streamvlm_sessions gauge", f"streamvlm_sessions {len(self.sessions)}",
-            "# TYPE streamvlm_sessions_refused_total counter", f"streamvlm_sessions_refused_total {m.sessions_refused}",
-            "# TYPE streamvlm_frames_received_total counter", f"streamvlm_frames_received_total {received}",
-            "# TYPE streamvlm_frames_dropped_total counter", f"streamvlm_frames_dropped_total {dropped}",
-            "# TYPE streamvlm_working_memory_tokens gauge", f"streamvlm_working_memory_tokens {working}",
-            "# TYPE streamvlm_alerts_total counter", f"streamvlm_alerts_total {m.alerts}",
-            "# TYPE streamvlm_protocol_errors_total counter", f"streamvlm_protocol_errors_total {m.protocol_errors}",
-            "# TYPE streamvlm_ttft_seconds histogram",
-        ]
-        cumulative = 0
-        for bound, count in zip((*_TTFT_BUCKETS, float("inf")), m.ttft):
-            cumulative += count
-            lines.append(f'streamvlm_ttft_seconds_bucket{{le="{"+Inf" if bound == float("inf") else bound}"}} {cumulative}')
-        lines += [f"streamvlm_ttft_seconds_sum {m.ttft_sum}", f"streamvlm_ttft_seconds_count {m.ttft_count}"]
-        return "\n".join(lines) + "\n"
-
-    # ---- sessions -----------------------------------------------------------------------------------
+    # ---- admission ------------------------------------------------------------------------------------
     def _budget_in_use(self) -> int:
-        return sum(s.memory_config.budget_tokens or self.config.session_budget_tokens for s in self.sessions.values())
+        return sum(s.core.budget_tokens for s in self.sessions.values())
+
+    def _budget_check(self, extra: int) -> str | None:
+        if self._budget_in_use() + extra <= self.config.global_budget_tokens:
+            return None
+        return f"the server's working memory is in use ({self._budget_in_use()} of {self.config.global_budget_tokens} tokens)"
 
     def can_admit(self) -> bool:
-        return len(self.sessions) < self.config.max_sessions and self._budget_in_use() + self.config.session_budget_tokens <= self.config.global_budget_tokens
+        """Room for one more live session, counting parked sessions as evictable."""
+        live = [s for s in self.sessions.values() if s.ws is not None]
+        budget = sum(s.core.budget_tokens for s in live) + self.config.session_budget_tokens
+        return len(live) < self.config.max_sessions and budget <= self.config.global_budget_tokens
+
+    async def _make_room(self) -> None:
+        """End the oldest parked sessions until a new live one fits (parked never block live)."""
+        parked = sorted((s for s in self.sessions.values() if s.ws is None), key=lambda s: s.detached_at or 0.0)
+        while parked and (len(self.sessions) >= self.config.max_sessions + self.config.max_parked_sessions
+                          or self._budget_in_use() + self.config.session_budget_tokens > self.config.global_budget_tokens):
+            await self._end(parked.pop(0), "a live session needed the room of this parked one", "evicted")
 
     async def _reap(self) -> None:
-        """End detached sessions past their resume window, and sessions past their maximum age."""
+        """End parked sessions past their resume window, and sessions past their maximum age."""
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for session in list(self.sessions.values()):
-                if session.detached_at is not None and now - session.detached_at > self.config.resume_window_s:
-                    self.sessions.pop(session.id, None)
-                    await session.close()
-                elif self.config.max_session_s is not None and session.connection is not None:
+                if session.ws is None and session.detached_at is not None and now - session.detached_at > self.config.resume_window_s:
+                    await self._end(session, "the resume window ran out", "expired")
+                elif self.config.max_session_s is not None and session.ws is not None:
                     left = self.config.max_session_s - (now - session.opened_at)
                     if left <= self.config.go_away_notice_s and not session.warned:
                         session.warned = True
                         session.send(p.session_go_away(int(max(0.0, left) * 1000)))
                     if left <= 0:
-                        await session.connection.close(1001, "session time is up")
+                        await session.ws.close(1001, "session time is up")
 
+    async def _end(self, session: _Session, reason: str, metric: str, close_code: int | None = None) -> None:
+        """End a session for good: open responses fail with the reason, the client is told, the worker stops."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        await self._execute(session, session.core.close(reason, "session_closed", close_code))
+        self.metrics.session_closed(metric)
+        await session.stop_worker()
+
+    # ---- connections ----------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
-        query = parse_qs(urlsplit(ws.request.path).query)
-        handle = (query.get("resume") or [None])[0]
+        handle = (parse_qs(urlsplit(ws.request.path).query).get("resume") or [None])[0]
+        now = time.monotonic()
         if handle is not None:
-            session = next((s for s in self.sessions.values() if s.handle == handle and s.connection is None), None)
+            session = next((s for s in self.sessions.values() if s.core.handle == handle), None)
             if session is None:
-                await ws.send(json.dumps(p.error_event("invalid_resume_handle", "no session to resume with this handle")))
-                await ws.close(1008, "invalid resume handle")
+                self.metrics.session_refused("invalid_resume_handle")
+                await self._refuse(ws, "invalid_resume_handle", "no session to resume with this handle", 1008)
                 return
-            session.detached_at = None
+            if session.ws is not None:  # the same client again (a reload): the new connection takes over
+                old = session.ws
+                session.ws = None
+                await old.close(1000, "resumed on another connection")
+            self.metrics.session_resumed()
+            greeting = session.core.resumed(now)
         else:
+            await self._make_room()
             if not self.can_admit():
-                self.metrics.sessions_refused += 1
-                await ws.send(json.dumps(p.error_event("session_limit", "the server is full; try again later")))
-                await ws.close(1013, "server full")
+                self.metrics.session_refused("session_limit")
+                await self._refuse(ws, "session_limit", "the server is full; try again later", 1013)
                 return
-            session = _Session(self, f"sess_{next(self._ids):04d}")
+            state = core.RealtimeSession(self.adapter.source, self.limits, self.policy, self._budget_check)
+            session = _Session(self, state)
             self.sessions[session.id] = session
-            self.metrics.sessions_opened += 1
-        session.connection = ws
-        session.outbox = asyncio.Queue()
-        conn = p.Connection(self.limits, clock_free=False)
-        session.send(p.session_created(session.id, self.adapter.source, self.limits, session.settings()))
-        session.send(p.session_resumption_update(session.handle, True))
-        writer = asyncio.create_task(self._write(ws, session))
+            self.metrics.session_opened()
+            greeting = state.opened(now)
+        session.ws, session.detached_at, session.outbox = ws, None, _Outbox()
+        await self._execute(session, greeting)
+        await self._serve_connection(session, ws)
+
+    async def _refuse(self, ws: ServerConnection, code: str, message: str, close_code: int) -> None:
+        self.metrics.protocol_error(code)
+        await ws.send(json.dumps(p.error_event(code, message)))
+        await ws.close(close_code, message[:120])
+
+    async def _serve_connection(self, session: _Session, ws: ServerConnection) -> None:
+        conn = p.Connection(self.limits, clock_free=True)
+        writer = asyncio.create_task(self._write(session, ws))
         stats = asyncio.create_task(self._stats(session))
         try:
             async for message in ws:
-                events = conn.receive_bytes(message) if isinstance(message, bytes) else conn.receive_text(message)
-                for event in events:
-                    await self._apply(session, event)
+                now = time.monotonic()
+                events = conn.receive_bytes(message, now) if isinstance(message, bytes) else conn.receive_text(message, now)
                 for text in conn.data_to_send():
-                    self.metrics.protocol_errors += 1
-                    session.outbox.put_nowait(text)
+                    error = json.loads(text)
+                    if error["error"]["code"] == "rate_limited":
+                        self.metrics.frame_received()
+                        self.metrics.frame_dropped("rate_limited")
+                    self._count(error)
+                    session.send(error)
+                for event in events:
+                    await self._execute(session, session.core.client_event(event, now))
+                if writer.done():  # the writer closed the connection (slow consumer)
+                    break
         except ConnectionClosed:
             pass
         finally:
             writer.cancel()
             stats.cancel()
-            session.connection = None
-            if session.worker is not None:
-                session.worker.cancel()  # a client gone mid-answer leaves nothing running
-            session.detached_at = time.monotonic()
+            if session.ws is ws:  # not taken over by a newer connection
+                session.ws = None
+                session.detached_at = time.monotonic()
+                outs = session.core.detached(session.detached_at)
+                session.core.keep_missed(session.outbox.items)
+                if session.id in self.sessions:
+                    await self._execute(session, outs)
+                    await self._park(session)
 
-    async def _write(self, ws: ServerConnection, session: _Session) -> None:
+    async def _park(self, session: _Session) -> None:
+        parked = sorted((s for s in self.sessions.values() if s.ws is None), key=lambda s: s.detached_at or 0.0)
+        while len(parked) > self.config.max_parked_sessions:
+            await self._end(parked.pop(0), "too many sessions wait to be resumed", "evicted")
+
+    async def _write(self, session: _Session, ws: ServerConnection) -> None:
+        outbox = session.outbox
         try:
             while True:
-                await ws.send(await session.outbox.get())
+                await outbox.ready.wait()
+                if outbox.overflowed:
+                    message = f"more than {_OUTBOX_HARD} events waited for this client; read faster (the session can be resumed)"
+                    self.metrics.protocol_error("slow_consumer")
+                    await ws.send(json.dumps(p.error_event("slow_consumer", message)))
+                    await ws.close(1008, "slow consumer")
+                    return
+                while outbox.items:
+                    await ws.send(json.dumps(outbox.items.popleft(), allow_nan=False))
+                outbox.ready.clear()
         except ConnectionClosed:
             pass
 
@@ -338,89 +298,109 @@ class StreamServer:
         while True:
             await asyncio.sleep(self.config.stats_every_s)
             if session.worker is not None:
+                self._sync_frames(session)
                 c = session.worker.counters
                 session.send(p.input_frame_stats(c.received, c.skipped, c.dropped, c.ingested))
 
-    async def _apply(self, session: _Session, event: p.ClientEvent) -> None:
-        """Carry out one valid client event; application-level refusals become error events."""
-        cid = event.event_id
-        if isinstance(event, p.SessionUpdate):
-            locked = {"instructions", "memory.budget_tokens", "memory.policy", "interrupt", "probe_every_frames"} & set(event.fields_set)
-            if session.started and locked:
-                session.send(p.error_event("setting_locked", f"{sorted(locked)[0]} cannot change once the stream has started",
-                                           f"session.{sorted(locked)[0]}", cid))
-                return
-            s = session.session_config
-            sampling = replace(s.sampling, **{k: v for k, v in (("max_new_tokens", event.max_new_tokens), ("temperature", event.temperature)) if v is not None})
-            session.session_config = replace(s, sampling=sampling, system_prompt=event.instructions or s.system_prompt)
-            if "memory.budget_tokens" in event.fields_set or event.policy is not None:
-                budget = event.budget_tokens if "memory.budget_tokens" in event.fields_set else session.memory_config.budget_tokens
-                session.memory_config = replace(session.memory_config, budget_tokens=budget or self.config.session_budget_tokens,
-                                                policy=event.policy or session.memory_config.policy)
-            cc = session.controller_config
-            session.controller_config = replace(cc, interrupt=cc.interrupt if event.interrupt is None else event.interrupt,
-                                                probe_every_frames=event.probe_every_frames or cc.probe_every_frames)
-            if session.worker is not None:
-                session.worker.session.config = session.session_config
-            session.send(p.session_updated(session.id, session.settings()))
-        elif isinstance(event, p.FrameAppend):
-            worker = await session.ensure_worker()
-            session.started = True
-            pts = event.pts_s if event.pts_s is not None else time.monotonic() - session.opened_at
-            worker.submit_frame(Frame(event.image, max(pts, worker.session.last_t, 0.0), event.source_id))
-        elif isinstance(event, p.ItemCreate):
-            session.last_user_text = event.text
-            session.send(p.conversation_item_created(event.item_id or f"item_{next(session.items)}", event.text))
-        elif isinstance(event, p.ResponseCreate):
-            if not session.last_user_text:
-                session.send(p.error_event("no_user_message", "send conversation.item.create first", None, cid))
-                return
-            worker = await session.ensure_worker()
-            session.started = True
-            rid = f"resp_{next(session.responses)}"
-            session.asked_at[rid] = time.monotonic()
-            worker.ask(session.last_user_text, request_id=rid)
-            session.last_user_text = None
-        elif isinstance(event, p.ResponseCancel):
-            if session.worker is not None:
-                session.worker.cancel()
-        elif isinstance(event, p.WatchCreate):
-            if event.watch_id in session.watches:
-                session.send(p.error_event("watch_exists", f"watch {event.watch_id!r} exists", "watch.id", cid))
-                return
-            worker = await session.ensure_worker()
-            session.watches[event.watch_id] = event.condition
-            spec = event.spec(session.controller_config.default_trigger)
-            worker.watch(event.watch_id, event.condition, spec=spec)
-            session.send(p.watch_created(event.watch_id, event.condition, spec))
-        elif isinstance(event, p.WebRTCOffer):
-            from .webrtc import accept_offer, loopback_ice_only
+    # ---- carrying out the core's decisions ---------------------------------------------------------------
+    async def _execute(self, session: _Session, outs: list) -> None:
+        for out in outs:
+            if isinstance(out, dict):
+                self._count(out)
+                if self.log is not None and out["type"] == "response.done":
+                    self.log.append(session.id, out["type"], out, stream_t=(out["response"].get("alert") or {}).get("t"))
+                session.send(out)
+            elif isinstance(out, core.StartWorker):
+                await self._start_worker(session, out)
+            elif isinstance(out, core.Close):
+                if session.ws is not None:
+                    ws = session.ws
+                    asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(ws.close(out.code, out.reason)))
+                if session.id in self.sessions:
+                    self.sessions.pop(session.id)
+                    self.metrics.session_closed("engine_fault" if out.code == 1011 else "closed")
+                    asyncio.ensure_future(session.stop_worker())
+            elif isinstance(out, core.Observe):
+                self.metrics.first_token(out.value)
+            elif session.worker is None:
+                continue  # the worker could not start; the core has ended the session
+            elif isinstance(out, core.SubmitFrame):
+                self.metrics.frame_received()
+                outcome = session.worker.submit_frame(Frame(out.image, out.pts_s, out.source_id))
+                if outcome != "queued":
+                    self.metrics.frame_dropped("skipped_duplicate" if outcome == "skipped" else "replaced")
+                    session.dropped_seen += outcome == "replaced"
+            elif isinstance(out, core.Ask):
+                session.worker.ask(out.text, request_id=out.request_id, max_new_tokens=out.max_new_tokens)
+            elif isinstance(out, core.Cancel):
+                session.worker.cancel(out.request_id)
+            elif isinstance(out, core.Watch):
+                session.worker.watch(out.watch_id, out.condition, spec=out.spec)
+            elif isinstance(out, core.Unwatch):
+                session.worker.unwatch(out.watch_id)
+            elif isinstance(out, core.UpdateSampling):
+                session.worker.session.config = out.session
+            elif isinstance(out, core.AcceptOffer):
+                await self._accept_offer(session, out.sdp)
 
-            worker = await session.ensure_worker()
-            session.started = True
-            if self.config.host in ("127.0.0.1", "localhost", "::1"):
-                loopback_ice_only()
-            if session.peer is not None:
-                await session.peer.close()
+    def _count(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "response.done":
+            response = event["response"]
+            self.metrics.response_done(response["status"], response["trigger"])
+            if response["trigger"] == "watch":
+                self.metrics.alert()
+        elif kind == "error":
+            code = event["error"]["code"]
+            self.metrics.protocol_error(code)
+            if code == "engine_fault":
+                self.metrics.engine_fault("request")
+            elif code == "session_closed" and "unusable" in event["error"]["message"]:
+                self.metrics.engine_fault("session")
 
-            def on_frame(image, pts: float) -> None:
-                worker.submit_frame(Frame(image, max(pts, worker.session.last_t, 0.0), "webrtc"))
+    def _sync_frames(self, session: _Session) -> None:
+        """Report the frames the worker read (with their lag) and refused since the last call."""
+        if session.worker is None:
+            return
+        c = session.worker.counters
+        for lag in c.lag_s[session.frames_seen:]:
+            self.metrics.frame_read(lag)
+        session.frames_seen = len(c.lag_s)
+        refused = c.dropped - session.dropped_seen
+        if refused > 0:
+            self.metrics.frame_dropped("refused", refused)
+            session.dropped_seen = c.dropped
 
-            sdp, session.peer = await accept_offer(event.sdp, on_frame, ice_servers=self.config.ice_servers)
-            session.send(p.webrtc_answer(sdp))
-        elif isinstance(event, p.WatchDelete):
-            if session.watches.pop(event.watch_id, None) is None:
-                session.send(p.error_event("watch_not_found", f"no watch {event.watch_id!r}", "watch_id", cid))
-                return
-            if session.worker is not None:
-                session.worker.unwatch(event.watch_id)
-            session.send(p.watch_deleted(event.watch_id))
+    async def _start_worker(self, session: _Session, start: core.StartWorker) -> None:
+        try:
+            stream = StreamSession(self.adapter, start.session, start.memory)
+        except StreamVLMError as exc:  # settings the engine refuses: the session cannot run
+            await self._execute(session, session.core.close(f"the engine refused the session's settings: {exc}",
+                                                            "session_closed", 1011))
+            return
+        session.worker = LiveWorker(stream, start.controller)
+        await session.worker.start()
+        session.pump = asyncio.create_task(self._pump(session, session.worker))
 
+    async def _pump(self, session: _Session, worker: LiveWorker) -> None:
+        """Every worker event through the core to the client; a worker that stops unasked ends the session."""
+        async for event in worker.events():
+            await self._execute(session, session.core.worker_event(event.kind, event.data, time.monotonic()))
+        await self._execute(session, session.core.worker_stopped(time.monotonic()))
 
-def _text(connection: ServerConnection, status: HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8") -> Response:
-    response = connection.respond(status, body)
-    response.headers["Content-Type"] = content_type
-    return response
+    async def _accept_offer(self, session: _Session, sdp: str) -> None:
+        from .webrtc import accept_offer, loopback_ice_only
+
+        if self.config.host in ("127.0.0.1", "localhost", "::1"):
+            loopback_ice_only()
+        if session.peer is not None:
+            await session.peer.close()
+
+        def on_frame(image, pts: float) -> None:  # runs on the event loop: through the core, rate-limited
+            asyncio.ensure_future(self._execute(session, session.core.track_frame(image, time.monotonic())))
+
+        answer, session.peer = await accept_offer(sdp, on_frame, ice_servers=self.config.ice_servers)
+        session.send(p.webrtc_answer(answer))
 
 
 async def serve_forever(adapter: ModelAdapter, config: ServerConfig) -> None:
@@ -432,4 +412,3 @@ async def serve_forever(adapter: ModelAdapter, config: ServerConfig) -> None:
         await asyncio.Future()
     finally:
         await server.stop()
-
