@@ -47,6 +47,7 @@ The store is not thread-safe: call it from one thread, or guard it with a lock.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import io
 import json
@@ -70,13 +71,28 @@ from safetensors.torch import save_file
 
 from streamvlm.errors import ConfigError, InputError, StreamVLMError
 
-__all__ = ["ChunkRecord", "StoreEvent", "StoreStats", "LongTermStore", "MANIFEST_NAME", "FORMAT_VERSION", "sweep_stale_directories"]
+__all__ = [
+    "ChunkRecord",
+    "StoreEvent",
+    "StoreStats",
+    "LongTermStore",
+    "MANIFEST_NAME",
+    "FORMAT_VERSION",
+    "sweep_stale_directories",
+    "file_sha256",
+    "check_file",
+    "seal",
+    "check_seal",
+]
 
 MANIFEST_NAME = "manifest.json"
 """Name of the JSON manifest :meth:`LongTermStore.save` writes and :meth:`LongTermStore.load` reads."""
 
-FORMAT_VERSION = 1
-"""Version of the saved-store layout; :meth:`LongTermStore.load` refuses any other."""
+FORMAT_VERSION = 2
+"""Version of the saved-store layout; :meth:`LongTermStore.load` refuses any other.
+
+Version 2 added checksums: a sha256 per chunk file and for the index file, and a seal over the manifest
+itself (its ``sha256`` field), so that any changed byte of a saved store is refused on load."""
 
 _FORMAT_NAME = "streamvlm.longterm-store"
 _CHUNK_FORMAT = "streamvlm.kv-chunk"
@@ -1050,9 +1066,10 @@ class LongTermStore:
         """Write every held chunk, the index, the records and the drop counters into ``directory``.
 
         Each chunk becomes ``chunk-<id>.safetensors``, the index ``index.safetensors`` (float32 entries),
-        and ``manifest.json`` (written last, atomically) ties them together with a format version. The
-        directory is created if missing; files from an earlier save there that the new manifest no
-        longer lists are removed. The store is unchanged and stays usable; :meth:`close` never deletes
+        and ``manifest.json`` (written last, atomically) ties them together with a format version, the
+        sha256 of every file and a seal over the manifest itself, so :meth:`load` refuses any changed
+        byte. The directory is created if missing; files from an earlier save there that the new
+        manifest no longer lists are removed. The store is unchanged and stays usable; :meth:`close` never deletes
         what was saved. Returns the directory. Restore with :meth:`load`.
         """
         self._ensure_open()
@@ -1069,6 +1086,7 @@ class LongTermStore:
             "format": _FORMAT_NAME,
             "version": FORMAT_VERSION,
             "index_file": _INDEX_FILE,
+            "index_sha256": file_sha256(target / _INDEX_FILE, sync=True),
             "ram_quota": self._ram_quota,
             "disk_quota": self._disk_quota,
             "dropped_chunks": self._dropped_chunks,
@@ -1076,7 +1094,7 @@ class LongTermStore:
             "dropped_up_to_s": self._dropped_up_to,
             "chunks": entries,
         }
-        _write_text(target / MANIFEST_NAME, json.dumps(manifest, indent=1))
+        _write_text(target / MANIFEST_NAME, json.dumps(seal(manifest), indent=1))
         for name in previous - {e["file"] for e in entries}:
             (target / name).unlink(missing_ok=True)
         return target
@@ -1099,7 +1117,8 @@ class LongTermStore:
             tmp = target / (name + ".tmp")
             shutil.copyfile(self._spill_path(record.chunk_id), tmp)
             os.replace(tmp, target / name)
-        return {"record": record.to_dict(), "bytes": nbytes, "file": name, "tier": tier}
+        digest = file_sha256(target / name, sync=True)
+        return {"record": record.to_dict(), "bytes": nbytes, "file": name, "tier": tier, "sha256": digest}
 
     @classmethod
     def load(
@@ -1114,12 +1133,13 @@ class LongTermStore:
 
         Chunks are placed newest first: into RAM while they fit its quota, else onto disk (files copied
         into ``spill_directory`` or a fresh temporary directory), else dropped - such drops are counted in
-        :meth:`stats` and listed in ``load_events``. A missing or malformed manifest, or a missing,
-        truncated or inconsistent chunk or index file, raises InputError naming the file; the saved
-        directory itself is never modified.
+        :meth:`stats` and listed in ``load_events``. A missing or malformed manifest, a manifest or file
+        whose checksum differs (any changed byte), or a missing, truncated or inconsistent chunk or
+        index file raises InputError naming the file; the saved directory itself is never modified.
         """
         source = Path(directory)
         manifest = _read_manifest(source / MANIFEST_NAME)
+        check_file(source / manifest["index_file"], manifest["index_sha256"])
         index = _read_index(source / manifest["index_file"])
         store = cls(ram_bytes, disk_bytes, spill_directory)
         try:
@@ -1139,7 +1159,7 @@ class LongTermStore:
         index_path = source / manifest["index_file"]
         seen: set[int] = set()
         on_disk: list[tuple[ChunkRecord, int, int]] = []
-        for record, nbytes, name in sorted(entries, key=lambda e: e[0].age_key, reverse=True):
+        for record, nbytes, name, digest in sorted(entries, key=lambda e: e[0].age_key, reverse=True):
             if record.chunk_id in seen:
                 raise InputError(f"{source / MANIFEST_NAME} lists chunk {record.chunk_id} twice")
             seen.add(record.chunk_id)
@@ -1147,9 +1167,9 @@ class LongTermStore:
                 raise InputError(f"{index_path} has no index entry for chunk {record.chunk_id}")
             summary = index[str(record.chunk_id)]
             if nbytes <= self._ram_quota - self._ram_used:
-                self._restore_chunk(source / name, record, nbytes, summary, index_path, to_ram=True)
+                self._restore_chunk(source / name, digest, record, nbytes, summary, index_path, to_ram=True)
             elif self._disk_fits(nbytes + self._disk_used):
-                slot = self._restore_chunk(source / name, record, nbytes, summary, index_path, to_ram=False)
+                slot = self._restore_chunk(source / name, digest, record, nbytes, summary, index_path, to_ram=False)
                 on_disk.append((record, nbytes, slot))
             else:
                 events.append(self._count_drop(record.chunk_id, record.t_end, nbytes))
@@ -1158,12 +1178,13 @@ class LongTermStore:
         self.load_events = tuple(events)
 
     def _restore_chunk(
-        self, path: Path, record: ChunkRecord, nbytes: int, index: torch.Tensor, index_path: Path, *, to_ram: bool
+        self, path: Path, digest: str, record: ChunkRecord, nbytes: int, index: torch.Tensor, index_path: Path, *, to_ram: bool
     ) -> int:
-        """Validate one saved chunk file and place it in RAM or copy it into this store's disk tier.
+        """Verify one saved chunk file (checksum, then content) and place it in RAM or copy it into this store's disk tier.
 
         Returns the disk-index slot of a disk-tier chunk (-1 for RAM); its row is added by the caller.
         """
+        check_file(path, digest)
         saved, keys, values = _read_chunk(path)
         if saved != record or _tensor_bytes(keys) + _tensor_bytes(values) != nbytes:
             raise InputError(f"chunk file {path} does not match its manifest entry (record or byte size differ)")
@@ -1249,6 +1270,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise InputError(f"store manifest {path} lacks its 'chunks' list or 'index_file'")
     if Path(manifest["index_file"]).name != manifest["index_file"]:
         raise InputError(f"store manifest {path} names an index file outside its directory")
+    if not _is_sha256(manifest.get("index_sha256")):
+        raise InputError(f"store manifest {path} lacks the index file's checksum ('index_sha256')")
+    for key in ("ram_quota", "disk_quota"):
+        _manifest_int(manifest, key)
+    up_to = manifest.get("dropped_up_to_s")
+    if up_to is not None and (not _is_real(up_to) or not math.isfinite(up_to)):
+        raise InputError(f"store manifest {path}: 'dropped_up_to_s' must be a finite number or null, got {up_to!r}")
+    check_seal(path, manifest)
     return manifest
 
 
@@ -1259,20 +1288,20 @@ def _manifest_int(manifest: dict[str, Any], key: str) -> int:
     return int(value)
 
 
-def _parse_entry(path: Path, entry: object) -> tuple[ChunkRecord, int, str]:
-    """``(record, bytes, file name)`` of one manifest chunk entry; InputError naming the manifest if bad."""
+def _parse_entry(path: Path, entry: object) -> tuple[ChunkRecord, int, str, str]:
+    """``(record, bytes, file name, sha256)`` of one manifest chunk entry; InputError naming the manifest if bad."""
     try:
         record = ChunkRecord.from_dict(entry["record"])  # type: ignore[index]
-        nbytes, name = entry["bytes"], entry["file"]  # type: ignore[index]
+        nbytes, name, digest = entry["bytes"], entry["file"], entry["sha256"]  # type: ignore[index]
     except (KeyError, TypeError, InputError) as exc:
         raise InputError(f"store manifest {path} has a malformed chunk entry: {exc}") from exc
-    if not _is_int(nbytes) or nbytes < 0 or not isinstance(name, str) or Path(name).name != name:
-        raise InputError(f"store manifest {path}: chunk {record.chunk_id} has a bad 'bytes' or 'file'")
+    if not _is_int(nbytes) or nbytes < 0 or not isinstance(name, str) or Path(name).name != name or not _is_sha256(digest):
+        raise InputError(f"store manifest {path}: chunk {record.chunk_id} has a bad 'bytes', 'file' or 'sha256'")
     try:
         _check_int64(record)
     except InputError as exc:
         raise InputError(f"store manifest {path}: {exc}") from exc
-    return record, int(nbytes), name
+    return record, int(nbytes), name, digest
 
 
 def _read_index(path: Path) -> dict[str, torch.Tensor]:
@@ -1281,3 +1310,59 @@ def _read_index(path: Path) -> dict[str, torch.Tensor]:
             return {name: f.get_tensor(name) for name in f.keys()}
     except (OSError, SafetensorError, ValueError) as exc:
         raise InputError(f"store index file {path} is missing, truncated or malformed: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------- checksums
+
+_SEAL_KEY = "sha256"
+_HASH_BLOCK = 1 << 20
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def file_sha256(path: str | Path, *, sync: bool = False) -> str:
+    """The hex sha256 of the file at ``path``, read in blocks; with ``sync`` its data is also flushed to disk.
+
+    Raises OSError if the file cannot be read (callers that load turn that into InputError).
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def check_file(path: Path, sha256: str) -> None:
+    """Raise InputError naming ``path`` unless it exists and its bytes hash to ``sha256``."""
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise InputError(f"{path} is missing or unreadable: {exc}") from exc
+    if actual != sha256:
+        raise InputError(f"{path} is damaged: its sha256 differs from the one its manifest recorded at save")
+
+
+def _canonical(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def seal(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``manifest`` plus a ``sha256`` field over the rest of it (canonical JSON); :func:`check_seal` verifies it.
+
+    Write the result as JSON; a manifest read back and checked cannot have changed in any byte that matters.
+    """
+    body = {k: v for k, v in manifest.items() if k != _SEAL_KEY}
+    return {**body, _SEAL_KEY: hashlib.sha256(_canonical(body)).hexdigest()}
+
+
+def check_seal(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Raise InputError naming ``path`` unless ``manifest`` carries a seal that matches the rest of it."""
+    body = {k: v for k, v in manifest.items() if k != _SEAL_KEY}
+    if not _is_sha256(manifest.get(_SEAL_KEY)):
+        raise InputError(f"{path} lacks its checksum ('{_SEAL_KEY}'): it was not written by this streamvlm")
+    if hashlib.sha256(_canonical(body)).hexdigest() != manifest[_SEAL_KEY]:
+        raise InputError(f"{path} is damaged or was edited: its content differs from its checksum ('{_SEAL_KEY}')")
