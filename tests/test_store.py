@@ -594,3 +594,24 @@ def test_a_new_store_removes_temporary_directories_of_dead_processes(tmp_path: P
     assert left == sorted(["streamvlm-store-alive", "streamvlm-store-elsewhere", "streamvlm-store-unowned", "unrelated-dir", mine.name])
     assert not mine.exists()  # closed: its own directory is gone too
     assert sweep_stale_directories(tmp_path) == []  # nothing stale is left
+
+
+@pytest.mark.parametrize("victim", ["chunk-5.safetensors", "chunk-1.safetensors", "index.safetensors"])
+def test_a_flipped_byte_in_saved_tensors_is_refused_naming_the_file(tmp_path: Path, victim: str) -> None:
+    with _filled_store() as store:
+        store.save(tmp_path)
+    data = bytearray((tmp_path / victim).read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's data: the file still parses, the numbers differ
+    (tmp_path / victim).write_bytes(bytes(data))
+    with pytest.raises(InputError, match=f"{victim} is damaged"):
+        LongTermStore.load(tmp_path, 10 * CHUNK_BYTES, 10 * CHUNK_BYTES)
+
+
+def test_an_edited_store_manifest_is_refused(tmp_path: Path) -> None:
+    with _filled_store() as store:
+        store.save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["dropped_chunks"] += 1  # well-formed, but not what was saved
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="manifest.json is damaged or was edited"):
+        LongTermStore.load(tmp_path, 10 * CHUNK_BYTES, 10 * CHUNK_BYTES)
