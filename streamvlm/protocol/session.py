@@ -238,6 +238,9 @@ class RealtimeSession:
     def resumed(self, now: float) -> list[Out]:
         """The client came back with the handle: session.created, what it missed, a new handle."""
         self.attached = True
+        if self.closed is not None:
+            return [m.error_event("session_closed", f"the session has ended: {self.closed}"),
+                    m.session_resumption_update(None, False)]
         missed, self._missed = list(self._missed), deque(maxlen=_MISSED_KEPT)
         return [m.session_created(self.id, self.model, self.limits, self.settings()), *missed, self._resumption()]
 
@@ -363,7 +366,11 @@ class RealtimeSession:
 
     # ---- worker outcomes ---------------------------------------------------------------------------------
     def worker_event(self, kind: str, data: Mapping[str, Any], now: float) -> list[Out]:
-        """What the model thread reported (LiveWorker events: ``kind`` and its data); the events to send."""
+        """What the model thread reported (LiveWorker events: ``kind`` and its data); the events to send.
+
+        Nothing is reported once the session has ended (what was open ended with it)."""
+        if self.closed is not None:
+            return []
         out: list[Out]
         rid = data.get("request_id")
         if kind == "answer.started":

@@ -316,6 +316,8 @@ class StreamServer:
                 if session.ws is not None:
                     ws = session.ws
                     asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(ws.close(out.code, out.reason)))
+                if out.code == 1011:
+                    self.metrics.engine_fault("session")
                 if session.id in self.sessions:
                     self.sessions.pop(session.id)
                     self.metrics.session_closed("engine_fault" if out.code == 1011 else "closed")
@@ -355,8 +357,6 @@ class StreamServer:
             self.metrics.protocol_error(code)
             if code == "engine_fault":
                 self.metrics.engine_fault("request")
-            elif code == "session_closed" and "unusable" in event["error"]["message"]:
-                self.metrics.engine_fault("session")
 
     def _sync_frames(self, session: _Session) -> None:
         """Report the frames the worker read (with their lag) and refused since the last call."""
