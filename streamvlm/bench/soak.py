@@ -49,6 +49,7 @@ from urllib.parse import quote
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.protocol import State
 
 from ..config import POLICIES, ServerConfig
 from ..engine.check import synthetic_frames
@@ -437,10 +438,11 @@ class WireClient:
     async def close(self, timeout: float = 10.0) -> None:
         """Close the connection and wait until every message the server sent before its close was read."""
         self.closing = True
-        try:
-            await asyncio.wait_for(self.ws.close(), timeout)
-        except (asyncio.TimeoutError, ConnectionClosed, OSError):
-            pass
+        if self.ws.state is not State.CLOSED:
+            try:
+                await asyncio.wait_for(self.ws.close(), timeout)
+            except (asyncio.TimeoutError, ConnectionClosed, OSError):
+                pass
         try:
             await asyncio.wait_for(asyncio.shield(self._reader), timeout)
         except asyncio.TimeoutError:

@@ -1,0 +1,498 @@
+"""``streamvlm bench storm``: a live session beside hostile clients, through the real server.
+
+One process starts a :class:`~streamvlm.server.app.StreamServer` on 127.0.0.1 with the server's
+default limits (the ones ``streamvlm serve`` runs with). A *live* session (a raw WebSocket client,
+see :class:`~streamvlm.bench.soak.WireClient`) streams frames at ``fps`` and asks one question at a
+time, each after the previous answer ended; its time to first token (TTFT: from sending
+``response.create`` to the first ``response.output_text.delta``, or to ``response.done`` for an empty
+answer) is measured ``questions`` times before the storm and at least as many times during it.
+
+The storm is several hostile connections at once, about ``messages`` messages in all:
+
+* garbage text and invalid JSON (a fifth of the messages each), and pointless valid events;
+* huge messages: text and binary of ``max_message_bytes`` + 1 byte (4 MiB + 1 by default);
+* ``session.update`` with ``memory.budget_tokens: 10**12`` as each hostile session's first event;
+* ``watches`` ``watch.create`` on one session (the first half with valid triggers, the rest with huge
+  trigger values such as ``n: 10**30``) while it streams frames, so that every watch is probed;
+* a flood of binary frames as fast as the socket takes them (a fifth of the messages), kept up until
+  the live session has its samples;
+* duplicate ids: the same ``event_id``, item id and watch id over and over (a quarter of them
+  ``response.create``, so the hostile session also competes for the model);
+* ``churn`` connects, each closed as soon as ``session.created`` (or a refusal) arrives.
+
+A hostile connection the server closes is reopened (counted). After the storm every hostile
+connection is closed and ``new_sessions`` fresh clients connect; each must be admitted (not refused
+with ``session_limit``) and get an answer to one question. Reported: TTFT p50/p95 before and during
+and their ratios (target: p95 during <= 2x before), the process's RSS when idle (before the storm)
+and its peak during it (target <= 1.5x; server and clients share the process, and the clients hold
+the huge messages' bytes while sending them), refusals after the storm (must be 0), the live
+session's questions and answers, engine faults, and for the hostile side the messages sent by kind,
+the errors they got back by code and the close codes they saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import string
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import cv2
+import numpy as np
+from websockets.exceptions import InvalidHandshake
+
+from ..config import ServerConfig
+from ..engine.check import synthetic_frames
+from ..errors import ConfigError
+from ..models import load_model
+from ..protocol import Limits, encode_frame
+from ..server.app import StreamServer
+from .soak import QUESTIONS, LifecycleChecker, WireClient, metric_total, scrape_metrics, vm_rss_bytes
+
+__all__ = ["run_storm_bench"]
+
+_FRAME_SIZE = (120, 160)
+_TTFT_TARGET = 2.0
+_RSS_TARGET = 1.5
+_WATCHER_FPS = 10.0
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+class _PeakRss(threading.Thread):
+    """Samples VmRSS every 50 ms on its own thread (an event loop busy with a huge message cannot hide a peak)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="storm-rss", daemon=True)
+        self.peak = vm_rss_bytes()
+        self._stop_event = threading.Event()
+        self.hwm_reset = _reset_hwm()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.05):
+            self.peak = max(self.peak, vm_rss_bytes())
+
+    def finish(self) -> int:
+        """Stop sampling; the peak RSS in bytes (the kernel's high-water mark too, when it could be reset at the start)."""
+        self._stop_event.set()
+        self.join()
+        peak = max(self.peak, vm_rss_bytes())
+        if self.hwm_reset:
+            peak = max(peak, _hwm())
+        return peak
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class _Hostile:
+    """One hostile connection that reopens itself whenever the server closes it, and counts what happened."""
+
+    def __init__(self, url: str, name: str, tally: Callable[[], None]) -> None:
+        self.url, self.name, self.tally = url, name, tally
+        self.client: WireClient | None = None
+        self.sent: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.closes: Counter[str] = Counter()
+        self.connects = 0
+        self.refused = 0
+        self.faults = 0
+
+    def _fold(self, client: WireClient) -> None:
+        self.errors.update(client.errors)
+        self.faults += client.faults
+        if not client.closing and client.close_code is not None:
+            self.closes[str(client.close_code)] += 1
+
+    async def _ensure(self) -> WireClient | None:
+        if self.client is not None and not self.client.closed.is_set():
+            return self.client
+        if self.client is not None:
+            await self.client.close()
+            self._fold(self.client)
+            self.client = None
+        for _ in range(20):
+            try:
+                client = await WireClient.connect(self.url)
+            except (OSError, InvalidHandshake, asyncio.TimeoutError):
+                self.refused += 1
+                await asyncio.sleep(0.1)
+                continue
+            self.connects += 1
+            first = await client.opened(5.0)
+            if first is not None and first.get("type") == "session.created":
+                self.client = client
+                return client
+            self.refused += 1
+            await client.close()
+            self._fold(client)
+            await asyncio.sleep(0.1)
+        return None
+
+    async def send(self, kind: str, data: str | bytes) -> None:
+        """Send one message (reopening the connection if the server closed it); counted under ``kind``."""
+        for _ in range(2):
+            client = await self._ensure()
+            if client is None:
+                return
+            if await client.send_raw(data):
+                self.sent[kind] += 1
+                self.tally()
+                await asyncio.sleep(0)  # let the server (same event loop) read it
+                return
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self._fold(self.client)
+            self.client = None
+
+    def report(self) -> dict[str, Any]:
+        return {"sent": dict(self.sent), "errors": dict(self.errors), "server_closes": dict(self.closes),
+                "connects": self.connects, "refused": self.refused, "engine_faults": self.faults}
+
+
+def _garbage(rng: random.Random) -> str:
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " \u00e9\u4e2d\U0001f600"
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200)))
+
+
+_BROKEN_JSON = ('{"type": "session.update", "session": {', "NaN", "Infinity", '{"type": }', "[1, 2", "{'type': 'x'}",
+                '{"type": "response.create", "event_id": ', '"just a string', "{}}", '{"type": "watch.create", "watch": {"id": "a"')
+
+
+def _huge_text(size: int) -> str:
+    head = json.dumps({"type": "conversation.item.create", "event_id": "huge", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": ""}]}})
+    cut = head.index('"text": ""') + len('"text": "')
+    return head[:cut] + "x" * (size - len(head)) + head[cut:]
+
+
+def _huge_trigger(i: int) -> dict[str, Any]:
+    kinds = ({"kind": "threshold", "on": 0.6, "off": 0.4, "m": 1, "n": 10**30},
+             {"kind": "threshold", "on": 0.6, "off": 0.4, "m": 10**30, "n": 10**30},
+             {"kind": "zscore", "z": 2.0, "window": 10**30, "min_history": 10**30},
+             {"kind": "sum", "threshold": 1e308, "baseline": 0.5})
+    return kinds[i % len(kinds)]
+
+
+def run_storm_bench(model: str = "tiny-smolvlm", *, messages: int = 10_000, churn: int = 100, watches: int = 1000,
+                    questions: int = 8, fps: float = 5.0, new_sessions: int = 3, seed: int = 0,
+                    answer_timeout_s: float = 120.0, progress: bool = True) -> dict[str, Any]:
+    """Run the storm (see the module docstring) and return a JSON-ready dict.
+
+    Keys: ``benchmark`` ("storm"), the arguments, ``ttft_before_p50_s``/``_p95_s``,
+    ``ttft_during_p50_s``/``_p95_s``, ``ttft_p50_ratio``, ``ttft_p95_ratio``, ``rss_idle_bytes``,
+    ``rss_peak_bytes``, ``rss_peak_ratio``, ``new_sessions_admitted``, ``new_sessions_refused``,
+    ``new_sessions_answered``, ``live`` (questions, answers, statuses, lifecycle violations, whether
+    the server closed it), ``engine_faults`` (fault-coded error events on every connection, and
+    ``engine_faults_metric`` from /metrics when exported), ``hostile`` (per connection: messages sent
+    by kind, errors back by code, server close codes, reconnects), ``churn`` (admitted, refused),
+    ``storm_s``, ``targets`` (each target and whether it was met) and ``passed`` (no new session
+    refused, every live question answered, the live session never closed by the server, no engine
+    fault). Raises ConfigError for bad arguments.
+    """
+    for name, value, low in (("messages", messages, 10), ("churn", churn, 0), ("watches", watches, 0),
+                             ("questions", questions, 1), ("new_sessions", new_sessions, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 30:
+        raise ConfigError(f"fps: must be a number in (0, 30] (the server's default frame-rate limit), got {fps!r}")
+    adapter = load_model(model)
+    started = time.monotonic()
+    result = asyncio.run(_storm(adapter, messages, churn, watches, questions, float(fps), new_sessions, seed,
+                                answer_timeout_s, progress))
+    return {"benchmark": "storm", "model": model, "messages": messages, "churn": churn, "watches": watches,
+            "questions": questions, "fps": float(fps), "seed": seed, "wall_s": round(time.monotonic() - started, 1), **result}
+
+
+class _Live:
+    """The live session: frames at a steady rate, one question at a time, TTFT per question."""
+
+    def __init__(self, client: WireClient, checker: LifecycleChecker, frames: list[bytes], fps: float, timeout: float) -> None:
+        self.client, self.checker, self.frames, self.fps, self.timeout = client, checker, frames, fps, timeout
+        self.stop = asyncio.Event()
+        self.ids = 0
+        self.sent = 0
+
+    def eid(self) -> str:
+        self.ids += 1
+        return f"live.{self.ids}"
+
+    async def stream(self) -> None:
+        t0 = time.monotonic()
+        while not self.stop.is_set() and not self.client.closed.is_set():
+            image = self.frames[self.sent % len(self.frames)]
+            if not await self.client.send_frame(image, self.sent / self.fps, "live"):
+                return
+            self.sent += 1
+            delay = t0 + self.sent / self.fps - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                t0 = time.monotonic() - self.sent / self.fps  # fell behind: keep the pace, skip the backlog
+
+    async def ask(self, rng: random.Random) -> float | None:
+        """Ask one question and wait for its answer to end; its TTFT in seconds, or None if it never ended."""
+        await self.client.send({"type": "conversation.item.create", "event_id": self.eid(), "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": rng.choice(QUESTIONS)}]}})
+        cid = self.eid()
+        self.checker.asked(cid, time.monotonic())
+        await self.client.send({"type": "response.create", "event_id": cid})
+        ask = self.checker.asks[cid]
+        await self.client.wait_until(lambda: ask.done > 0 or ask.refused is not None, self.timeout)
+        first = ask.first_delta_at if ask.first_delta_at is not None else ask.done_at
+        return None if first is None else first - ask.sent_at
+
+
+async def _storm(adapter: Any, messages: int, churn: int, watches: int, questions: int, fps: float, new_sessions: int,
+                 seed: int, answer_timeout_s: float, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    rng = random.Random(f"storm:{seed}")
+    limits = Limits()
+    server = StreamServer(adapter, ServerConfig(host="127.0.0.1", port=0), limits=limits)
+    host, port = await server.start()
+    url = f"ws://{host}:{port}/v1/realtime"
+    images = synthetic_frames(16, height=_FRAME_SIZE[0], width=_FRAME_SIZE[1])
+    jpegs = [cv2.imencode(".jpg", np.ascontiguousarray(img[:, :, ::-1]))[1].tobytes() for img in images]
+    hostiles: list[_Hostile] = []
+    extra: list[WireClient] = []
+    checker = LifecycleChecker()
+    live_client: WireClient | None = None
+    try:
+        live_client = await WireClient.connect(url, checker=checker)
+        if (await live_client.opened()) is None:
+            raise ConfigError("the server did not open the live session")
+        await live_client.send({"type": "session.update", "event_id": "live.settings",
+                                "session": {"sampling": {"max_new_tokens": 4, "temperature": 0.0}}})
+        live = _Live(live_client, checker, jpegs, fps, answer_timeout_s)
+        streaming = asyncio.create_task(live.stream())
+        await asyncio.sleep(min(2.0, 4 / fps))
+        await live.ask(rng)  # warm-up, not counted
+        before = [t for t in [await live.ask(rng) for _ in range(questions)] if t is not None]
+        rss_idle = vm_rss_bytes()
+
+        bar = tqdm(total=messages + churn, desc="storm", unit="msg", disable=not progress)
+        sampler = _PeakRss()
+        sampler.start()
+        storm_start = time.monotonic()
+        during: list[float] = []
+        asked_during = 0
+        enough = asyncio.Event()
+        scripted = _scripts(url, rng, messages, churn, watches, jpegs, limits, bar.update, hostiles, enough)
+        storm = asyncio.gather(*scripted["tasks"])
+        while not live_client.closed.is_set() and (not storm.done() or asked_during < questions):
+            t = await live.ask(rng)
+            asked_during += 1
+            if t is not None:
+                during.append(t)
+            if len(during) >= questions:
+                enough.set()
+        enough.set()
+        await storm
+        storm_s = time.monotonic() - storm_start
+        for hostile in hostiles:
+            await hostile.close()
+        rss_peak = sampler.finish()
+        bar.close()
+
+        admitted = refused = answered = 0
+        for i in range(new_sessions):
+            fresh = LifecycleChecker()
+            try:
+                client = await WireClient.connect(url, checker=fresh)
+            except (OSError, InvalidHandshake, asyncio.TimeoutError):
+                refused += 1
+                continue
+            extra.append(client)
+            first = await client.opened()
+            if first is None or first.get("type") != "session.created":
+                refused += 1
+                continue
+            admitted += 1
+            for k in range(2):
+                await client.send_frame(jpegs[k], k * 0.5, "after")
+            await client.send({"type": "conversation.item.create", "event_id": f"after{i}.1", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTIONS[0]}]}})
+            fresh.asked(f"after{i}.2", time.monotonic())
+            await client.send({"type": "response.create", "event_id": f"after{i}.2"})
+            await client.wait_until(lambda: not fresh.pending(), answer_timeout_s)
+            answered += fresh.answers()
+        live.stop.set()
+        await streaming
+        metrics = await scrape_metrics(host, port)
+    finally:
+        for client in extra:
+            await client.close()
+        for hostile in hostiles:
+            await hostile.close()
+        if live_client is not None:
+            await live_client.close()
+        await server.stop()
+
+    checker.finish()
+    counted = list(checker.asks.values())
+    live_faults = live_client.faults if live_client is not None else 0
+    faults = live_faults + sum(h.faults for h in hostiles) + sum(c.faults for c in extra)
+    b50, b95, d50, d95 = _percentile(before, 50), _percentile(before, 95), _percentile(during, 50), _percentile(during, 95)
+    live_report = {
+        "questions": len(counted), "answers": checker.answers(), "statuses": dict(checker.statuses()),
+        "unanswered": sum(1 for a in counted if a.status not in ("completed", "incomplete")),
+        "lifecycle_violations": sum(checker.violations.values()), "violations": dict(checker.violations),
+        "violation_examples": checker.examples, "errors": dict(live_client.errors) if live_client else {},
+        "closed_by_server": bool(live_client and live_client.closed.is_set() and not live_client.closing),
+        "close_code": live_client.close_code if live_client else None, "frames_sent": live.sent,
+    }
+    ttft_ratio = _ratio(d95, b95)
+    rss_ratio = rss_peak / rss_idle if rss_idle else None
+    targets = {"ttft_p95_ratio_max": _TTFT_TARGET, "ttft_ok": ttft_ratio is not None and ttft_ratio <= _TTFT_TARGET,
+               "rss_peak_ratio_max": _RSS_TARGET, "rss_ok": rss_ratio is not None and rss_ratio <= _RSS_TARGET}
+    fault_metric = metric_total(metrics, "streamvlm_engine_faults_total")
+    return {
+        "ttft_before_p50_s": b50, "ttft_before_p95_s": b95, "ttft_during_p50_s": d50, "ttft_during_p95_s": d95,
+        "ttft_samples_before": len(before), "ttft_samples_during": len(during),
+        "ttft_p50_ratio": _ratio(d50, b50), "ttft_p95_ratio": ttft_ratio,
+        "rss_idle_bytes": rss_idle, "rss_peak_bytes": rss_peak, "rss_peak_ratio": rss_ratio,
+        "new_sessions_admitted": admitted, "new_sessions_refused": refused, "new_sessions_answered": answered,
+        "live": live_report,
+        "engine_faults": faults, "engine_faults_metric": fault_metric,
+        "hostile": {h.name: h.report() for h in hostiles},
+        "hostile_messages": sum(sum(h.sent.values()) for h in hostiles),
+        "churn": dict(scripted["churn"]),
+        "storm_s": round(storm_s, 2),
+        "targets": targets,
+        "passed": (refused == 0 and answered == new_sessions and live_report["unanswered"] == 0
+                   and not live_report["closed_by_server"] and faults + int(fault_metric or 0) == 0),
+    }
+
+
+def _scripts(url: str, rng: random.Random, messages: int, churn: int, watches: int, jpegs: list[bytes], limits: Limits,
+             tally: Callable[[int], Any], hostiles: list[_Hostile], enough: asyncio.Event) -> dict[str, Any]:
+    """The hostile connections' coroutines (appended to ``hostiles`` as they are made) and the churn tally."""
+    fifth = messages // 5
+    n_frames, n_garbage, n_broken, n_dup = fifth, fifth, fifth, fifth
+    huge = 4
+    n_misc = max(0, messages - n_frames - n_garbage - n_broken - n_dup - huge - watches - 4)
+
+    def hostile(name: str) -> _Hostile:
+        h = _Hostile(url, name, lambda: tally(1))
+        hostiles.append(h)
+        return h
+
+    big_budget = json.dumps({"type": "session.update", "event_id": "greedy", "session": {"memory": {"budget_tokens": 10**12}}})
+
+    async def noise() -> None:
+        h = hostile("noise")
+        await h.send("budget_10e12", big_budget)
+        kinds = ["garbage"] * n_garbage + ["invalid_json"] * n_broken + ["misc"] * n_misc
+        rng.shuffle(kinds)
+        misc = (lambda: json.dumps({"type": "session.update", "session": {}}),
+                lambda: json.dumps({"type": "no.such.event", "event_id": "x"}),
+                lambda: json.dumps({"type": "response.cancel", "response_id": f"resp_{rng.randrange(10**9)}"}))
+        for kind in kinds:
+            if kind == "garbage":
+                await h.send(kind, _garbage(rng))
+            elif kind == "invalid_json":
+                await h.send(kind, rng.choice(_BROKEN_JSON))
+            else:
+                await h.send(kind, rng.choice(misc)())
+
+    async def duplicates() -> None:
+        h = hostile("duplicate_ids")
+        await h.send("budget_10e12", big_budget)
+        item = json.dumps({"type": "conversation.item.create", "event_id": "dup", "item": {
+            "id": "item_dup", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "dup?"}]}})
+        create = json.dumps({"type": "response.create", "event_id": "dup"})
+        watch = json.dumps({"type": "watch.create", "event_id": "dup", "watch": {"id": "dup_watch", "condition": "anything"}})
+        cancel = json.dumps({"type": "response.cancel", "event_id": "dup"})
+        cycle = (item, create, watch, cancel)
+        for i in range(n_dup):
+            await h.send("duplicate_ids", cycle[i % len(cycle)])
+
+    async def huge_messages() -> None:
+        h = hostile("huge")
+        size = limits.max_message_bytes + 1
+        text = _huge_text(size)
+        binary = encode_frame(jpegs[0], None)[:16 + 7] + b"\0" * (size - 23)
+        for i in range(huge):
+            await h.send("huge_text" if i % 2 == 0 else "huge_binary", text if i % 2 == 0 else binary)
+            await asyncio.sleep(0.05)
+
+    async def watcher() -> None:
+        h = hostile("watches")
+        await h.send("budget_10e12", big_budget)
+        stop = asyncio.Event()
+
+        async def frames() -> None:
+            k = 0
+            while not stop.is_set():
+                await h.send("watcher_frames", encode_frame(jpegs[k % len(jpegs)], None, "watcher"))
+                k += 1
+                await asyncio.sleep(1 / _WATCHER_FPS)
+
+        streaming = asyncio.create_task(frames())
+        for i in range(watches):
+            trigger = {"kind": "threshold", "on": 0.6, "off": 0.4, "m": 1, "n": 2} if i < watches // 2 else _huge_trigger(i)
+            await h.send("watch_create", json.dumps({"type": "watch.create", "event_id": f"w{i}", "watch": {
+                "id": f"w{i}", "condition": f"thing number {i} appears", "trigger": trigger}}))
+        await enough.wait()
+        stop.set()
+        await streaming
+
+    async def flood() -> None:
+        h = hostile("frame_flood")
+        await h.send("budget_10e12", big_budget)
+        k = 0
+        while k < n_frames or not enough.is_set():
+            await h.send("frames" if k < n_frames else "frames_sustained", encode_frame(jpegs[k % len(jpegs)], None, "flood"))
+            k += 1
+            if k >= n_frames:
+                await asyncio.sleep(0.02)
+
+    churn_tally = Counter[str]()
+
+    async def churner() -> None:
+        for _ in range(churn):
+            try:
+                client = await WireClient.connect(url)
+            except (OSError, InvalidHandshake, asyncio.TimeoutError):
+                churn_tally["refused"] += 1
+                tally(1)
+                continue
+            first = await client.opened(5.0)
+            churn_tally["admitted" if first is not None and first.get("type") == "session.created" else "refused"] += 1
+            await client.close()
+            tally(1)
+
+    tasks: list[Awaitable[None]] = [noise(), duplicates(), huge_messages(), watcher(), flood(), churner()]
+    return {"tasks": tasks, "churn": churn_tally}
