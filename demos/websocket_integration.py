@@ -1,13 +1,21 @@
 """The realtime API on the wire: the smallest program that talks to a streamvlm server.
 
-    streamvlm serve                                   # in another terminal (ws://127.0.0.1:8765)
+    streamvlm serve --model shapeworld                # in another terminal (ws://127.0.0.1:8765)
     python demos/websocket_integration.py
 
-It uses nothing but a WebSocket library and the binary frame format of docs/protocol.md: it sends a
-few synthetic numpy frames as binary messages, asks one question with two JSON events, and prints
-every event the server sends back, raw, until the answer is done. Port it to any language that has
-a WebSocket client and a JPEG encoder (``streamvlm.protocol.encode_frame`` builds the 16-byte header
-plus the JPEG; it is short enough to rewrite).
+The shipped ShapeWorld model (trained by the project on a synthetic world of moving shapes) answers
+questions about ShapeWorld frames; any other model works too, but a random-weight preset answers
+noise. The program uses nothing but a WebSocket library and the binary frame format of
+docs/protocol.md: it asks the server to answer questions in turn rather than let a new one interrupt
+the running answer, sends twelve seconds of a ShapeWorld episode as binary frame messages, asks two
+questions right after them (no waiting: every frame sent before a question is in its context), and
+prints every event the server sends back, raw, until both answers are done. Then it prints each
+answer with the frames it rests on and the ground truth. Answers are matched to questions by
+``client_event_id``, the ``event_id`` of the ``response.create`` they answer, never by arrival order.
+
+Port it to any language that has a WebSocket client and a JPEG encoder
+(``streamvlm.protocol.encode_frame`` builds the 16-byte header plus the JPEG; it is short enough to
+rewrite).
 """
 
 from __future__ import annotations
@@ -15,53 +23,73 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-
 from urllib.parse import urlsplit
 
-import numpy as np
 from websockets.asyncio.client import connect
 
 from streamvlm.protocol import encode_frame
+from streamvlm.shapeworld import make_episode
+
+SEED, SECONDS, SIZE = 7, 12, 64  # a held-out episode: a green triangle is alone on screen from 9 s to 12 s
+QUESTIONS = [  # (question, what the episode says)
+    ("What shape is on screen now?", "triangle"),
+    ("What colour was the first shape?", "yellow"),
+]
 
 
-def synthetic_frame(i: int) -> np.ndarray:
-    """A 240x320 RGB frame: a red square moving over grey."""
-    image = np.full((240, 320, 3), 90, dtype=np.uint8)
-    x = 20 + 30 * i
-    image[80:160, x:x + 80] = (220, 30, 30)
-    return image
-
-
-async def run(url: str, question: str, token: str | None) -> None:
+async def run(url: str, token: str | None) -> None:
     headers = {"Authorization": f"Bearer {token}"} if token else None
     if urlsplit(url).path in ("", "/"):
         url = url.rstrip("/") + "/v1/realtime"
+    episode = make_episode(SEED, duration_s=float(SECONDS), fps=1.0, size=SIZE)
     async with connect(url, additional_headers=headers) as ws:
-        print("<-", await ws.recv())  # session.created: the session id and the limits
-        for i in range(6):
-            await ws.send(encode_frame(synthetic_frame(i), pts_s=0.5 * i, source_id="demo"))  # binary: SVF1 header + JPEG
-            print(f"-> <binary frame pts={0.5 * i:.1f}s>")
-        for event in (
-            {"type": "conversation.item.create", "event_id": "q1",
-             "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}},
-            {"type": "response.create", "event_id": "q2", "response": {"max_output_tokens": 32}},
-        ):
-            await ws.send(json.dumps(event))
-            print("->", json.dumps(event))
+        print("<-", await ws.recv())  # session.created: the session id, the model and the limits
+        # Answer every question in turn (by default a new question interrupts the one being answered).
+        update = {"type": "session.update", "event_id": "setup", "session": {"interrupt": False}}
+        await ws.send(json.dumps(update))
+        print("->", json.dumps(update))
+        for t, image in episode.frames():
+            await ws.send(encode_frame(image, pts_s=t, source_id="shapeworld"))  # binary: SVF1 header + JPEG
+            print(f"-> <binary frame pts={t:.1f}s>")
+        asked: dict[str, str] = {}  # response.create event_id -> question
+        for n, (question, _) in enumerate(QUESTIONS, 1):
+            item = {"type": "conversation.item.create", "event_id": f"item{n}",
+                    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}}
+            create = {"type": "response.create", "event_id": f"ask{n}", "response": {"max_output_tokens": 12}}
+            for event in (item, create):
+                await ws.send(json.dumps(event))
+                print("->", json.dumps(event))
+            asked[create["event_id"]] = question
+        answers: dict[str, dict] = {}
         async for message in ws:
             print("<-", message)
             event = json.loads(message)
-            if event["type"] == "response.done" or (event["type"] == "error" and event["error"]["event_id"] in ("q1", "q2")):
+            if event["type"] == "response.done" and event["response"].get("trigger") == "user":
+                response = event["response"]
+                # (a server older than client_event_id answers in order: take the first unanswered question)
+                key = response["client_event_id"] if "client_event_id" in response else next(k for k in asked if k not in answers)
+                if key in asked:
+                    answers[key] = response
+            elif event["type"] == "error" and event["error"].get("event_id") in {*asked, "item1", "item2", "setup"}:
+                print(f"refused: {event['error']['code']}: {event['error']['message']}")
+                return
+            if len(answers) == len(asked):
                 break
+    print()
+    for (event_id, question), (_, truth) in zip(asked.items(), QUESTIONS):
+        response = answers[event_id]
+        evidence = [e["pts_s"] for e in response.get("evidence", [])]
+        frames = f"{len(evidence)} frames, {evidence[0]:.0f}-{evidence[-1]:.0f} s" if evidence else "no video"
+        print(f"{question}  ->  {response.get('output_text', '').strip()!r}  [{response['status']}; {frames}; "
+              f"the episode says {truth!r}]")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="ws://127.0.0.1:8765", help="server address (default: %(default)s)")
-    parser.add_argument("--question", default="Where is the red square going?")
     parser.add_argument("--token", default=None, help="bearer token, if the server requires one")
     args = parser.parse_args()
-    asyncio.run(run(args.url, args.question, args.token))
+    asyncio.run(run(args.url, args.token))
 
 
 if __name__ == "__main__":

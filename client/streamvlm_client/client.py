@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import json
 import math
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
@@ -54,35 +55,51 @@ REALTIME_PATH = "/v1/realtime"
 
 _T = TypeVar("_T")
 _STATS_KEYS = ("received", "skipped", "dropped", "ingested")
+_FINISHED_KEPT = 256  # ended answers kept for result()
 
 
 class ClientError(StreamVLMError):
     """The server refused a request, or the connection failed or ended.
 
-    ``code`` is the server's error code (``session_limit``, ``watch_exists``, ``no_user_message``, ...;
-    see docs/protocol.md) or one of the client's own: ``connection_failed`` (the server could not be
-    reached), ``http_error`` (the WebSocket upgrade was refused; ``status`` holds the HTTP status, 401
-    for a missing or wrong token), ``connection_closed`` (the connection ended while waiting),
-    ``cancelled`` (the question was dropped by :meth:`AsyncClient.cancel` before it started) and
-    ``no_handle`` (nothing to resume with). ``param`` and ``event_id`` are those of the server's
-    ``error`` event, when it sent one.
+    ``code`` is the server's error code (``session_limit``, ``watch_exists``, ``no_user_message``,
+    ``response_not_found``, ...; see docs/protocol.md), the code of a response that ended ``failed``
+    (``response_failed`` when the server named none), or one of the client's own:
+    ``connection_failed`` (the server could not be reached), ``http_error`` (the WebSocket upgrade was
+    refused; ``status`` holds the HTTP status, 401 for a missing or wrong token),
+    ``connection_closed`` (the connection ended while waiting), ``no_handle`` (nothing to resume
+    with) and ``not_resumable`` (the server said the session can no longer be resumed). ``param``,
+    ``event_id`` and ``response_id`` are those of the server's ``error`` event, when it sent one;
+    ``response`` is the ``response`` object of a failed ``response.done``.
     """
 
     def __init__(self, code: str, message: str, *, param: str | None = None, event_id: str | None = None,
-                 status: int | None = None) -> None:
+                 status: int | None = None, response_id: str | None = None,
+                 response: dict[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.param = param
         self.event_id = event_id
         self.status = status
+        self.response_id = response_id
+        self.response = response
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> ClientError:
         """The exception for a server ``error`` event."""
         err = event.get("error") if isinstance(event.get("error"), Mapping) else {}
         return cls(str(err.get("code", "server_error")), str(err.get("message", "")),
-                   param=err.get("param"), event_id=err.get("event_id"))
+                   param=err.get("param"), event_id=err.get("event_id"), response_id=err.get("response_id"))
+
+    @classmethod
+    def from_failed(cls, response: dict[str, Any], earlier: ClientError | None = None) -> ClientError:
+        """The exception for a ``response.done`` with status ``failed``: the code the response names,
+        else that of an ``error`` event about it that came first, else ``response_failed``."""
+        err = response.get("error") if isinstance(response.get("error"), Mapping) else {}
+        code = err.get("code") or (earlier.code if earlier else None) or "response_failed"
+        message = err.get("message") or (earlier.message if earlier else None) or "the response failed"
+        return cls(str(code), str(message), event_id=response.get("client_event_id"),
+                   response_id=response.get("id"), response=response)
 
 
 def _settle(future: asyncio.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
@@ -116,11 +133,14 @@ def realtime_url(url: str, resume: str | None = None) -> str:
 
 
 class _Ask:
-    """A question in flight: bound to the server's response id by ``response.created``/``response.acknowledged``."""
+    """A question in flight: bound to the server's response id by the ``response.created`` whose
+    ``client_event_id`` is the ``event_id`` of this question's ``response.create``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, event_ids: tuple[str, str],
                  on_delta: Callable[[str], Any] | None) -> None:
         self.event_ids = event_ids
+        self.create_id = event_ids[1]  # the event_id of the response.create, echoed as client_event_id
+        self.error: ClientError | None = None  # an error event about this response, before its response.done
         self.on_delta = on_delta
         self.sent_at = time.monotonic()
         self.first_delta_at: float | None = None
@@ -179,7 +199,8 @@ class AsyncClient:
         self.session_id: str | None = None
         #: The latest resumption handle (``session.resumption_update``), or None before one came.
         self.handle: str | None = None
-        #: Whether the server said the session could be resumed from its current state.
+        #: Whether the server said the session could be resumed from its current state (a
+        #: ``session.resumption_update`` with ``resumable: false`` and no handle clears :attr:`handle`).
         self.resumable: bool = False
         #: The session's settings as last announced (``session.created`` / ``session.updated``).
         self.session: dict[str, Any] = {}
@@ -202,10 +223,13 @@ class AsyncClient:
         self._buffer_max = event_buffer
         self._arrived: asyncio.Event | None = None
         self._ids = itertools.count(1)
+        self._id_prefix = f"c{secrets.token_hex(4)}_"  # event ids unique across clients resuming one session
         self._t0 = time.monotonic()
         self._lost = False  # the current connection ended and no reconnect is under way
-        self._unbound: collections.deque[_Ask] = collections.deque()
+        self._unbound: dict[str, _Ask] = {}  # response.create event_id -> ask, until its response.created
         self._asks: dict[str, _Ask] = {}  # response id -> ask, until response.done
+        self._finished: collections.OrderedDict[str, _Ask] = collections.OrderedDict()  # the latest ended, for result()
+        self._echoes_ids: bool = False  # the server echoes client_event_id (else: first in, first out)
         self._updates: collections.deque[tuple[str, asyncio.Future[dict[str, Any]]]] = collections.deque()
         self._watch_created: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._watch_deleted: dict[str, tuple[str, asyncio.Future[str]]] = {}
@@ -292,6 +316,8 @@ class AsyncClient:
         ``no_handle`` when no handle was received yet.
         """
         if self.handle is None:
+            if self.session_id is not None and not self.resumable:
+                raise ClientError("not_resumable", "the server said this session can no longer be resumed")
             raise ClientError("no_handle", "no session.resumption_update was received; nothing to resume")
         await self._disconnect()
         await self._open(self.handle)
@@ -341,7 +367,7 @@ class AsyncClient:
     def _connection_lost(self) -> None:
         """Fail everything that waits on the server; end :meth:`events` unless a reconnect follows."""
         error = ClientError("connection_closed", "the connection to the server ended")
-        for ask in [*self._unbound, *self._asks.values()]:
+        for ask in [*self._unbound.values(), *self._asks.values()]:
             ask.fail(error)
         self._unbound.clear()
         self._asks.clear()
@@ -372,8 +398,13 @@ class AsyncClient:
                 known = {k: v for k, v in (session.get("limits") or {}).items() if k in Limits.__dataclass_fields__}
                 self.limits = Limits(**known)
         elif kind == "session.resumption_update":
-            self.handle = event.get("new_handle") or self.handle
+            # Handles rotate: only the newest one works. resumable false without a handle: the session
+            # is closing and cannot be resumed any more.
             self.resumable = bool(event.get("resumable"))
+            if event.get("new_handle"):
+                self.handle = str(event["new_handle"])
+            elif not self.resumable:
+                self.handle = None
         elif kind == "session.updated":
             session = {k: v for k, v in (event.get("session") or {}).items() if k != "id"}
             self.session.update(session)
@@ -382,15 +413,10 @@ class AsyncClient:
                 self._by_event_id.pop(event_id, None)
                 _settle(future, session)
         elif kind in ("response.created", "response.acknowledged"):
-            response = event.get("response") or {}
-            rid = response.get("id") if kind == "response.created" else event.get("response_id")
-            if (kind == "response.acknowledged" or response.get("trigger") == "user") and self._unbound and rid:
-                ask = self._unbound.popleft()
-                for event_id in ask.event_ids:
-                    self._by_event_id.pop(event_id, None)
-                ask.response_id = rid
-                self._asks[rid] = ask
-                _settle(ask.started, rid)
+            body = (event.get("response") or {}) if kind == "response.created" else event
+            rid = body.get("id") if kind == "response.created" else event.get("response_id")
+            if isinstance(rid, str) and rid not in self._asks:
+                self._bind(body, rid, fifo=kind == "response.acknowledged" or body.get("trigger") == "user")
         elif kind == "response.output_text.delta":
             ask = self._asks.get(event.get("response_id"))  # type: ignore[arg-type]
             if ask is not None:
@@ -402,12 +428,21 @@ class AsyncClient:
         elif kind == "response.done":
             response = dict(event.get("response") or {})
             ask = self._asks.pop(response.get("id"), None)  # type: ignore[arg-type]
+            if ask is None and isinstance(response.get("id"), str):  # ended before response.created bound it
+                ask = self._bind(response, response["id"], fifo=False)
+                self._asks.pop(response["id"], None)
             if ask is not None:
+                self._finished[str(response["id"])] = ask
+                while len(self._finished) > _FINISHED_KEPT:
+                    self._finished.popitem(last=False)
                 now = time.monotonic()
                 response["text"] = response.get("output_text", "")
                 response["ttft_s"] = None if ask.first_delta_at is None else ask.first_delta_at - ask.sent_at
                 response["latency_s"] = now - ask.sent_at
-                _settle(ask.done, response)
+                if response.get("status") == "failed":
+                    ask.fail(ClientError.from_failed(response, ask.error))
+                else:
+                    _settle(ask.done, response)
         elif kind == "watch.created":
             watch = event.get("watch") or {}
             waiting = self._watch_created.pop(str(watch.get("id")), None)
@@ -428,7 +463,31 @@ class AsyncClient:
             refused = self._by_event_id.pop(err.get("event_id"), None) if err.get("event_id") else None
             if refused is not None:
                 refused(ClientError.from_event(event))
+            elif err.get("response_id") in self._asks:  # about a running answer: its response.done follows
+                self._asks[err["response_id"]].error = ClientError.from_event(event)
         self._keep(event)
+
+    def _bind(self, body: Mapping[str, Any], rid: str, *, fifo: bool) -> _Ask | None:
+        """Bind the question whose ``response.create`` the server names in ``client_event_id`` to
+        response ``rid``. A server that does not echo ids at all gets the oldest waiting question when
+        ``fifo`` (its user-triggered responses start in the order they were asked)."""
+        if "client_event_id" in body:
+            self._echoes_ids = True
+        cid = body.get("client_event_id")
+        if isinstance(cid, str):
+            ask = self._unbound.pop(cid, None)
+        elif fifo and not self._echoes_ids and self._unbound:
+            ask = self._unbound.pop(next(iter(self._unbound)))
+        else:
+            ask = None
+        if ask is None:
+            return None
+        for event_id in ask.event_ids:
+            self._by_event_id.pop(event_id, None)
+        ask.response_id = rid
+        self._asks[rid] = ask
+        _settle(ask.started, rid)
+        return ask
 
     def _keep(self, event: dict[str, Any]) -> None:
         for waiter in list(self._waiters):
@@ -499,7 +558,7 @@ class AsyncClient:
         return self._ws
 
     def _event_id(self) -> str:
-        return f"c{next(self._ids)}"
+        return f"{self._id_prefix}{next(self._ids)}"
 
     async def send_event(self, event: dict[str, Any]) -> str:
         """Send one client event as it is (checked locally first); returns its ``event_id`` (one is added if missing).
@@ -553,13 +612,12 @@ class AsyncClient:
         ask = _Ask(self._loop, (item_id, response_id), on_delta)
 
         def refused(error: ClientError) -> None:
-            with contextlib.suppress(ValueError):
-                self._unbound.remove(ask)
+            self._unbound.pop(ask.create_id, None)
             for event_id in ask.event_ids:
                 self._by_event_id.pop(event_id, None)
             ask.fail(error)
 
-        self._unbound.append(ask)
+        self._unbound[ask.create_id] = ask
         for event_id in ask.event_ids:
             self._by_event_id[event_id] = refused
         try:
@@ -573,18 +631,20 @@ class AsyncClient:
                   timeout: float | None = None) -> str:
         """Ask a question (``conversation.item.create`` + ``response.create``); returns the server's response id.
 
-        Returns when the server started the response (``response.created``) or, for a "tell me when
-        ..." question, acknowledged it (``response.acknowledged``). Read the answer from :meth:`events`
-        or with :meth:`result`; ``on_delta`` is called with each piece of text as it arrives.
-        ``max_output_tokens`` caps this answer only. Raises ClientError when the server refuses it, or
-        ``cancelled`` when :meth:`cancel` dropped it before it started; TimeoutError after ``timeout``.
+        Returns when the server took the question on (``response.created``, whose ``client_event_id``
+        names this question's ``response.create``, so answers never land on the wrong question however
+        responses interleave). Read the answer from :meth:`events` or with :meth:`result`; ``on_delta``
+        is called with each piece of text as it arrives. ``max_output_tokens`` caps this answer only.
+        Raises ClientError when the server refuses it (its ``code``), TimeoutError after ``timeout``.
         """
         ask = await self._submit(text, max_output_tokens, on_delta)
         return await asyncio.wait_for(asyncio.shield(ask.started), timeout)
 
     async def result(self, response_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for ``response.done`` of a response started by :meth:`ask`; returns it like :meth:`answer`."""
-        ask = self._asks.get(response_id)
+        """Wait for ``response.done`` of a response started by :meth:`ask` (or return it, if it already
+        ended); returns it like :meth:`answer` and raises like it. ClientError ``response_not_found``
+        for an id this client did not ask for."""
+        ask = self._asks.get(response_id) or self._finished.get(response_id)
         if ask is None:
             raise ClientError("response_not_found", f"no question of this client is waiting for {response_id!r}")
         return await asyncio.wait_for(asyncio.shield(ask.done), timeout)
@@ -598,7 +658,10 @@ class AsyncClient:
         on), ``usage``; and, added by the client, ``text`` (= ``output_text``), ``ttft_s`` (seconds from
         sending the question to the first piece of text, None without text) and ``latency_s`` (to the
         end). ``on_delta`` is called with each piece of text as it streams in. A "tell me when ..."
-        question returns when its condition held (or it was given up). Raises as :meth:`ask`.
+        question returns when its condition held (or it was given up). ``status`` ``cancelled`` and
+        ``incomplete`` are returned; a response that ended ``failed`` raises ClientError with the code
+        the server gave (``response_failed`` if none) and the response in ``.response``. Otherwise
+        raises as :meth:`ask`.
         """
         ask = await self._submit(text, max_output_tokens, on_delta)
         return await asyncio.wait_for(asyncio.shield(ask.done), timeout)
@@ -693,25 +756,47 @@ class AsyncClient:
             raise ClientError("connection_closed", "the connection ended while sending") from exc
         return await asyncio.wait_for(asyncio.shield(future), timeout)
 
-    async def cancel(self, response_id: str | None = None) -> None:
-        """Stop a response (``response.cancel``); it ends with ``response.done`` status ``cancelled``.
+    async def cancel(self, response_id: str | None = None, *, timeout: float | None = None) -> dict[str, Any] | None:
+        """Stop a response (``response.cancel``).
 
-        Without ``response_id`` the one being generated stops and the server drops the questions that
-        have not started: their :meth:`ask`/:meth:`answer` calls end with ClientError ``cancelled``. (A
-        question whose ``response.created`` is already on its way is reported as cancelled too; its
-        events still appear in :meth:`events`.)
+        With ``response_id``: waits for that response's ``response.done`` and returns its ``response``
+        object (status ``cancelled``, or how it ended if it finished first); raises ClientError
+        ``response_not_found`` when the server has no such response running or queued (it may have
+        ended already), TimeoutError after ``timeout``.
+
+        Without it, returns once sent: the answer being generated stops and the server drops the
+        questions that have not started. Each still ends with its own ``response.done`` (status
+        ``cancelled``), so their :meth:`ask`/:meth:`answer` calls return it. (Against a server that
+        does not echo ``client_event_id``, questions not yet started fail with ClientError
+        ``cancelled`` instead.)
         """
         event: dict[str, Any] = {"type": "response.cancel", "event_id": self._event_id()}
-        if response_id is not None:
-            event["response_id"] = response_id
-        await self.send_event(event)
         if response_id is None:
-            error = ClientError("cancelled", "the question was dropped by response.cancel before it started")
-            while self._unbound:
-                ask = self._unbound.popleft()
-                for event_id in ask.event_ids:
-                    self._by_event_id.pop(event_id, None)
-                ask.fail(error)
+            await self.send_event(event)
+            if not self._echoes_ids:
+                error = ClientError("cancelled", "the question was dropped by response.cancel before it started")
+                for ask in list(self._unbound.values()):
+                    for event_id in ask.event_ids:
+                        self._by_event_id.pop(event_id, None)
+                    ask.fail(error)
+                self._unbound.clear()
+            return None
+        event["response_id"] = response_id
+        parse_client_object(event, self.limits)
+        ws = self._require_open()
+        assert self._loop is not None
+        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        waiter = (frozenset({"response.done"}), lambda e: (e.get("response") or {}).get("id") == response_id, future)
+        self._waiters.append(waiter)
+        event_id = str(event["event_id"])
+        self._by_event_id[event_id] = lambda error: _settle(future, error=error)
+        try:
+            done = await self._send_and_wait(ws, event, future, timeout)
+        finally:
+            self._by_event_id.pop(event_id, None)
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return dict(done.get("response") or {})
 
     # ---- streaming a camera ----------------------------------------------------------------------
     async def stream_camera(self, source: LiveSource | Iterable[Any], fps: float, *, source_id: str | None = None,
@@ -880,6 +965,21 @@ class Client:
         return self._client.limits
 
     @property
+    def model(self) -> str | None:
+        """The model the server runs (from ``session.created``)."""
+        return self._client.model
+
+    @property
+    def go_away(self) -> dict[str, Any] | None:
+        """The ``session.go_away`` event, once the server announced it will close the connection."""
+        return self._client.go_away
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the server said the session can be resumed (see :attr:`AsyncClient.resumable`)."""
+        return self._client.resumable
+
+    @property
     def frame_stats(self) -> dict[str, int]:
         """The latest ``input_frame.stats`` counters."""
         return dict(self._client.frame_stats)
@@ -931,9 +1031,9 @@ class Client:
         """See :meth:`AsyncClient.unwatch`."""
         self._call(self._client.unwatch(watch_id, timeout=timeout))
 
-    def cancel(self, response_id: str | None = None) -> None:
+    def cancel(self, response_id: str | None = None, *, timeout: float | None = None) -> dict[str, Any] | None:
         """See :meth:`AsyncClient.cancel`."""
-        self._call(self._client.cancel(response_id))
+        return self._call(self._client.cancel(response_id, timeout=timeout))
 
     def wait_for(self, *types: str, predicate: Callable[[dict[str, Any]], bool] | None = None,
                  timeout: float | None = None) -> dict[str, Any]:
