@@ -1,12 +1,13 @@
 """Talk about a live camera through a running streamvlm server.
 
-    streamvlm serve                                  # in another terminal (ws://127.0.0.1:8765)
+    streamvlm serve --model M                        # in another terminal (ws://127.0.0.1:8765); M a real checkpoint
     python demos/webcam_chat.py                      # streams webcam 0
     python demos/webcam_chat.py --source clip.mp4    # or a file played as a camera, or an rtsp:// URL
 
 Frames go to the server at --fps (latest wins: a slow link drops frames, never queues them). Type a
-question and press Enter: the answer streams in, followed by the times of the frames it rests on.
-Ctrl-D (end of input) quits. Uses the blocking client, so no asyncio is needed.
+question and press Enter: the answer streams in, followed by the times of the frames it rests on ("no
+video yet" when it rests on none). A dropped connection is resumed with the latest handle before
+the next question. Ctrl-D (end of input) quits. Uses the blocking client, so no asyncio is needed.
 """
 
 from __future__ import annotations
@@ -42,13 +43,21 @@ def main() -> None:
                 continue
             if streaming.done():
                 print(f"(the source stopped: {streaming.exception() or 'end of stream'})")
+            if not client.connected:
+                try:
+                    client.reconnect()
+                    print(f"(resumed session {client.session_id})")
+                    streaming = client.stream_camera(source, args.fps)
+                except ClientError as exc:
+                    raise SystemExit(f"webcam_chat: the connection ended and cannot be resumed ({exc})") from None
             try:
                 print("> ", end="", flush=True)
                 reply = client.answer(question, on_delta=lambda text: print(text, end="", flush=True))
             except ClientError as exc:
-                print(f"\n(refused: {exc})")
+                print(f"\n({exc.code}: {exc.message})")
                 continue
-            seen = ", ".join(f"{e['pts_s']:.1f}s" for e in reply["evidence"][-8:]) or "no frames yet"
+            no_video = reply.get("no_video", not reply["evidence"])
+            seen = "no video yet" if no_video else ", ".join(f"{e['pts_s']:.1f}s" for e in reply["evidence"][-8:])
             print(f"\n  [{reply['status']}; evidence: {seen}; first text after {reply['ttft_s'] or 0:.2f} s]")
         streaming.cancel()
 
