@@ -28,7 +28,14 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=2.0, help="frames per second sent (default: %(default)s)")
     args = parser.parse_args()
 
-    source = LiveSource(int(args.source) if args.source.isdigit() else args.source)
+    source = LiveSource(int(args.source) if args.source.isdigit() else args.source).start()  # runs until the end,
+    try:  # across reconnects (stream_camera leaves a source it did not start running)
+        chat(source, args)
+    finally:
+        source.stop()
+
+
+def chat(source: LiveSource, args: argparse.Namespace) -> None:
     try:
         client = Client(args.url, args.token)
     except ClientError as exc:
@@ -41,15 +48,15 @@ def main() -> None:
             question = line.strip()
             if not question:
                 continue
-            if streaming.done():
-                print(f"(the source stopped: {streaming.exception() or 'end of stream'})")
             if not client.connected:
                 try:
                     client.reconnect()
-                    print(f"(resumed session {client.session_id})")
-                    streaming = client.stream_camera(source, args.fps)
                 except ClientError as exc:
                     raise SystemExit(f"webcam_chat: the connection ended and cannot be resumed ({exc})") from None
+                print(f"(resumed session {client.session_id})")
+                streaming = client.stream_camera(source, args.fps)
+            elif streaming.done():
+                print(f"(the source stopped: {streaming.exception() or 'end of stream'})")
             try:
                 print("> ", end="", flush=True)
                 reply = client.answer(question, on_delta=lambda text: print(text, end="", flush=True))
@@ -60,7 +67,6 @@ def main() -> None:
             seen = "no video yet" if no_video else ", ".join(f"{e['pts_s']:.1f}s" for e in reply["evidence"][-8:])
             print(f"\n  [{reply['status']}; evidence: {seen}; first text after {reply['ttft_s'] or 0:.2f} s]")
         streaming.cancel()
-
 
 if __name__ == "__main__":
     main()
