@@ -298,6 +298,36 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return _emit_json(result, args.json)
 
 
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from .bench.soak import POSITIONS, run_soak_bench
+
+    result = run_soak_bench(args.model, sessions=args.sessions, frames=args.frames, seed=args.seed,
+                            policies=_split_names(args.policies) or POLICIES, positions=_split_names(args.positions) or POSITIONS,
+                            fps=args.fps, budget_tokens=args.budget, drain_timeout_s=args.drain_timeout, progress=not args.quiet)
+    _emit_json(result, args.json)
+    if not result["passed"]:
+        print(f"streamvlm: soak failed: {result['engine_faults']} engine fault(s) (metric: {result['engine_faults_metric']}), "
+              f"{result['lifecycle_violations']} lifecycle violation(s), threads {result['threads_before']} -> {result['threads_after']}",
+              file=sys.stderr)
+    return 0 if result["passed"] else 1
+
+
+def _cmd_bench_storm(args: argparse.Namespace) -> int:
+    from .bench.storm import run_storm_bench
+
+    result = run_storm_bench(args.model, messages=args.messages, churn=args.churn, watches=args.watches, questions=args.questions,
+                             fps=args.fps, new_sessions=args.new_sessions, seed=args.seed, progress=not args.quiet)
+    _emit_json(result, args.json)
+    if not result["passed"]:
+        print(f"streamvlm: storm failed: {result['new_sessions_refused']} new session(s) refused, "
+              f"{result['live']['unanswered']} live question(s) unanswered, {result['engine_faults']} engine fault(s)", file=sys.stderr)
+    return 0 if result["passed"] else 1
+
+
+def _split_names(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamvlm", description="Watch live video with a vision-language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -405,6 +435,33 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--duration", type=float, default=30.0)
     bserve.add_argument("--json", metavar="OUT", help="write the result to this file")
     bserve.set_defaults(func=_cmd_bench_serve)
+
+    soak = bench_sub.add_parser("soak", help="many sessions, long accelerated streams, random questions, cancels, watches and resumes")
+    soak.add_argument("--model", default="tiny-smolvlm")
+    soak.add_argument("--sessions", type=int, default=4, help="client sessions at once (default 4)")
+    soak.add_argument("--frames", type=int, default=3000, help="frames each session slot sends (default 3000)")
+    soak.add_argument("--seed", type=int, default=0, help="seed of the random client behaviour (default 0)")
+    soak.add_argument("--policies", default=None, help="memory policies, comma-separated (default: all)")
+    soak.add_argument("--positions", default=None, help="position strategies, comma-separated (default: keep,reindex)")
+    soak.add_argument("--fps", type=float, default=60.0, help="the server's frame-rate limit; frames are sent just under it (default 60)")
+    soak.add_argument("--budget", type=int, default=256, help="working-memory budget per session in tokens (default 256)")
+    soak.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for the last answers of a session")
+    soak.add_argument("--json", metavar="OUT", help="write the result to this file")
+    soak.add_argument("--quiet", action="store_true", help="no progress bar")
+    soak.set_defaults(func=_cmd_bench_soak)
+
+    storm = bench_sub.add_parser("storm", help="a live session's answer time and the server's memory while hostile clients attack")
+    storm.add_argument("--model", default="tiny-smolvlm")
+    storm.add_argument("--messages", type=int, default=10_000, help="hostile messages in all (default 10000)")
+    storm.add_argument("--churn", type=int, default=100, help="rapid connect/disconnects (default 100)")
+    storm.add_argument("--watches", type=int, default=1000, help="watch.create sent by one hostile session (default 1000)")
+    storm.add_argument("--questions", type=int, default=8, help="live questions timed before and during the storm (default 8)")
+    storm.add_argument("--fps", type=float, default=5.0, help="the live session's frame rate (default 5)")
+    storm.add_argument("--new-sessions", type=int, default=3, help="fresh sessions that must be admitted after the storm (default 3)")
+    storm.add_argument("--seed", type=int, default=0)
+    storm.add_argument("--json", metavar="OUT", help="write the result to this file")
+    storm.add_argument("--quiet", action="store_true", help="no progress bar")
+    storm.set_defaults(func=_cmd_bench_storm)
 
     srv = sub.add_parser("serve", help="serve the realtime WebSocket API and the web client")
     srv.add_argument("--model", default="tiny-smolvlm", help="preset, Hub id or local path")

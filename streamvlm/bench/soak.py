@@ -250,7 +250,7 @@ class LifecycleChecker:
         self._done.add(rid)
         if status not in _STATUSES:
             self._violate("bad_status", f"{rid}: {status!r}")
-        if response.get("no_video") is True:
+        if response.get("no_video") is True and status in _ANSWERED:
             self.no_video += 1
         ask = self._by_rid.get(rid) if isinstance(rid, str) else None
         if rid not in self._by_rid and response.get("trigger") not in ("watch", "commentary"):
@@ -315,6 +315,7 @@ class WireClient:
         self.types: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.errors_without_event_id = 0
+        self.fault_examples: list[str] = []  # "code: message" of the first few fault-coded errors
         self.session_id: str | None = None
         self.handle: str | None = None
         self.resumable = False
@@ -376,6 +377,8 @@ class WireClient:
             self.errors[str(error.get("code"))] += 1
             if error.get("event_id") is None:
                 self.errors_without_event_id += 1
+            if error.get("code") in FAULT_CODES and len(self.fault_examples) < _EXAMPLES:
+                self.fault_examples.append(f"{error.get('code')}: {error.get('message')}")
         if self.checker is not None:
             self.checker.received(event, time.monotonic())
         for predicate, future in list(self._waiters):
@@ -566,6 +569,7 @@ class _Segment:
         self.errors: Counter[str] = Counter()
         self.errors_without_event_id = 0
         self.faults = 0
+        self.fault_examples: list[str] = []
         self.stats: dict[str, dict[str, Any]] = {}  # session id -> its last input_frame.stats
         self.session_ids: list[str] = []
         self.resumes = 0
@@ -620,6 +624,7 @@ class _Segment:
         self.errors.update(client.errors)
         self.errors_without_event_id += client.errors_without_event_id
         self.faults += client.faults
+        self.fault_examples += client.fault_examples[:_EXAMPLES - len(self.fault_examples)]
         if client.frame_stats is not None and client.session_id is not None:
             self.stats[client.session_id] = client.frame_stats
 
@@ -769,6 +774,7 @@ class _Segment:
             "errors": dict(self.errors),
             "errors_without_event_id": self.errors_without_event_id,
             "engine_faults": self.faults,
+            "fault_examples": self.fault_examples,
             "violations": dict(self.checker.violations),
             "violation_examples": self.checker.examples,
         }
