@@ -34,6 +34,8 @@ from ..config import MemoryConfig, SessionConfig
 from ..dialogue import ControllerConfig
 from ..dialogue.controller import parse_forward_request
 from ..dialogue.triggers import TriggerSpec
+from ..errors import TimestampError
+from ..ingest.clock import SessionClock
 from . import messages as m
 from .connection import FrameRateLimiter
 from .frames import Limits
@@ -193,7 +195,7 @@ class RealtimeSession:
         self._user_text: str | None = None
         self._responses: dict[str, _Response] = {}
         self._missed: deque[dict] = deque(maxlen=_MISSED_KEPT)
-        self._last_t = 0.0
+        self.clock = SessionClock()  # every source's frames on one monotonic stream time (docs/clocks.md)
         self._track_limiter = FrameRateLimiter(self.policy.max_frames_per_s)
 
     # ---- settings -------------------------------------------------------------------------------------
@@ -328,19 +330,20 @@ class RealtimeSession:
     def _on_FrameAppend(self, event: m.FrameAppend, now: float) -> list[Out]:
         return self._frame(event.image, event.pts_s, event.source_id, now)
 
-    def track_frame(self, image: Any, now: float, source_id: str = "webrtc") -> list[Out]:
-        """A frame of the WebRTC track at receive time ``now``: rate-limited like any frame; [] if dropped."""
+    def track_frame(self, image: Any, timestamp: int | None, clock_rate: int | None, now: float,
+                    source_id: str = "webrtc") -> list[Out]:
+        """A frame of a WebRTC track (RTP ``timestamp`` at ``clock_rate`` Hz) received at ``now``:
+        rate-limited like any frame ([] if dropped), stamped with RTP time rebased at the first frame."""
         if self.closed is not None or not self._track_limiter.allow(now):
             return []
-        return self._frame(image, None, source_id, now)
+        return self._start() + [SubmitFrame(image, self.clock.stamp_rtp(source_id, timestamp, clock_rate, now), source_id)]
 
     def _frame(self, image: Any, pts_s: float | None, source_id: str, now: float) -> list[Out]:
-        out = self._start()
-        # Stream time: the sender's pts when given, else the receive clock since the session opened;
-        # never before the last frame, so the clock is monotonic per session.
-        t = pts_s if pts_s is not None else now - (self.opened_at or now)
-        self._last_t = max(self._last_t, t)
-        return out + [SubmitFrame(image, self._last_t, source_id)]
+        try:  # the sender's pts_s while it behaves, else the receive clock; monotonic per session
+            t = self.clock.stamp(source_id, pts_s, now)
+        except TimestampError as exc:
+            return [m.error_event("invalid_value", str(exc), "pts_s")]
+        return self._start() + [SubmitFrame(image, t, source_id)]
 
     def _on_WatchCreate(self, event: m.WatchCreate, now: float) -> list[Out]:
         cid = event.event_id

@@ -396,8 +396,9 @@ class StreamServer:
         if session.peer is not None:
             await session.peer.close()
 
-        def on_frame(image, pts: float) -> None:  # runs on the event loop: through the core, rate-limited
-            asyncio.ensure_future(self._execute(session, session.core.track_frame(image, time.monotonic())))
+        def on_frame(image, timestamp: int | None, clock_rate: int | None, received_s: float) -> None:
+            # runs on the event loop: through the core (rate limit, RTP time rebased at the first frame)
+            asyncio.ensure_future(self._execute(session, session.core.track_frame(image, timestamp, clock_rate, received_s)))
 
         answer, session.peer = await accept_offer(sdp, on_frame, ice_servers=self.config.ice_servers)
         session.send(p.webrtc_answer(answer))
