@@ -240,8 +240,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allowed_origin or ()),
-        max_sessions=args.max_sessions, session_budget_tokens=args.session_budget, global_budget_tokens=args.global_budget,
-        resume_window_s=args.resume_window, event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
+        allowed_hosts=tuple(args.allowed_host or ()), max_sessions=args.max_sessions, session_budget_tokens=args.session_budget,
+        max_session_budget_tokens=max(args.max_session_budget, args.session_budget), global_budget_tokens=args.global_budget,
+        max_parked_sessions=args.max_parked, max_watches=args.max_watches, resume_window_s=args.resume_window, event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
     )
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
     adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
@@ -256,10 +257,11 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     import asyncio
 
     from .models import load_model
-    from .watch import run_watch
+    from .watch import check_source, run_watch
 
     if not args.alert:
         raise ConfigError("watch needs at least one --alert CONDITION")
+    check_source(args.source)  # a file that is not a video fails here, before the model loads
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
     adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
     memory = MemoryConfig(budget_tokens=args.memory_budget, policy=args.policy)
@@ -475,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-sessions", type=int, default=8)
     srv.add_argument("--session-budget", type=int, default=4096, help="working-memory tokens per session")
     srv.add_argument("--global-budget", type=int, default=8 * 4096, help="working-memory tokens across sessions")
+    srv.add_argument("--max-session-budget", type=int, default=16384,
+                     help="most working-memory tokens a client may ask for one session (session.update)")
+    srv.add_argument("--max-parked", type=int, default=16,
+                     help="sessions kept for their client to resume; the oldest ends first when a live one needs room")
+    srv.add_argument("--max-watches", type=int, default=32, help="watches one session may hold")
     srv.add_argument("--resume-window", type=float, default=60.0, help="seconds a dropped session can be resumed")
     srv.add_argument("--event-db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
     srv.add_argument("--ice-server", action="append", metavar="URL", help="STUN/TURN server for WebRTC peers off this machine (repeatable)")

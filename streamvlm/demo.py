@@ -131,8 +131,14 @@ async def run_demo(adapter: ModelAdapter, cfg: DemoConfig = DemoConfig(), out: T
                 alerts.append(ok)
                 truth = ", ".join(clock(t) for t in truth_alerts) or "never"
                 screen.log(f"[{_stamp(data['t'])}] ALERT: {data['condition']}  (truth: {truth}) {_mark(ok)}", current["image"], status())
-            elif event.kind == "error":
-                screen.log(f"error: {data['message']}", current["image"], status())
+            elif event.kind == "request.ended":  # cancelled or failed: counted as not answered, with the reason
+                qa = asked.pop(data["request_id"], None)
+                if qa is not None:
+                    results.append(False)
+                    screen.log(f"           {qa.question!r} {data['status']}: {data['message']} {_mark(False)}",
+                               current["image"], status())
+            elif event.kind in ("error", "fatal"):
+                screen.log(f"{event.kind}: {data.get('message') or data.get('reason')}", current["image"], status())
             if not asked and done.is_set():
                 return
 

@@ -67,7 +67,7 @@ async def _run(session: StreamSession, model: str, fps: float, duration: float, 
             rid = event.data.get("request_id")
             if event.kind == "answer.delta" and rid not in first_delta:
                 first_delta[rid] = now
-            elif event.kind == "answer.done":
+            elif event.kind in ("answer.done", "request.ended"):  # a failed or cancelled request ends too
                 finished.add(rid)
                 first_delta.setdefault(rid, now)
                 if "idle" in finished:
