@@ -159,7 +159,8 @@ class LifecycleChecker:
         self.asks[cid] = ask
         self._unbound.append(ask)
 
-    def _violate(self, kind: str, detail: str) -> None:
+    def violation(self, kind: str, detail: str) -> None:
+        """Count one violation of ``kind`` (keeping the first few ``detail`` strings as examples)."""
         self.violations[kind] += 1
         if len(self.examples) < _EXAMPLES:
             self.examples.append(f"{kind}: {detail}")
@@ -201,17 +202,17 @@ class LifecycleChecker:
 
     def _after_done_or_unknown(self, rid: Any, kind: str) -> None:
         if rid in self._done:
-            self._violate("event_after_done", f"{kind} for {rid}")
+            self.violation("event_after_done", f"{kind} for {rid}")
         elif rid not in self._created:
-            self._violate("event_without_created", f"{kind} for {rid}")
+            self.violation("event_without_created", f"{kind} for {rid}")
 
     def _on_created(self, response: dict[str, Any]) -> None:
         rid = response.get("id")
         if not isinstance(rid, str):
-            self._violate("malformed_response", f"response.created without an id: {response}")
+            self.violation("malformed_response", f"response.created without an id: {response}")
             return
         if rid in self._created:
-            self._violate("duplicate_created", rid)
+            self.violation("duplicate_created", rid)
             return
         self._created.add(rid)
         if response.get("trigger") in ("watch", "commentary"):
@@ -220,13 +221,13 @@ class LifecycleChecker:
                 self.alerts += 1
             return
         if "client_event_id" not in response:
-            self._violate("missing_client_event_id", f"response.created {rid}")
+            self.violation("missing_client_event_id", f"response.created {rid}")
             ask = self._by_rid.get(rid) or self._bind_fallback(rid)
         else:
             cid = response["client_event_id"]
             ask = self.asks.get(cid) if isinstance(cid, str) else None
             if ask is None:
-                self._violate("created_for_unknown_event", f"{rid} names {cid!r}")
+                self.violation("created_for_unknown_event", f"{rid} names {cid!r}")
                 self._by_rid[rid] = None
                 return
             if ask in self._unbound:
@@ -237,19 +238,19 @@ class LifecycleChecker:
             return
         ask.created += 1
         if ask.created > 1:
-            self._violate("duplicate_created", f"{ask.cid} got a second response {rid}")
+            self.violation("duplicate_created", f"{ask.cid} got a second response {rid}")
 
     def _on_done(self, response: dict[str, Any], now: float) -> None:
         rid = response.get("id")
         status = response.get("status")
         if rid in self._done:
-            self._violate("duplicate_done", str(rid))
+            self.violation("duplicate_done", str(rid))
             return
         if rid not in self._created:
-            self._violate("done_without_created", f"{rid} ({response.get('trigger')}, {status})")
+            self.violation("done_without_created", f"{rid} ({response.get('trigger')}, {status})")
         self._done.add(rid)
         if status not in _STATUSES:
-            self._violate("bad_status", f"{rid}: {status!r}")
+            self.violation("bad_status", f"{rid}: {status!r}")
         if response.get("no_video") is True and status in _ANSWERED:
             self.no_video += 1
         ask = self._by_rid.get(rid) if isinstance(rid, str) else None
@@ -260,13 +261,13 @@ class LifecycleChecker:
         if ask is None:
             return
         if "client_event_id" in response and response["client_event_id"] != ask.cid:
-            self._violate("done_names_other_event", f"{rid}: {response['client_event_id']!r} != {ask.cid!r}")
+            self.violation("done_names_other_event", f"{rid}: {response['client_event_id']!r} != {ask.cid!r}")
         ask.done += 1
         ask.status = status
         ask.done_at = now
         used = (response.get("usage") or {}).get("output_tokens")
         if ask.max_tokens is not None and isinstance(used, int) and used > ask.max_tokens:
-            self._violate("max_output_tokens_exceeded", f"{rid}: {used} > {ask.max_tokens}")
+            self.violation("max_output_tokens_exceeded", f"{rid}: {used} > {ask.max_tokens}")
 
     def disconnected(self) -> None:
         """The client closed the connection: responses still open may end unseen."""
@@ -284,9 +285,9 @@ class LifecycleChecker:
             if ask.resolved and ask.done == 0:
                 continue  # refused, or cut off by the client's own disconnect
             if ask.created == 0:
-                self._violate("no_created", ask.cid)
+                self.violation("no_created", ask.cid)
             if ask.done == 0:
-                self._violate("no_done", f"{ask.cid} ({ask.rid})")
+                self.violation("no_done", f"{ask.cid} ({ask.rid})")
 
     def answers(self) -> int:
         """Responses to this client's questions that ended ``completed`` or ``incomplete``."""
@@ -586,18 +587,18 @@ class _Segment:
         try:
             client = await WireClient.connect(self.ctx.url, resume=resume, checker=self.checker)
         except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
-            self.checker._violate("session_refused", f"connect failed: {exc!r}")
+            self.checker.violation("session_refused", f"connect failed: {exc!r}")
             return False
         self.client = client
         first = await client.opened()
         if first is None or first.get("type") != "session.created":
             code = ((first or {}).get("error") or {}).get("code", f"closed {client.close_code}")
-            self.checker._violate("resume_refused" if resume else "session_refused", str(code))
+            self.checker.violation("resume_refused" if resume else "session_refused", str(code))
             await self._retire()
             return False
         sid = str(client.session_id)
         if resume is not None and self.session_ids and sid != self.session_ids[-1]:
-            self.checker._violate("resume_changed_session", f"{self.session_ids[-1]} -> {sid}")
+            self.checker.violation("resume_changed_session", f"{self.session_ids[-1]} -> {sid}")
         if sid not in self.session_ids:
             self.session_ids.append(sid)
         if resume is None:
@@ -631,7 +632,7 @@ class _Segment:
     async def _recover(self) -> bool:
         """The server closed the connection under us: count it, then resume (or start afresh)."""
         assert self.client is not None
-        self.checker._violate("closed_by_server", f"code {self.client.close_code} {self.client.close_reason!r}")
+        self.checker.violation("closed_by_server", f"code {self.client.close_code} {self.client.close_reason!r}")
         handle = self.client.handle if self.client.resumable else None
         await self._retire()
         self.checker.disconnected()

@@ -276,8 +276,6 @@ class _Live:
 
 async def _storm(adapter: Any, messages: int, churn: int, watches: int, questions: int, fps: float, new_sessions: int,
                  seed: int, answer_timeout_s: float, progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
-
     rng = random.Random(f"storm:{seed}")
     limits = Limits()
     server = StreamServer(adapter, ServerConfig(host="127.0.0.1", port=0), limits=limits)
@@ -288,93 +286,114 @@ async def _storm(adapter: Any, messages: int, churn: int, watches: int, question
     hostiles: list[_Hostile] = []
     extra: list[WireClient] = []
     checker = LifecycleChecker()
-    live_client: WireClient | None = None
+    live: _Live | None = None
     try:
-        live_client = await WireClient.connect(url, checker=checker)
-        if (await live_client.opened()) is None:
+        client = await WireClient.connect(url, checker=checker)
+        live = _Live(client, checker, jpegs, fps, answer_timeout_s)
+        if (await client.opened()) is None:
             raise ConfigError("the server did not open the live session")
-        await live_client.send({"type": "session.update", "event_id": "live.settings",
-                                "session": {"sampling": {"max_new_tokens": 4, "temperature": 0.0}}})
-        live = _Live(live_client, checker, jpegs, fps, answer_timeout_s)
+        await client.send({"type": "session.update", "event_id": "live.settings",
+                           "session": {"sampling": {"max_new_tokens": 4, "temperature": 0.0}}})
         streaming = asyncio.create_task(live.stream())
         await asyncio.sleep(min(2.0, 4 / fps))
         await live.ask(rng)  # warm-up, not counted
         before = [t for t in [await live.ask(rng) for _ in range(questions)] if t is not None]
         rss_idle = vm_rss_bytes()
-
-        bar = tqdm(total=messages + churn, desc="storm", unit="msg", disable=not progress)
-        sampler = _PeakRss()
-        sampler.start()
-        storm_start = time.monotonic()
-        during: list[float] = []
-        asked_during = 0
-        enough = asyncio.Event()
-        scripted = _scripts(url, rng, messages, churn, watches, jpegs, limits, bar.update, hostiles, enough)
-        storm = asyncio.gather(*scripted["tasks"])
-        while not live_client.closed.is_set() and (not storm.done() or asked_during < questions):
-            t = await live.ask(rng)
-            asked_during += 1
-            if t is not None:
-                during.append(t)
-            if len(during) >= questions:
-                enough.set()
-        enough.set()
-        await storm
-        storm_s = time.monotonic() - storm_start
-        for hostile in hostiles:
-            await hostile.close()
-        rss_peak = sampler.finish()
-        bar.close()
-
-        admitted = refused = answered = 0
-        for i in range(new_sessions):
-            fresh = LifecycleChecker()
-            try:
-                client = await WireClient.connect(url, checker=fresh)
-            except (OSError, InvalidHandshake, asyncio.TimeoutError):
-                refused += 1
-                continue
-            extra.append(client)
-            first = await client.opened()
-            if first is None or first.get("type") != "session.created":
-                refused += 1
-                continue
-            admitted += 1
-            for k in range(2):
-                await client.send_frame(jpegs[k], k * 0.5, "after")
-            await client.send({"type": "conversation.item.create", "event_id": f"after{i}.1", "item": {
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTIONS[0]}]}})
-            fresh.asked(f"after{i}.2", time.monotonic())
-            await client.send({"type": "response.create", "event_id": f"after{i}.2"})
-            await client.wait_until(lambda: not fresh.pending(), answer_timeout_s)
-            answered += fresh.answers()
+        storm = await _storm_phase(live, url, rng, messages, churn, watches, questions, jpegs, limits, hostiles, progress)
+        after = await _fresh_sessions(url, jpegs, new_sessions, answer_timeout_s, extra)
         live.stop.set()
         await streaming
         metrics = await scrape_metrics(host, port)
     finally:
-        for client in extra:
-            await client.close()
+        for fresh in extra:
+            await fresh.close()
         for hostile in hostiles:
             await hostile.close()
-        if live_client is not None:
-            await live_client.close()
+        if live is not None:
+            await live.client.close()
         await server.stop()
+    return _summary(live, before, rss_idle, storm, after, hostiles, extra, metrics, new_sessions)
 
+
+async def _storm_phase(live: _Live, url: str, rng: random.Random, messages: int, churn: int, watches: int, questions: int,
+                       jpegs: list[bytes], limits: Limits, hostiles: list[_Hostile], progress: bool) -> dict[str, Any]:
+    """Run the hostile clients while the live session keeps asking; TTFTs during, duration, RSS peak, churn tally."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=messages + churn, desc="storm", unit="msg", disable=not progress)
+    sampler = _PeakRss()
+    sampler.start()
+    start = time.monotonic()
+    during: list[float] = []
+    asked = 0
+    enough = asyncio.Event()  # the live session has asked its questions: sustained floods may stop
+    try:
+        scripted = _scripts(url, rng, messages, churn, watches, jpegs, limits, bar.update, hostiles, enough)
+        storm = asyncio.gather(*scripted["tasks"])
+        while not live.client.closed.is_set() and (not storm.done() or asked < questions):
+            t = await live.ask(rng)
+            asked += 1
+            if t is not None:
+                during.append(t)
+            if asked >= questions:
+                enough.set()
+        enough.set()
+        await storm
+        seconds = time.monotonic() - start
+        for hostile in hostiles:
+            await hostile.close()
+    finally:
+        rss_peak = sampler.finish()
+        bar.close()
+    return {"during": during, "storm_s": seconds, "rss_peak": rss_peak, "churn": dict(scripted["churn"])}
+
+
+async def _fresh_sessions(url: str, jpegs: list[bytes], count: int, timeout: float, extra: list[WireClient]) -> dict[str, int]:
+    """Open ``count`` new sessions (kept open, appended to ``extra``), each with two frames and a question."""
+    admitted = refused = answered = 0
+    for i in range(count):
+        checker = LifecycleChecker()
+        try:
+            client = await WireClient.connect(url, checker=checker)
+        except (OSError, InvalidHandshake, asyncio.TimeoutError):
+            refused += 1
+            continue
+        extra.append(client)
+        first = await client.opened()
+        if first is None or first.get("type") != "session.created":
+            refused += 1
+            continue
+        admitted += 1
+        for k in range(2):
+            await client.send_frame(jpegs[k], k * 0.5, "after")
+        await client.send({"type": "conversation.item.create", "event_id": f"after{i}.1", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTIONS[0]}]}})
+        checker.asked(f"after{i}.2", time.monotonic())
+        await client.send({"type": "response.create", "event_id": f"after{i}.2"})
+        await client.wait_until(lambda: not checker.pending(), timeout)
+        answered += checker.answers()
+    return {"admitted": admitted, "refused": refused, "answered": answered}
+
+
+def _summary(live: _Live | None, before: list[float], rss_idle: int, storm: dict[str, Any], after: dict[str, int],
+             hostiles: list[_Hostile], extra: list[WireClient], metrics: str | None, new_sessions: int) -> dict[str, Any]:
+    assert live is not None
+    client, checker = live.client, live.checker
     checker.finish()
-    counted = list(checker.asks.values())
-    live_faults = live_client.faults if live_client is not None else 0
-    faults = live_faults + sum(h.faults for h in hostiles) + sum(c.faults for c in extra)
+    asks = list(checker.asks.values())
+    faults = client.faults + sum(h.faults for h in hostiles) + sum(c.faults for c in extra)
+    during = storm["during"]
     b50, b95, d50, d95 = _percentile(before, 50), _percentile(before, 95), _percentile(during, 50), _percentile(during, 95)
     live_report = {
-        "questions": len(counted), "answers": checker.answers(), "statuses": dict(checker.statuses()),
-        "unanswered": sum(1 for a in counted if a.status not in ("completed", "incomplete")),
+        "questions": len(asks), "answers": checker.answers(), "statuses": dict(checker.statuses()),
+        "unanswered": sum(1 for a in asks if a.status not in ("completed", "incomplete")),
         "lifecycle_violations": sum(checker.violations.values()), "violations": dict(checker.violations),
-        "violation_examples": checker.examples, "errors": dict(live_client.errors) if live_client else {},
-        "closed_by_server": bool(live_client and live_client.closed.is_set() and not live_client.closing),
-        "close_code": live_client.close_code if live_client else None, "frames_sent": live.sent,
+        "violation_examples": checker.examples, "errors": dict(client.errors), "fault_examples": client.fault_examples,
+        "closed_by_server": client.closed.is_set() and not client.closing, "close_code": client.close_code,
+        "frames_sent": live.sent,
     }
     ttft_ratio = _ratio(d95, b95)
-    rss_ratio = rss_peak / rss_idle if rss_idle else None
+    rss_ratio = storm["rss_peak"] / rss_idle if rss_idle else None
     targets = {"ttft_p95_ratio_max": _TTFT_TARGET, "ttft_ok": ttft_ratio is not None and ttft_ratio <= _TTFT_TARGET,
                "rss_peak_ratio_max": _RSS_TARGET, "rss_ok": rss_ratio is not None and rss_ratio <= _RSS_TARGET}
     fault_metric = metric_total(metrics, "streamvlm_engine_faults_total")
@@ -382,16 +401,17 @@ async def _storm(adapter: Any, messages: int, churn: int, watches: int, question
         "ttft_before_p50_s": b50, "ttft_before_p95_s": b95, "ttft_during_p50_s": d50, "ttft_during_p95_s": d95,
         "ttft_samples_before": len(before), "ttft_samples_during": len(during),
         "ttft_p50_ratio": _ratio(d50, b50), "ttft_p95_ratio": ttft_ratio,
-        "rss_idle_bytes": rss_idle, "rss_peak_bytes": rss_peak, "rss_peak_ratio": rss_ratio,
-        "new_sessions_admitted": admitted, "new_sessions_refused": refused, "new_sessions_answered": answered,
+        "rss_idle_bytes": rss_idle, "rss_peak_bytes": storm["rss_peak"], "rss_peak_ratio": rss_ratio,
+        "new_sessions_admitted": after["admitted"], "new_sessions_refused": after["refused"],
+        "new_sessions_answered": after["answered"],
         "live": live_report,
         "engine_faults": faults, "engine_faults_metric": fault_metric,
         "hostile": {h.name: h.report() for h in hostiles},
         "hostile_messages": sum(sum(h.sent.values()) for h in hostiles),
-        "churn": dict(scripted["churn"]),
-        "storm_s": round(storm_s, 2),
+        "churn": storm["churn"],
+        "storm_s": round(storm["storm_s"], 2),
         "targets": targets,
-        "passed": (refused == 0 and answered == new_sessions and live_report["unanswered"] == 0
+        "passed": (after["refused"] == 0 and after["answered"] == new_sessions and live_report["unanswered"] == 0
                    and not live_report["closed_by_server"] and faults + int(fault_metric or 0) == 0),
     }
 
