@@ -10,6 +10,11 @@ callback runs between its layers, with the encode suspended on the stack; the vi
 touch the cache, so anything may run there, and the encode then continues where it stopped), and a
 prefill can be *abandoned* (:class:`Preempted`; the cache is restored, as after any failed forward).
 
+The model is shared by every session of a server; a runner uses it only inside
+:meth:`ModelAdapter.hold` (the model's lock), and every hook it needs (pause points, pre-emption
+checks, query capture) is attached inside the same hold as the forward pass it is for and removed
+before the hold ends, so another session's forward never meets it.
+
 It keeps two lengths apart: ``logical_length`` counts every token the stream has seen; the physical
 length (``cache_length``) counts the tokens the cache holds. Without compression they are equal.
 """
@@ -26,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import CapacityError
-from ..models.base import ModelAdapter, PreparedFrame
+from ..models.base import Hook, ModelAdapter, PreparedFrame
 
 __all__ = ["Runner", "StepTimes", "Preempted"]
 
@@ -94,7 +99,7 @@ class Runner:
         """
         t0 = time.perf_counter()
         paused = 0.0
-        handles = []
+        hooks: list[Hook] = []
         if pause is not None:
             owner = threading.get_ident()
             busy = False
@@ -111,13 +116,9 @@ class Runner:
                     paused += time.perf_counter() - p0
                     busy = False
 
-            handles = [m.register_forward_pre_hook(hook) for m in self._pause_points()]
-        try:
-            with self.adapter.lock:
-                out = self.adapter.encode(frame)
-        finally:
-            for handle in handles:
-                handle.remove()
+            hooks = [Hook(m, hook, pre=True) for m in self._pause_points()]
+        with self.adapter.hold(hooks):
+            out = self.adapter.encode(frame)
         self.last_vision_s = time.perf_counter() - t0 - paused
         self.times.vision_s += self.last_vision_s
         self.times.calls["encode"] += 1
@@ -141,7 +142,7 @@ class Runner:
         true the prefill stops there and raises :class:`Preempted`, with the cache untouched.
         """
         t0 = time.perf_counter()
-        handles = []
+        hooks: list[Hook] = []
         if abort_if is not None:
             owner = threading.get_ident()
 
@@ -149,12 +150,8 @@ class Runner:
                 if threading.get_ident() == owner and abort_if():
                     raise Preempted("prefill abandoned for more urgent work")
 
-            handles = [layer.register_forward_pre_hook(hook) for layer in self.adapter.text_layers()]
-        try:
-            logits = self._forward(ids, grids or [], encoded, keep=0 if all_logits else 1)
-        finally:
-            for handle in handles:
-                handle.remove()
+            hooks = [Hook(layer, hook, pre=True) for layer in self.adapter.text_layers()]
+        logits = self._forward(ids, grids or [], encoded, keep=0 if all_logits else 1, hooks=hooks)
         self.times.prefill_s += time.perf_counter() - t0
         self.times.calls["prefill"] += 1
         return logits if all_logits else logits[-1]
@@ -210,14 +207,14 @@ class Runner:
         if self.model.config.get_text_config()._attn_implementation == "eager":
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         device = self.adapter.device
-        try:
-            with self.adapter.lock:
+        with self.adapter.hold():
+            try:
                 out = self.model(
                     input_ids=torch.tensor([ids], device=device), position_ids=positions.to(device), attention_mask=mask.to(device),
                     past_key_values=self.cache, use_cache=True, logits_to_keep=0,
                 )
-        finally:
-            self._crop_to(held)
+            finally:
+                self._crop_to(held)
         return out.logits[0, ends].float()
 
     @torch.inference_mode()
@@ -229,8 +226,11 @@ class Runner:
         ``rotated=True`` gives them as attention sees them, for scoring against cached keys.
         """
         captured: list[torch.Tensor] = []
+        owner = threading.get_ident()
 
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            if threading.get_ident() != owner:  # a forward outside the model's owner (an unlocked caller)
+                return
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             batch, length, _ = hidden.shape
             q = module.q_proj(hidden).view(batch, length, -1, module.head_dim)
@@ -243,14 +243,13 @@ class Runner:
                 q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
             captured.append(q[0])
 
-        handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in self.adapter.text_layers()]
-        mark = self.mark()
-        try:
-            self._forward(ids, [], None, keep=1)
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.rollback(mark)
+        hooks = [Hook(layer.self_attn, hook, with_kwargs=True) for layer in self.adapter.text_layers()]
+        with self.adapter.hold(hooks):  # the same hold as the forward: no other session's pass can reach the hook
+            mark = self.mark()
+            try:
+                self._forward(ids, [], None, keep=1)
+            finally:
+                self.rollback(mark)
         return torch.stack(captured)
 
     def take_times(self) -> StepTimes:
@@ -280,7 +279,9 @@ class Runner:
             if extra > 0:
                 layer.crop(-extra)  # transformers 5.23: a negative count removes that many tokens
 
-    def _forward(self, ids: list[int], grids: list[tuple[int, int, int]], encoded: Any | None, keep: int) -> torch.Tensor:
+    def _forward(
+        self, ids: list[int], grids: list[tuple[int, int, int]], encoded: Any | None, keep: int, hooks: list[Hook] | None = None
+    ) -> torch.Tensor:
         positions, next_position = self.adapter.position_ids(ids, self.next_position, grids)
         if next_position > self._max_positions:
             raise CapacityError(
@@ -292,7 +293,7 @@ class Runner:
             positions = positions[0]
         held = self.cache_length
         try:
-            with self.adapter.lock:
+            with self.adapter.hold(hooks or ()):
                 out = self.model(
                     input_ids=torch.tensor([ids], device=device),
                     position_ids=positions.to(device),

@@ -18,6 +18,13 @@ runs the processor and the vision tower (most of the cost; the context does not 
 :meth:`StreamSession.commit_frame` prefills the encoded frame into the context. Between the two, or
 while the vision tower is paused, a question can be answered from the frames already committed;
 ``ingest`` is the two in a row.
+
+A step that fails (a forward pass raises during a frame commit, a question or a probe) is undone:
+the cache is cropped back to its length before the step and the ledger forgets the step's chunks,
+so the session is exactly as before and the next call works (a frame whose commit failed can be
+committed again). Only a fault while memory was being compacted (older tokens already rewritten)
+cannot be undone: the session then sets :attr:`StreamSession.broken` to the reason and every later
+call raises :class:`SessionBrokenError` naming it; close it and start a new one.
 """
 
 from __future__ import annotations
@@ -33,14 +40,36 @@ import numpy as np
 import torch
 
 from ..config import MemoryConfig, SamplingConfig, SessionConfig
-from ..errors import FrameError, QuestionError, TimestampError
+from ..errors import FrameError, QuestionError, StreamVLMError, TimestampError
 from ..memory.manager import MemoryEvent, MemoryManager
 from ..models.base import ModelAdapter, PreparedFrame
 from ..types import Answer, Evidence, Frame
 from .runner import Preempted, Runner
 from .sampling import pick_token
 
-__all__ = ["StreamSession", "AnswerStream", "IngestResult", "EncodedFrame", "Preempted"]
+__all__ = ["StreamSession", "AnswerStream", "IngestResult", "EncodedFrame", "Preempted", "SessionBrokenError"]
+
+
+class SessionBrokenError(StreamVLMError):
+    """The session was left unusable by an earlier fault; ``reason`` says which step failed and how.
+
+    Raised by every call on a session whose :attr:`StreamSession.broken` is set. Close the session
+    (its store files are released) and start a new one; nothing else will make it usable again.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the session can no longer be used: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _StepMark:
+    """Where a step started, so that a failed step can be undone (see :meth:`StreamSession._step`)."""
+
+    runner: tuple[int, int, int]  # Runner.mark(): tokens held, next position, tokens seen
+    chunks: int  # working chunks in the ledger
+    last_t: float  # the stream clock
+    edits: int  # MemoryManager.edits: compactions begun so far
 
 
 @dataclass(frozen=True)
@@ -135,12 +164,15 @@ class StreamSession:
         self.memory = MemoryManager(memory, self.runner)
         self._last_t = -math.inf
         self._generating = False
+        #: None while the session is usable; else why it is not (every call then raises SessionBrokenError).
+        self.broken: str | None = None
 
     # ---- snapshots -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Save working memory, long-term store and dialogue to directory ``path``; see :meth:`load`."""
         from .snapshot import save_session
 
+        self._check_usable()
         return save_session(self, path)
 
     @classmethod
@@ -193,6 +225,7 @@ class StreamSession:
             with session.scratch():
                 session.ask("Is the kettle boiling?")
         """
+        self._check_usable()
         mark, last_t, chunks = self.runner.mark(), self._last_t, len(self.memory.ledger.working())
         suspended, self.memory.suspended = self.memory.suspended, True
         try:
@@ -211,6 +244,7 @@ class StreamSession:
         seconds. Raises :class:`FrameError` or :class:`TimestampError` for bad input, leaving the session
         unchanged. The same as :meth:`encode_frame` then :meth:`commit_frame`.
         """
+        self._check_usable()
         image, t, source = self._frame_input(frame, t, source_id)
         self._check_idle()
         return self.commit_frame(self.encode_frame(image, t, source_id=source))
@@ -225,6 +259,7 @@ class StreamSession:
         with the encode suspended: it may use this session freely (answer a question, probe), and the
         encode then continues unchanged. Raises as :meth:`ingest` does for bad input.
         """
+        self._check_usable()
         image, t, source = self._frame_input(frame, t, source_id)
         t0 = time.perf_counter()
         prepared = self.adapter.prepare_frame(image, float(t), source)
@@ -243,8 +278,11 @@ class StreamSession:
         committed at most once (:class:`FrameError` otherwise). ``preempt`` is asked before every
         language-model layer: when it answers true the prefill stops and :class:`Preempted` is raised
         with the session unchanged, and the frame can be committed later. Raises
-        :class:`TimestampError` if ``t`` is before the latest stream time.
+        :class:`TimestampError` if ``t`` is before the latest stream time. If the prefill or the
+        memory step after it fails, the commit is undone (see the module docstring) and the frame can
+        be committed again.
         """
+        self._check_usable()
         if not isinstance(encoded, EncodedFrame) or encoded._session is not self:
             raise FrameError("commit_frame() takes a frame encoded by this session's encode_frame()")
         if encoded.committed:
@@ -259,10 +297,11 @@ class StreamSession:
         ids = prepared.input_ids
         prefix = ids.index(self.adapter.image_token_id) if self.adapter.image_token_id in ids else 0
         self.runner.take_times()  # this step's own times only: the encode was timed apart
-        self._feed("frame", ids, float(t), encoded.source_id, grids=[prepared.grid], encoded=encoded._features, protected_prefix=prefix, abort_if=preempt)
-        encoded.committed = True
-        self._last_t = float(t)
-        self.memory.enforce()
+        with self._step(f"frame commit at {float(t):.3f}s"):
+            self._feed("frame", ids, float(t), encoded.source_id, grids=[prepared.grid], encoded=encoded._features, protected_prefix=prefix, abort_if=preempt)
+            self._last_t = float(t)
+            self.memory.enforce()
+            encoded.committed = True
         times = self.runner.take_times()
         total = encoded.encode_s + (time.perf_counter() - t0)
         return IngestResult(float(t), len(ids), encoded.vision_s, times.prefill_s, total)
@@ -318,6 +357,7 @@ class StreamSession:
         latest frame: :class:`TimestampError`); generation runs as the stream is iterated. The answer
         and the closing of the turn join the context, so the next question sees this exchange.
         """
+        self._check_usable()
         if not isinstance(question, str) or not question.strip():
             raise QuestionError("the question is empty")
         if len(question) > self.config.max_question_chars:
@@ -338,34 +378,38 @@ class StreamSession:
         back: probing never changes memory or the dialogue. The probability is renormalised over the
         model's "yes" and "no" first tokens.
         """
+        self._check_usable()
         self._check_idle()
         if not prompts:
             return []
         if any(not p.strip() for p in prompts):
             raise QuestionError("a probe prompt is empty")
         yes, no = self.adapter.yes_no_ids()
-        logits = self.runner.last_logits_of_branches([self.adapter.question_ids(p.strip()) for p in prompts])
+        with self._step("probe"):
+            logits = self.runner.last_logits_of_branches([self.adapter.question_ids(p.strip()) for p in prompts])
         log_probs = torch.log_softmax(logits, dim=-1)
         pair = torch.stack([torch.logsumexp(log_probs[:, yes], -1), torch.logsumexp(log_probs[:, no], -1)], dim=-1)
         return [float(p) for p in torch.softmax(pair, dim=-1)[:, 0]]
 
     # ---- internals -----------------------------------------------------------------------------------
     def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool) -> Iterator[str]:
+        self._check_usable()
         self._check_idle()  # another stream may have started since this one was created
         self._check_time(t, what="question")
-        self._generating = True
+        with self._step("question"):
+            self._generating = True
+            try:
+                yield from self._answer(question, t, cfg, stream, return_logits)
+            finally:
+                self._generating = False
+
+    def _answer(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool) -> Iterator[str]:
+        """The body of one question step; a fault propagates to :meth:`_step`, which undoes the whole exchange."""
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         prompt_ids = self.adapter.question_ids(question)
-        retrieved = None
-        try:
-            retrieved = self.memory.retrieve(prompt_ids)
-            logits = self._feed("question", prompt_ids, t, "user", all_logits=return_logits)
-        except BaseException:
-            if retrieved is not None:
-                self.memory.release(retrieved)
-            self._generating = False  # nothing was added: the runner rolled the cache back
-            raise
+        retrieved = self.memory.retrieve(prompt_ids)  # placed at the end of the cache: undoing the step crops it away
+        logits = self._feed("question", prompt_ids, t, "user", all_logits=return_logits)
         evidence = tuple(sorted(self.frames + (retrieved.evidence if retrieved else ()), key=lambda e: e.pts_s))
         self._last_t = t
         self.memory.record("answer", t, t, "assistant", self.runner.last_positions[:, :0])
@@ -377,6 +421,7 @@ class StreamSession:
             logits = logits[-1]
         pending: int | None = None  # generated but not yet fed to the cache
         finish, emitted, ttft = "cancelled", "", 0.0
+        closing = True  # close the turn on the way out: after the end, or a cancel; not after a fault
         try:
             for _ in range(cfg.max_new_tokens):
                 if pending is not None:
@@ -401,30 +446,66 @@ class StreamSession:
             text = self.adapter.decode(generated)
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield text[len(emitted):]
+        except GeneratorExit:  # the reader stopped early: a cancel, the partial answer stays
+            raise
+        except BaseException:
+            closing = False  # a fault: the step is undone, nothing of this exchange stays
+            raise
         finally:
-            # Close the assistant turn (with the last generated token if it was not fed yet), so the
-            # next question or frame continues a well-formed dialogue.
-            self.runner.prefill(([pending] if pending is not None else []) + self.adapter.turn_end_ids())
-            self.memory.extend(self.runner.last_positions)
-            if retrieved is not None:
-                self.memory.release(retrieved)
-            self.memory.enforce()
-            self.runner.take_times()
-            self._generating = False
-            if return_logits:
-                stream.logits = torch.cat(kept)
-            stream.answer = Answer(
-                text=self.adapter.decode(generated).strip(),
-                token_ids=tuple(generated),
-                asked_at_s=t,
-                evidence=evidence,
-                finish_reason=finish,
-                ttft_s=ttft or (time.perf_counter() - start),
-                total_s=time.perf_counter() - start,
-                question=question,
-                prompt_tokens=len(prompt_ids),
-                context_tokens=self.runner.cache_length,
-            )
+            if closing:
+                # Close the assistant turn (with the last generated token if it was not fed yet), so the
+                # next question or frame continues a well-formed dialogue.
+                self.runner.prefill(([pending] if pending is not None else []) + self.adapter.turn_end_ids())
+                self.memory.extend(self.runner.last_positions)
+                if retrieved is not None:
+                    self.memory.release(retrieved)
+                self.memory.enforce()
+                self.runner.take_times()
+                if return_logits:
+                    stream.logits = torch.cat(kept)
+                stream.answer = Answer(
+                    text=self.adapter.decode(generated).strip(),
+                    token_ids=tuple(generated),
+                    asked_at_s=t,
+                    evidence=evidence,
+                    finish_reason=finish,
+                    ttft_s=ttft or (time.perf_counter() - start),
+                    total_s=time.perf_counter() - start,
+                    question=question,
+                    prompt_tokens=len(prompt_ids),
+                    context_tokens=self.runner.cache_length,
+                )
+
+    @contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        """Run one step that changes the context; if it raises, undo it or mark the session broken.
+
+        Undoing crops the cache back to its length at the start and forgets the chunks booked since,
+        which is exact as long as memory did not compact during the step (compaction rewrites tokens
+        older than the step). A fault after compaction began sets :attr:`broken`. The exception is
+        re-raised either way; a reader that stops an answer early (``GeneratorExit``) is not a fault.
+        """
+        mark = _StepMark(self.runner.mark(), len(self.memory.ledger.working()), self._last_t, self.memory.edits)
+        try:
+            yield
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            self._undo(what, mark, exc)
+            raise
+
+    def _undo(self, what: str, mark: _StepMark, exc: BaseException) -> None:
+        reason = f"the {what} failed: {_describe(exc)}"
+        if self.memory.edits != mark.edits:
+            self.broken = f"{reason}, after memory compaction had begun; working memory cannot be restored"
+            return
+        try:
+            self.runner.rollback(mark.runner)
+            self.memory.forget_newest(max(0, len(self.memory.ledger.working()) - mark.chunks))
+        except BaseException as again:
+            self.broken = f"{reason}; undoing it failed too: {_describe(again)}"
+            return
+        self._last_t = mark.last_t
 
     def _feed(
         self, kind: str, ids: list[int], t: float, source: str, *, grids=None, encoded=None, all_logits: bool = False, protected_prefix: int = 0,
@@ -453,6 +534,15 @@ class StreamSession:
         if t < self._last_t:
             raise TimestampError(f"the {what} time {t:.3f}s is before the latest stream time {self._last_t:.3f}s")
 
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise SessionBrokenError(self.broken)
+
     def _check_idle(self) -> None:
         if self._generating:
             raise QuestionError("an answer is still being generated; read it to the end or close() it first")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

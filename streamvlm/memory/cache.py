@@ -4,6 +4,14 @@ A ``DynamicCache`` in transformers 5.23 keeps, per layer, ``keys`` and ``values`
 ``[batch, kv_heads, seq, head_dim]`` (keys after RoPE). These functions slice, gather, append and
 re-rotate along ``seq`` in every layer at once. They know nothing about chunks or policies: the
 manager translates a plan into physical token indices first.
+
+Nothing here writes into a cache tensor in place: every edit builds new tensors and assigns them to
+the layer. The runner's forward passes make the cache's tensors under ``torch.inference_mode``
+(inference tensors), and the manager edits them outside it, between steps; torch refuses an
+in-place update of an inference tensor outside inference mode (and the reverse mix is just as
+fragile), so an edit that wrote in place would work or crash depending on which step made the
+tensor last. Building new tensors works whichever way the tensor was made, and leaves any tensor a
+caller still holds (a snapshot, a store record) untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["keep_tokens", "extract", "append", "remove_span", "rotate_span", "token_values", "layer_tensors", "load_tensors"]
+__all__ = ["keep_tokens", "extract", "append", "remove_span", "rotate_span", "rotate_spans", "token_values", "layer_tensors", "load_tensors"]
 
 
 def _layers(cache):
@@ -47,10 +55,27 @@ def remove_span(cache, start: int, end: int) -> None:
 
 def rotate_span(cache, start: int, end: int, rotator, delta: int) -> None:
     """Re-rotate the keys of ``[start, end)`` as if their positions moved by ``delta`` (values unchanged)."""
-    if delta == 0 or end <= start:
+    rotate_spans(cache, [(start, end, delta)], rotator)
+
+
+def rotate_spans(cache, spans: list[tuple[int, int, int]], rotator) -> None:
+    """Re-rotate several ``(start, end, delta)`` spans of keys at once (ascending, not overlapping).
+
+    Each layer's keys are rebuilt once, whatever the number of spans; tokens outside the spans and
+    all values are unchanged.
+    """
+    spans = [(start, end, delta) for start, end, delta in spans if delta != 0 and end > start]
+    if not spans:
         return
     for layer in _layers(cache):
-        layer.keys[:, :, start:end] = rotator.rotate(layer.keys[:, :, start:end], delta)
+        keys = layer.keys
+        pieces, done = [], 0
+        for start, end, delta in spans:
+            pieces.append(keys[:, :, done:start])
+            pieces.append(rotator.rotate(keys[:, :, start:end], delta))
+            done = end
+        pieces.append(keys[:, :, done:])
+        layer.keys = torch.cat(pieces, dim=2)
 
 
 def token_values(cache, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:

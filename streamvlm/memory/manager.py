@@ -74,6 +74,9 @@ class MemoryManager:
         self.positions: dict[int, torch.Tensor] = {}  # working chunk -> positions rotated into its keys, [rows, n]
         self.suspended = False  # inside a scratch extension: no enforcement
         self.compactions = 0
+        # Compactions begun (a plan applied, positions re-indexed): each rewrites tokens older than the
+        # step that triggered it, so a failed step that saw this count change cannot be undone by cropping.
+        self.edits = 0
         self._rotator = None
         self.store = None
         if config.bounded:
@@ -145,6 +148,7 @@ class MemoryManager:
         return events
 
     def _apply(self, plan: Plan) -> list[MemoryEvent]:
+        self.edits += 1
         before = self.ledger.working_tokens()
         events: list[MemoryEvent] = []
         keep_index: list[int] = []
@@ -206,21 +210,25 @@ class MemoryManager:
 
     def _reindex(self) -> list[MemoryEvent]:
         """Re-rotate working chunks to contiguous positions, closing the gaps that evictions left."""
-        position, moved = 0, 0
+        self.edits += 1
+        position, offset = 0, 0
+        moves: list[tuple[Chunk, int, int]] = []  # (chunk, its physical offset, delta) of each chunk that moves
         for chunk in self.ledger.working():
             delta = position - chunk.position_start
             if delta:
-                start = self.ledger.offset(chunk.chunk_id)
-                kv.rotate_span(self.runner.cache, start, start + chunk.tokens_held, self.rotator, delta)
-                chunk.position_start += delta
-                chunk.position_end += delta
-                self.positions[chunk.chunk_id] = self.positions[chunk.chunk_id] + delta
-                moved += 1
-            position = chunk.position_end
+                moves.append((chunk, offset, delta))
+            offset += chunk.tokens_held
+            position = chunk.position_end + delta
+        # The keys first, all layers in one rebuild: the books follow only once the cache holds the new positions.
+        kv.rotate_spans(self.runner.cache, [(start, start + chunk.tokens_held, delta) for chunk, start, delta in moves], self.rotator)
+        for chunk, _, delta in moves:
+            chunk.position_start += delta
+            chunk.position_end += delta
+            self.positions[chunk.chunk_id] = self.positions[chunk.chunk_id] + delta
         self.runner.next_position = position
         self.compactions += 1
         tokens = self.ledger.working_tokens()
-        return [MemoryEvent("reindexed", moved, tokens, tokens, None)] if moved else []
+        return [MemoryEvent("reindexed", len(moves), tokens, tokens, None)] if moves else []
 
     # ---- scores for policies -------------------------------------------------------------------------
     def _token_values(self, chunk_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import functools
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-__all__ = ["PreparedFrame", "ModelAdapter"]
+__all__ = ["PreparedFrame", "ModelAdapter", "Hook"]
 
 
 @dataclass
@@ -40,6 +42,16 @@ class PreparedFrame:
         return t * h * w
 
 
+@dataclass(frozen=True)
+class Hook:
+    """A hook on one module of the model, attached for one step only (see :meth:`ModelAdapter.hold`)."""
+
+    module: torch.nn.Module
+    fn: Callable[..., Any]  # torch's hook signature: (module, args[, kwargs][, output])
+    pre: bool = False  # run before the module (a forward pre-hook) instead of after it
+    with_kwargs: bool = False  # the hook also receives the module's keyword arguments
+
+
 class ModelAdapter(ABC):
     """One model family behind one interface.
 
@@ -58,8 +70,33 @@ class ModelAdapter(ABC):
         self.image_processor = image_processor
         self.source = source
         self.model.eval()
-        #: Held around every forward: sessions that share one loaded model take turns on it.
+        #: Held around every forward: sessions that share one loaded model take turns on it. Take it
+        #: through :meth:`hold`, the one place that may also attach hooks.
         self.lock = threading.RLock()
+
+    # ---- owning the model for one step ------------------------------------------------------------
+    @contextmanager
+    def hold(self, hooks: Iterable[Hook] = ()) -> Iterator[None]:
+        """Own the shared model for one step: take :attr:`lock`, attach ``hooks``; undo both on exit.
+
+        The only way to attach a hook to a loaded model. Every session's forward passes run inside
+        ``hold``, so another session's forward waits for the lock and can never run while these hooks
+        are attached: a hook sees the tensors of its own step only. Hooks come off before the lock is
+        released, also when the step raises. Reentrant in one thread (a callback that runs inside a
+        held step, such as a question answered while an encode is paused, may hold it again).
+        """
+        with self.lock:
+            handles = []
+            try:
+                for hook in hooks:
+                    if hook.pre:
+                        handles.append(hook.module.register_forward_pre_hook(hook.fn, with_kwargs=hook.with_kwargs))
+                    else:
+                        handles.append(hook.module.register_forward_hook(hook.fn, with_kwargs=hook.with_kwargs))
+                yield
+            finally:
+                for handle in reversed(handles):
+                    handle.remove()
 
     # ---- identity -----------------------------------------------------------------------------
     @property
