@@ -148,7 +148,8 @@ _MISSING: Any = object()
 # session.update fields: dotted path under "session" -> SessionUpdate attribute.
 _SESSION_FIELDS = {"instructions": "instructions", "sampling.max_new_tokens": "max_new_tokens",
                    "sampling.temperature": "temperature", "memory.budget_tokens": "budget_tokens",
-                   "memory.policy": "policy", "interrupt": "interrupt", "probe_every_frames": "probe_every_frames"}
+                   "memory.policy": "policy", "memory.positions": "positions", "interrupt": "interrupt",
+                   "probe_every_frames": "probe_every_frames"}
 _TRIGGER_PARAMS = {"on": False, "off": False, "m": True, "n": True, "threshold": False, "baseline": False,
                    "z": False, "window": True, "min_history": True}
 
@@ -270,6 +271,8 @@ class SessionUpdate:
     budget_tokens: int | None = None
     # memory.policy: one of MEMORY_POLICIES.
     policy: str | None = None
+    # memory.positions: "keep" (original positions, gaps allowed) or "reindex" (kept chunks made contiguous).
+    positions: str | None = None
     # interrupt: a new user message cancels the running answer (True) or waits for it (False).
     interrupt: bool | None = None
     # probe_every_frames: score watches and deferred questions on every k-th frame.
@@ -562,9 +565,16 @@ def _parse_session_update(obj: dict[str, Any], event_id: str | None, limits: Lim
         memory = _object(session["memory"], "session.memory")
         take(memory, "session.memory", "budget_tokens", lambda v, p: None if v is None else _int(v, p, 16))
         take(memory, "session.memory", "policy", _policy)
+        take(memory, "session.memory", "positions", _positions)
     take(session, "session", "interrupt", _bool)
     take(session, "session", "probe_every_frames", lambda v, p: _int(v, p, 1))
     return SessionUpdate(event_id=event_id, fields_set=frozenset(present), **values)
+
+
+def _positions(value: object, param: str) -> str:
+    if value not in ("keep", "reindex"):
+        raise _bad(param, f"must be 'keep' or 'reindex', got {_short(value)}")
+    return value  # type: ignore[return-value]
 
 
 def _policy(value: object, param: str) -> str:

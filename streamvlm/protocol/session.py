@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 # Settings that shape the context: they cannot change once a frame or a question went in.
-_LOCKED = ("instructions", "memory.budget_tokens", "memory.policy", "interrupt", "probe_every_frames")
+_LOCKED = ("instructions", "memory.budget_tokens", "memory.policy", "memory.positions", "interrupt", "probe_every_frames")
 # What a client that is away keeps for its return (answers and alerts; memory and stats are not kept).
 _MISSED_KEPT = 256
 _DROPPABLE = ("memory.update", "input_frame.stats")
@@ -204,7 +204,8 @@ class RealtimeSession:
         return {
             "instructions": s.system_prompt,
             "sampling": {"max_new_tokens": s.sampling.max_new_tokens, "temperature": s.sampling.temperature},
-            "memory": {"budget_tokens": self.memory_config.budget_tokens, "policy": self.memory_config.policy},
+            "memory": {"budget_tokens": self.memory_config.budget_tokens, "policy": self.memory_config.policy,
+                       "positions": self.memory_config.positions},
             "interrupt": self.controller_config.interrupt,
             "probe_every_frames": self.controller_config.probe_every_frames,
         }
@@ -292,6 +293,8 @@ class RealtimeSession:
             memory = replace(memory, budget_tokens=budget)
         if event.policy is not None:
             memory = replace(memory, policy=event.policy)
+        if event.positions is not None:
+            memory = replace(memory, positions=event.positions)
         s = self.session_config
         sampling = replace(s.sampling, **{k: v for k, v in (("max_new_tokens", event.max_new_tokens),
                                                              ("temperature", event.temperature)) if v is not None})
@@ -378,7 +381,7 @@ class RealtimeSession:
         rid = data.get("request_id")
         if kind == "answer.started":
             out = []
-            if rid not in self._responses:  # the worker spoke up by itself (commentary)
+            if rid not in self._responses and data["trigger"] == "commentary":  # the worker spoke up by itself
                 self._responses[rid] = _Response(data["trigger"], None, now)
                 out = [m.response_created(rid, data["trigger"])]
         elif kind == "answer.delta":
