@@ -290,3 +290,38 @@ def test_closing_the_session_removes_its_temporary_store_directory(smol):
     assert directory is not None and session.stats()["store_disk_bytes"] > 0 and any(directory.iterdir())
     session.close()
     assert not directory.exists()
+
+
+# ---- long streams: every policy, both position strategies, to the end ------------------------------------
+def _mostly_changing_frames(n: int, seed: int) -> list[np.ndarray]:
+    """``n`` frames of uniform noise, every eighth a repeat of the one before (which ``merge`` folds)."""
+    rng = np.random.default_rng(seed)
+    frames: list[np.ndarray] = []
+    for i in range(n):
+        frames.append(frames[-1] if i % 8 == 7 else rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return frames
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_long_stream_runs_to_the_end_under_every_policy(smol, policy, positions):
+    # Issue 14: at the default budget of `streamvlm watch` (4096 tokens, about half the model's position
+    # range) `merge` crashed after ~134 frames with "Inplace update to inference tensor outside
+    # InferenceMode": merges had left gaps, and when the positions passed half the range in a step that
+    # compacted nothing else, the kept keys (just made by a forward pass) were re-rotated in place. Here
+    # the positions pass half of tiny-smolvlm's 8192 (about frame 130) before the frames fill their
+    # budget (about frame 164), so `keep` re-bases several times with a partly filled memory; from
+    # then on every frame is compressed or evicted and the kept keys are re-rotated at every step
+    # (`reindex`) or whenever positions pass half the range again (`keep`). Questions come along the way.
+    cfg = MemoryConfig(budget_tokens=4608, text_budget_tokens=256, policy=policy, positions=positions, store_ram_bytes=2**20)
+    session = StreamSession(smol, SessionConfig(system_prompt="Watch.", sampling=SamplingConfig(max_new_tokens=3)), cfg)
+    for i, frame in enumerate(_mostly_changing_frames(220, seed=11)):
+        session.ingest(frame, 0.5 * i)
+        if i % 25 == 24:
+            session.ask("What changed?", 0.5 * i)
+    answer = session.ask("What did you see first?")
+    assert answer.token_ids and answer.evidence
+    check_budget(session, cfg)
+    assert session.memory.ledger.logical_tokens() > smol.max_positions() // 2  # the positions did pass half the range
+    assert session.memory.compactions > 1 and session.stats()["chunks_stored"] > 0  # re-based and evicted, more than once
+    session.close()
