@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import pytest
 import torch
 
 from streamvlm import MemoryConfig, SamplingConfig, SessionConfig, StreamSession
@@ -170,24 +169,3 @@ def test_two_sessions_on_one_model_answer_as_they_would_alone(smol):
     assert shared == alone
     questioner.close()
     streamer.close()
-
-
-@pytest.mark.parametrize("pause_in", ["a", "b"])
-def test_a_pause_callback_runs_only_for_its_own_encode(smol, pause_in):
-    # A pausable encode's callback (which answers questions mid-encode) runs on its own session's thread and
-    # only during its own encode, whichever session encodes first.
-    sessions = {name: StreamSession(smol) for name in "ab"}
-    ran_on: list[str] = []
-    barrier = threading.Barrier(2)
-
-    def encode(name: str) -> None:
-        barrier.wait(30)
-        for i in range(3):
-            sessions[name].encode_frame(_frames(3, seed=9)[i], float(i), pause=(lambda: ran_on.append(name)) if name == pause_in else None)
-
-    threads = [threading.Thread(target=encode, args=(name,)) for name in "ab"]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert ran_on and set(ran_on) == {pause_in}

@@ -324,3 +324,124 @@ def test_commit_frame_rules(smol):
     assert a.runner.ids == b.runner.ids
     for x, y in zip(_keys(a), _keys(b)):
         assert torch.equal(x, y)
+
+
+# ---- a failed step: undone, or the session says it is broken -------------------------------------------------
+class LayerFault:
+    """Counts calls of a language-model layer's forward and raises once, on call number ``at`` (0: never)."""
+
+    def __init__(self, monkeypatch, layer, at: int = 0) -> None:
+        self.calls, self.at = 0, at
+        forward = layer.forward
+
+        def faulty(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.at:
+                raise RuntimeError("injected fault")
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(layer, "forward", faulty)
+
+
+def _bounded_session(smol) -> StreamSession:
+    """Frames spilled to the store (questions retrieve them) and a policy that runs the model to compress."""
+    from streamvlm import MemoryConfig
+
+    session = StreamSession(smol, SessionConfig(system_prompt="Watch.", sampling=SamplingConfig(max_new_tokens=4)),
+                            MemoryConfig(budget_tokens=160, policy="proxy-attention", retrieval_top_k=2))
+    for i, frame in enumerate(synthetic_frames(5, height=48, width=64, seed=4)):
+        session.ingest(frame, float(i))
+    assert session.stats()["chunks_stored"] > 0
+    return session
+
+
+def _state(session: StreamSession) -> tuple:
+    return (session.runner.cache_length, session.runner.next_position, session.runner.logical_length, session.last_t,
+            [(c.chunk_id, c.kind, c.tokens_held) for c in session.memory.ledger.working()])
+
+
+NEXT = synthetic_frames(6, height=48, width=64, seed=4)[5]
+
+
+def _go_on(session: StreamSession, fault: LayerFault | None = None) -> list[tuple]:
+    """What the session answers next: the question again, then a frame and another question."""
+    first = session.ask("What is red?", 5.0)
+    if fault is not None:
+        fault.at = fault.calls  # the calls the first question made
+    session.ingest(NEXT, 6.0)
+    second = session.ask("And now?")
+    return [(a.token_ids, a.evidence) for a in (first, second)]
+
+
+def test_a_question_or_probe_that_fails_midway_is_undone_and_what_follows_is_as_without_it(smol, monkeypatch):
+    # A forward pass raising anywhere in a question (retrieval queries, the question's prefill, a decode step,
+    # closing the turn, the memory step after it) or in a probe: the exception reaches the caller, nothing of
+    # the step stays, and the session answers what follows exactly as if the fault had never happened.
+    layer = smol.text_layers()[-1]
+    clean = _bounded_session(smol)
+    expected_probe = clean.probe(["Is it red?", "Is it big?"])
+    count = LayerFault(monkeypatch, layer, at=-1)
+    expected = _go_on(clean, count)
+    monkeypatch.undo()
+    assert count.at >= 6  # retrieval queries, the question, decode steps, closing the turn, compression
+    for at in range(1, count.at + 1):
+        session = _bounded_session(smol)
+        before = _state(session)
+        LayerFault(monkeypatch, layer, at)
+        with pytest.raises(RuntimeError, match="injected fault"):
+            session.ask("What is red?", 5.0)
+        assert session.broken is None and _state(session) == before, f"fault at call {at}"
+        assert _go_on(session) == expected, f"fault at call {at}"
+        monkeypatch.undo()
+
+    session = _bounded_session(smol)
+    before = _state(session)
+    LayerFault(monkeypatch, layer, at=1)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        session.probe(["Is it red?", "Is it big?"])
+    assert session.broken is None and _state(session) == before
+    assert session.probe(["Is it red?", "Is it big?"]) == expected_probe
+    assert _go_on(session) == expected
+
+
+def test_a_frame_commit_that_fails_is_undone_and_the_frame_can_be_committed_again(smol, monkeypatch):
+    clean = _bounded_session(smol)
+    clean.ingest(NEXT, 5.0)
+    expected = clean.ask("What is red?").token_ids
+    for at in (1, 2):  # the frame's prefill; the compression after it (a proxy-question forward)
+        session = _bounded_session(smol)
+        encoded = session.encode_frame(NEXT, 5.0)
+        before = _state(session)
+        LayerFault(monkeypatch, smol.text_layers()[-1], at=at)
+        with pytest.raises(RuntimeError, match="injected fault"):
+            session.commit_frame(encoded)
+        assert session.broken is None and _state(session) == before and not encoded.committed, f"fault at call {at}"
+        session.commit_frame(encoded)
+        assert session.ask("What is red?").token_ids == expected, f"fault at call {at}"
+        monkeypatch.undo()
+
+
+def test_a_fault_while_memory_is_compacted_marks_the_session_broken(smol, monkeypatch):
+    # Compaction rewrites older tokens: a fault there cannot be undone. The session says so, and every later
+    # call raises SessionBrokenError with the reason (what the server closes the session with).
+    from streamvlm.engine.session import SessionBrokenError
+    from streamvlm.memory import cache
+
+    session = _bounded_session(smol)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(cache, "keep_tokens", fail)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        session.ingest(NEXT, 5.0)
+    monkeypatch.undo()
+    assert session.broken and "frame commit" in session.broken and "injected fault" in session.broken
+    encoded = None
+    for call in (lambda: session.ingest(NEXT, 6.0), lambda: session.encode_frame(NEXT, 6.0), lambda: session.ask("Why?"),
+                 lambda: session.ask_stream("Why?"), lambda: session.probe(["Is it red?"]), lambda: session.save("/nonexistent/x")):
+        with pytest.raises(SessionBrokenError) as info:
+            encoded = call()
+        assert info.value.reason == session.broken and isinstance(info.value, StreamVLMError)
+    assert encoded is None
+    session.close()  # closing still works
