@@ -355,7 +355,9 @@ class StreamSession:
 
         Input is checked now (empty or over-long question: :class:`QuestionError`; ``t`` before the
         latest frame: :class:`TimestampError`); generation runs as the stream is iterated. The answer
-        and the closing of the turn join the context, so the next question sees this exchange.
+        and the closing of the turn join the context, so the next question sees this exchange. If a
+        step of it raises, iteration re-raises it with the whole exchange undone (no :attr:`AnswerStream.answer`):
+        ask again, or, if :attr:`broken` is set, close the session.
         """
         self._check_usable()
         if not isinstance(question, str) or not question.strip():
