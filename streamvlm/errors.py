@@ -11,7 +11,8 @@ that one class at a boundary (a CLI command, a protocol handler) and turn it int
     │   └── TimestampError   a timestamp that is not finite or goes backwards
     ├── ModelError           a checkpoint cannot be found, loaded or is of an unsupported family
     ├── SourceError          a video source cannot be opened or read
-    └── CapacityError        the context would outgrow what the model or the budget allows
+    ├── CapacityError        the context would outgrow what the model or the budget allows
+    └── SessionBrokenError   an earlier fault left the session unusable (``reason`` says which step)
 
 An :class:`InputError` never leaves a session half-changed: fix the input and call again.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "ModelError",
     "SourceError",
     "CapacityError",
+    "SessionBrokenError",
 ]
 
 
@@ -65,3 +67,15 @@ class SourceError(StreamVLMError):
 
 class CapacityError(StreamVLMError):
     """The context would exceed the model's maximum position or the configured budget."""
+
+
+class SessionBrokenError(StreamVLMError):
+    """The session was left unusable by an earlier fault; ``reason`` says which step failed and how.
+
+    Raised by every call on a session whose ``StreamSession.broken`` is set. Close the session (its
+    store files are released) and start a new one; nothing else will make it usable again.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the session can no longer be used: {reason}")
+        self.reason = reason

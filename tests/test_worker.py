@@ -289,7 +289,7 @@ def test_a_question_asked_while_a_frame_is_read_is_answered_from_that_frame(smol
     done = events[-1]
     assert done.data["request_id"] == rid
     assert [e.pts_s for e in done.data["answer"].evidence] == [0.0, 1.0]
-    assert counters.paused == 0 and counters.restarted == 0
+    assert counters.restarted == 0  # (the message itself may be read while the encode pauses; its answer waits)
     assert (counters.ingested, counters.dropped) == (1, 0) and balanced(counters) and counters.ingested_pts == [1.0]
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..config import MemoryConfig, SamplingConfig, SessionConfig
-from ..errors import FrameError, QuestionError, StreamVLMError, TimestampError
+from ..errors import FrameError, QuestionError, SessionBrokenError, StreamVLMError, TimestampError
 from ..memory.manager import MemoryEvent, MemoryManager
 from ..models.base import ModelAdapter, PreparedFrame
 from ..types import Answer, Evidence, Frame
@@ -48,18 +48,6 @@ from .runner import Preempted, Runner
 from .sampling import pick_token
 
 __all__ = ["StreamSession", "AnswerStream", "IngestResult", "EncodedFrame", "Preempted", "SessionBrokenError"]
-
-
-class SessionBrokenError(StreamVLMError):
-    """The session was left unusable by an earlier fault; ``reason`` says which step failed and how.
-
-    Raised by every call on a session whose :attr:`StreamSession.broken` is set. Close the session
-    (its store files are released) and start a new one; nothing else will make it usable again.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"the session can no longer be used: {reason}")
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,12 @@ Everything the worker produces arrives on :meth:`events` as :class:`WorkerEvent`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -72,6 +73,7 @@ from ..dialogue import (
     TriggerSpec,
 )
 from ..errors import ConfigError, InputError, QuestionError, StreamVLMError, TimestampError
+from ..models.turns import ANSWER, FRAME, PROBE
 from ..types import Frame
 from .session import Preempted, StreamSession
 
@@ -122,6 +124,18 @@ class WorkerCounters:
     restarted: int = 0  # frame prefills abandoned for a message or an answer and run again after it
 
 
+# Priority of each kind of job for a turn on the shared model (lower first).
+_PRIORITY = {"control": ANSWER, "answer": ANSWER, "poll": PROBE, "frame": FRAME}
+
+
+class _NoTurns:
+    """Stands in for a model without a priority lock (a fake session in tests)."""
+
+    @contextlib.contextmanager
+    def priority(self, level: int) -> Iterator[None]:
+        yield
+
+
 class _Stopped(Exception):
     """Raised inside a frame read when the worker is stopping."""
 
@@ -156,6 +170,8 @@ class LiveWorker:
         self.config = config or WorkerConfig()
         self.controller = DialogueController(controller or ControllerConfig())
         self.counters = WorkerCounters()
+        lock = getattr(getattr(session, "adapter", None), "lock", None)
+        self._turns = lock if hasattr(lock, "priority") else _NoTurns()
         self._clock = clock
         self._cv = threading.Condition()
         self._control: deque[tuple[str, tuple]] = deque()
@@ -340,10 +356,15 @@ class LiveWorker:
             self._emit("stopped")
 
     def _step(self, job: tuple[str, Any]) -> None:
-        """Run one job; an exception ends what the job was for (a request, a watch, a frame), not the thread."""
+        """Run one job; an exception ends what the job was for (a request, a watch, a frame), not the thread.
+
+        The job waits for the shared model with its priority (answers and control before probes before
+        frames, across every session on the model; see models/turns.py).
+        """
         kind, item = job
         try:
-            getattr(self, f"_do_{kind}")(item)
+            with self._turns.priority(_PRIORITY[kind]):
+                getattr(self, f"_do_{kind}")(item)
         except _Stopped:
             raise
         except Exception as exc:

@@ -8,7 +8,6 @@ is called, and how its positions are numbered. It owns no cache and keeps no str
 from __future__ import annotations
 
 import functools
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -17,6 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from .turns import TurnLock
 
 __all__ = ["PreparedFrame", "ModelAdapter", "Hook"]
 
@@ -70,9 +71,10 @@ class ModelAdapter(ABC):
         self.image_processor = image_processor
         self.source = source
         self.model.eval()
-        #: Held around every forward: sessions that share one loaded model take turns on it. Take it
+        #: Held around every forward: sessions that share one loaded model take turns on it, the most
+        #: urgent waiter first (answers, then probes, then frame reads: see :mod:`.turns`). Take it
         #: through :meth:`hold`, the one place that may also attach hooks.
-        self.lock = threading.RLock()
+        self.lock = TurnLock()
 
     # ---- owning the model for one step ------------------------------------------------------------
     @contextmanager

@@ -1,0 +1,95 @@
+"""Turns on a shared model: a reentrant lock whose waiters are served by priority, then in arrival order.
+
+Every session on a server has its own model thread, and they all take turns on one loaded model, one
+forward pass at a time. With a plain lock the turn goes to whichever thread the operating system
+wakes, so a question of one session can wait behind a flood of frame reads and watch probes of
+another. :class:`TurnLock` serves the most urgent waiter first: a thread says how urgent its next
+steps are with :meth:`TurnLock.priority` (lower is sooner; :data:`ANSWER`, :data:`PROBE`,
+:data:`FRAME`), and when the model is released the waiter with the lowest priority (the longest
+waiting among equals) takes it. Since a read or an answer takes the model once per forward pass (per
+token, per vision tower call), an answer waits for at most the one forward in progress.
+
+Pure threading; it knows nothing about models or sessions. Reentrant: a thread that holds the lock
+may take it again (a question served while that thread's own frame encode is paused).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["TurnLock", "ANSWER", "PROBE", "FRAME"]
+
+#: Priorities: answers (and user control) first, then watch probes, then frame reads.
+ANSWER, PROBE, FRAME = 0, 1, 2
+
+
+class TurnLock:
+    """A reentrant lock; waiters get it by priority (lower first), then first come first served."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting: list[tuple[int, int, int]] = []  # heap of (priority, arrival, thread id)
+        self._arrivals = itertools.count()
+        self._local = threading.local()
+
+    @contextmanager
+    def priority(self, level: int) -> Iterator[None]:
+        """Acquisitions by this thread inside the block wait with priority ``level`` (default FRAME)."""
+        before = getattr(self._local, "level", FRAME)
+        self._local.level = level
+        try:
+            yield
+        finally:
+            self._local.level = before
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        me = threading.get_ident()
+        with self._cv:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if self._owner is None and not self._waiting:
+                self._owner, self._depth = me, 1
+                return True
+            if not blocking:
+                return False
+            entry = (getattr(self._local, "level", FRAME), next(self._arrivals), me)
+            heapq.heappush(self._waiting, entry)
+            ok = self._cv.wait_for(lambda: self._owner is None and self._waiting[0] == entry,
+                                   None if timeout < 0 else timeout)
+            if not ok:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+                self._cv.notify_all()
+                return False
+            heapq.heappop(self._waiting)
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cv:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("release of a TurnLock this thread does not hold")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cv.notify_all()
+
+    def __enter__(self) -> TurnLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def waiting(self) -> int:
+        """Threads waiting for their turn now."""
+        with self._cv:
+            return len(self._waiting)

@@ -1,0 +1,76 @@
+"""Turns on a shared model: the most urgent waiter goes first, equals in arrival order, reentrant."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from streamvlm.models.turns import ANSWER, FRAME, PROBE, TurnLock
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_waiters_are_served_by_priority_then_arrival():
+    lock = TurnLock()
+    order: list[str] = []
+    lock.acquire()  # the model is busy
+
+    def waiter(name: str, level: int) -> None:
+        with lock.priority(level), lock:
+            order.append(name)
+
+    threads = []
+    for name, level in [("frame-1", FRAME), ("probe", PROBE), ("frame-2", FRAME), ("answer-1", ANSWER), ("answer-2", ANSWER)]:
+        t = threading.Thread(target=waiter, args=(name, level))
+        t.start()
+        threads.append(t)
+        wait_until(lambda n=len(threads): lock.waiting == n)  # arrival order is the order started
+    lock.release()
+    for t in threads:
+        t.join(10)
+    assert order == ["answer-1", "answer-2", "probe", "frame-1", "frame-2"]
+
+
+def test_reentrant_and_only_the_owner_releases():
+    lock = TurnLock()
+    with lock:
+        with lock:  # a question served inside the thread's own paused encode
+            pass
+        got = []
+        t = threading.Thread(target=lambda: got.append(lock.acquire(timeout=0.05)))
+        t.start()
+        t.join()
+        assert got == [False]  # still held after the inner release
+    with pytest.raises(RuntimeError):
+        lock.release()
+    assert lock.acquire(blocking=False) and lock.waiting == 0
+    lock.release()
+
+
+def test_a_waiter_that_times_out_does_not_block_the_rest():
+    lock = TurnLock()
+    lock.acquire()
+    results: dict[str, bool] = {}
+
+    def waiter(name: str, level: int, timeout: float) -> None:
+        with lock.priority(level):
+            results[name] = lock.acquire(timeout=timeout)
+            if results[name]:
+                lock.release()
+
+    quick = threading.Thread(target=waiter, args=("answer", ANSWER, 0.05))
+    patient = threading.Thread(target=waiter, args=("frame", FRAME, 10.0))
+    quick.start()
+    wait_until(lambda: lock.waiting == 1)
+    patient.start()
+    quick.join(10)
+    lock.release()
+    patient.join(10)
+    assert results == {"answer": False, "frame": True}
