@@ -74,3 +74,36 @@ def test_a_waiter_that_times_out_does_not_block_the_rest():
     lock.release()
     patient.join(10)
     assert results == {"answer": False, "frame": True}
+
+
+def test_a_suspendable_step_yields_to_a_more_urgent_waiter_and_takes_the_model_back():
+    lock = TurnLock()
+    order: list[str] = []
+    held = threading.Event()
+    go = threading.Event()
+
+    def frame_read() -> None:
+        with lock.priority(FRAME), lock, lock:  # held twice: the depth comes back too
+            order.append("frame: first layers")
+            held.set()
+            go.wait(10)
+            assert lock.yield_turn()
+            order.append("frame: last layers")
+            assert not lock.yield_turn()  # nobody more urgent waits now
+
+    def answer() -> None:
+        with lock.priority(ANSWER), lock:
+            order.append("answer")
+
+    reader = threading.Thread(target=frame_read)
+    reader.start()
+    held.wait(10)
+    asker = threading.Thread(target=answer)
+    asker.start()
+    wait_until(lambda: lock.waiting == 1)
+    go.set()
+    reader.join(10)
+    asker.join(10)
+    assert order == ["frame: first layers", "answer", "frame: last layers"]
+    assert lock.acquire(blocking=False)  # released fully: depth restored and unwound
+    lock.release()

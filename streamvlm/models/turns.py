@@ -7,7 +7,9 @@ another. :class:`TurnLock` serves the most urgent waiter first: a thread says ho
 steps are with :meth:`TurnLock.priority` (lower is sooner; :data:`ANSWER`, :data:`PROBE`,
 :data:`FRAME`), and when the model is released the waiter with the lowest priority (the longest
 waiting among equals) takes it. Since a read or an answer takes the model once per forward pass (per
-token, per vision tower call), an answer waits for at most the one forward in progress.
+token, per vision tower call), an answer waits for at most the one forward in progress; a long
+forward that can be suspended (a vision tower, between its layers) calls :meth:`TurnLock.yield_turn`
+to let a more urgent waiter of another session run first.
 
 Pure threading; it knows nothing about models or sessions. Reentrant: a thread that holds the lock
 may take it again (a question served while that thread's own frame encode is paused).
@@ -33,6 +35,7 @@ class TurnLock:
     def __init__(self) -> None:
         self._cv = threading.Condition(threading.Lock())
         self._owner: int | None = None
+        self._owner_level = FRAME
         self._depth = 0
         self._waiting: list[tuple[int, int, int]] = []  # heap of (priority, arrival, thread id)
         self._arrivals = itertools.count()
@@ -54,22 +57,44 @@ class TurnLock:
             if self._owner == me:
                 self._depth += 1
                 return True
+            level = getattr(self._local, "level", FRAME)
             if self._owner is None and not self._waiting:
-                self._owner, self._depth = me, 1
+                self._owner, self._owner_level, self._depth = me, level, 1
                 return True
             if not blocking:
                 return False
-            entry = (getattr(self._local, "level", FRAME), next(self._arrivals), me)
-            heapq.heappush(self._waiting, entry)
-            ok = self._cv.wait_for(lambda: self._owner is None and self._waiting[0] == entry,
-                                   None if timeout < 0 else timeout)
-            if not ok:
-                self._waiting.remove(entry)
-                heapq.heapify(self._waiting)
-                self._cv.notify_all()
+            return self._wait_turn(level, 1, None if timeout < 0 else timeout)
+
+    def _wait_turn(self, level: int, depth: int, timeout: float | None) -> bool:
+        """Queue this thread and wait for its turn (call with ``_cv`` held)."""
+        me = threading.get_ident()
+        entry = (level, next(self._arrivals), me)
+        heapq.heappush(self._waiting, entry)
+        ok = self._cv.wait_for(lambda: self._owner is None and self._waiting[0] == entry, timeout)
+        if not ok:
+            self._waiting.remove(entry)
+            heapq.heapify(self._waiting)
+            self._cv.notify_all()
+            return False
+        heapq.heappop(self._waiting)
+        self._owner, self._owner_level, self._depth = me, level, depth
+        return True
+
+    def yield_turn(self) -> bool:
+        """Held by this thread: if a more urgent thread waits, let it (and any others more urgent than
+        this thread) take the model first, then take it back at this thread's level and depth.
+
+        Returns True if it yielded. Call it only where the step in progress can be suspended: the
+        forward that was running must not share state with what runs meanwhile.
+        """
+        me = threading.get_ident()
+        with self._cv:
+            if self._owner != me or not self._waiting or self._waiting[0][0] >= self._owner_level:
                 return False
-            heapq.heappop(self._waiting)
-            self._owner, self._depth = me, 1
+            level, depth = self._owner_level, self._depth
+            self._owner, self._depth = None, 0
+            self._cv.notify_all()
+            self._wait_turn(level, depth, None)
             return True
 
     def release(self) -> None:
