@@ -296,3 +296,50 @@ def test_a_reload_takes_its_session_over_and_gets_what_it_missed(smol):
     created, again, events = run(main())
     assert again[-1]["session"]["id"] == created["session"]["id"]
     assert events[-1]["response"]["status"] in ("completed", "incomplete", "cancelled")
+
+
+def test_the_outbox_drops_memory_updates_first_and_flags_a_consumer_that_stays_too_slow():
+    from streamvlm.server.app import _OUTBOX_HARD, _OUTBOX_SOFT, _Outbox
+
+    async def main():
+        box = _Outbox()
+        for i in range(_OUTBOX_SOFT):
+            box.put({"type": "response.output_text.delta", "delta": str(i)})
+        box.put({"type": "memory.update"})
+        box.put({"type": "input_frame.stats"})
+        assert box.dropped == 2 and len(box.items) == _OUTBOX_SOFT and not box.overflowed
+        for i in range(_OUTBOX_HARD - _OUTBOX_SOFT):
+            box.put({"type": "response.done"})
+        assert not box.overflowed  # answers are never dropped; only past the hard limit is the client too slow
+        box.put({"type": "response.done"})
+        assert box.overflowed and box.ready.is_set()
+
+    asyncio.run(main())
+
+
+def test_dns_rebinding_is_refused_by_the_real_server(smol):
+    from websockets.exceptions import InvalidStatus
+
+    async def main():
+        server, url = await started(smol)
+        port = url.split(":")[2].split("/")[0]
+        try:
+            with pytest.raises(InvalidStatus) as refused:
+                # evil.example resolves to 127.0.0.1 now: its page's Origin matches its Host
+                async with connect(f"ws://evil.example:{port}/v1/realtime", host="127.0.0.1", port=int(port),
+                                   origin=f"http://evil.example:{port}"):
+                    pass
+            return refused.value.response.status_code, len(server.sessions)
+        finally:
+            await server.stop()
+
+    status, sessions = run(main())
+    assert status == 403 and sessions == 0
+
+
+def test_ids_are_unique_across_servers_and_restarts():
+    from streamvlm.protocol.ids import new_id
+    from streamvlm.protocol.session import RealtimeSession
+
+    ids = {RealtimeSession("m").id for _ in range(200)} | {new_id("sess") for _ in range(200)}
+    assert len(ids) == 400 and all(i.startswith("sess_") for i in ids)
