@@ -60,6 +60,11 @@ class _Outbox:
         self.ready = asyncio.Event()
         self.overflowed = False
         self.dropped = 0
+        self.closing: tuple[int, str] | None = None  # close the connection with this once the rest is written
+
+    def close_after(self, code: int, reason: str) -> None:
+        self.closing = (code, reason)
+        self.ready.set()
 
     def put(self, event: dict) -> None:
         if len(self.items) >= _OUTBOX_SOFT and event["type"] in _DROPPABLE:
@@ -144,13 +149,13 @@ class StreamServer:
         return sock.getsockname()[0], sock.getsockname()[1]
 
     async def stop(self) -> None:
-        for session in list(self.sessions.values()):
-            session.send(p.session_go_away(0))
-        await asyncio.sleep(0.05)
+        """Tell every client (``session.go_away``, then ``session_closed``), stop every worker, close the port."""
         if self._reaper is not None:
             self._reaper.cancel()
         for session in list(self.sessions.values()):
+            session.send(p.session_go_away(0))
             await self._end(session, "the server is stopping", "server_stopping", close_code=1001)
+        await asyncio.sleep(0.05)  # let the writers flush those events
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -290,6 +295,9 @@ class StreamServer:
                     return
                 while outbox.items:
                     await ws.send(json.dumps(outbox.items.popleft(), allow_nan=False))
+                if outbox.closing is not None:
+                    await ws.close(*outbox.closing)
+                    return
                 outbox.ready.clear()
         except ConnectionClosed:
             pass
@@ -314,8 +322,7 @@ class StreamServer:
                 await self._start_worker(session, out)
             elif isinstance(out, core.Close):
                 if session.ws is not None:
-                    ws = session.ws
-                    asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(ws.close(out.code, out.reason)))
+                    session.outbox.close_after(out.code, out.reason)  # after the events that say why
                 if out.code == 1011:
                     self.metrics.engine_fault("session")
                 if session.id in self.sessions:
