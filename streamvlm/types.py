@@ -27,10 +27,17 @@ class Frame:
 
 @dataclass(frozen=True)
 class Evidence:
-    """A frame an answer rests on: its timestamp and where it came from."""
+    """A frame an answer rests on: its timestamp, where it came from, and how much the answer used it.
+
+    ``weight`` is the frame's share of the attention the answer paid to all its evidence frames (the
+    weights of one answer's evidence sum to 1; the largest mark the frames the answer rests on most);
+    None where it was not measured (a frame list that is not an answer's, such as
+    :attr:`StreamSession.frames`).
+    """
 
     pts_s: float
     source_id: str = "default"
+    weight: float | None = None
 
 
 @dataclass(frozen=True)

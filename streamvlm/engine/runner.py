@@ -33,7 +33,7 @@ from transformers import DynamicCache
 from ..errors import CapacityError
 from ..models.base import Hook, ModelAdapter, PreparedFrame
 
-__all__ = ["Runner", "StepTimes", "Preempted"]
+__all__ = ["Runner", "StepTimes", "Preempted", "SpanAttention"]
 
 
 class Preempted(Exception):
@@ -48,6 +48,38 @@ class StepTimes:
     prefill_s: float = 0.0  # language model over prompt/frame tokens
     decode_s: float = 0.0  # language model, one token at a time
     calls: dict[str, int] = field(default_factory=lambda: {"encode": 0, "prefill": 0, "decode": 0})
+
+
+@dataclass
+class SpanAttention:
+    """How much of the newest position's attention falls on given spans of the cache.
+
+    The caller (who knows from the ledger where each chunk sits in the cache) names the spans and the
+    language-model layers to read, and passes this object to :meth:`Runner.prefill` or
+    :meth:`Runner.decode`; each such forward adds, for each of ``layers``, the exact softmax attention of
+    its *last* position over the whole cache (q·K of that position, as the layer computes it, averaged
+    over the query heads), summed over each span. :meth:`shares` then says how that attention divides
+    between the spans. The forward's output is unchanged; the cost is one query projection and one q·K
+    row per read layer.
+    """
+
+    spans: list[tuple[int, int]]  # [start, end) physical offsets in the cache, one per item of interest
+    layers: tuple[int, ...]  # indices into ModelAdapter.text_layers() to read
+    mass: torch.Tensor = field(init=False)  # [len(spans)] attention summed over the reads
+    reads: int = 0  # (layer, forward) pairs added to ``mass``
+
+    def __post_init__(self) -> None:
+        self.mass = torch.zeros(len(self.spans), dtype=torch.float64)
+
+    def shares(self) -> list[float] | None:
+        """Each span's share of the attention that went to all the spans (they sum to 1).
+
+        None when nothing was read, there are no spans, or no attention reached any of them.
+        """
+        total = float(self.mass.sum())
+        if not self.reads or not self.spans or not total > 0.0:
+            return None
+        return [float(m) / total for m in self.mass]
 
 
 class Runner:
@@ -138,6 +170,7 @@ class Runner:
         encoded: Any | None = None,
         all_logits: bool = False,
         abort_if: Callable[[], bool] | None = None,
+        attention: SpanAttention | None = None,
     ) -> torch.Tensor:
         """Append ``ids`` to the cache and return logits: ``[V]`` for the last token, ``[len(ids), V]`` with ``all_logits``.
 
@@ -145,6 +178,8 @@ class Runner:
         token grids. Raises :class:`CapacityError` (cache untouched) when the positions would pass the
         model's maximum. ``abort_if`` is asked before every language-model layer; when it answers
         true the prefill stops there and raises :class:`Preempted`, with the cache untouched.
+        ``attention``, if given, receives the last new token's attention over its spans (see
+        :class:`SpanAttention`); if the prefill fails, what it received from this call is not kept.
         """
         t0 = time.perf_counter()
         hooks: list[Hook] = []
@@ -156,16 +191,20 @@ class Runner:
                     raise Preempted("prefill abandoned for more urgent work")
 
             hooks = [Hook(layer, hook, pre=True) for layer in self.adapter.text_layers()]
-        logits = self._forward(ids, grids or [], encoded, keep=0 if all_logits else 1, hooks=hooks)
+        hooks += self._attention_hooks(attention)
+        logits = self._forward(ids, grids or [], encoded, keep=0 if all_logits else 1, hooks=hooks, attention=attention)
         self.times.prefill_s += time.perf_counter() - t0
         self.times.calls["prefill"] += 1
         return logits if all_logits else logits[-1]
 
     @torch.inference_mode()
-    def decode(self, token_id: int) -> torch.Tensor:
-        """Append one token and return the next token's logits ``[V]``."""
+    def decode(self, token_id: int, *, attention: SpanAttention | None = None) -> torch.Tensor:
+        """Append one token and return the next token's logits ``[V]``.
+
+        ``attention``, if given, receives this token's attention over its spans (see :class:`SpanAttention`).
+        """
         t0 = time.perf_counter()
-        logits = self._forward([token_id], [], None, keep=1)
+        logits = self._forward([token_id], [], None, keep=1, hooks=self._attention_hooks(attention), attention=attention)
         self.times.decode_s += time.perf_counter() - t0
         self.times.calls["decode"] += 1
         return logits[-1]
@@ -236,17 +275,7 @@ class Runner:
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             if threading.get_ident() != owner:  # a forward outside the model's owner (an unlocked caller)
                 return
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            batch, length, _ = hidden.shape
-            q = module.q_proj(hidden).view(batch, length, -1, module.head_dim)
-            if hasattr(module, "q_norm"):
-                q = module.q_norm(q)
-            q = q.transpose(1, 2).float()
-            if rotated:
-                cos, sin = (t.float().unsqueeze(1) for t in kwargs["position_embeddings"])
-                half = q.shape[-1] // 2
-                q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            captured.append(q[0])
+            captured.append(_queries(module, args, kwargs, rotated=rotated))
 
         hooks = [Hook(layer.self_attn, hook, with_kwargs=True) for layer in self.adapter.text_layers()]
         with self.adapter.hold(hooks):  # the same hold as the forward: no other session's pass can reach the hook
@@ -263,6 +292,35 @@ class Runner:
         return times
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _attention_hooks(self, attention: SpanAttention | None) -> list[Hook]:
+        """Hooks that add the last position's attention over ``attention.spans`` (for the hold of one forward)."""
+        if attention is None or not attention.spans:
+            return []
+        owner = threading.get_ident()
+        layers = self.adapter.text_layers()
+        starts = torch.tensor([a for a, _ in attention.spans])
+        ends = torch.tensor([b for _, b in attention.spans])
+
+        def reader(index: int) -> Callable[..., None]:
+            def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+                if threading.get_ident() != owner:
+                    return
+                q = _queries(module, args, kwargs, rotated=True, last=True)[:, -1]  # [Hq, D]
+                keys = self.cache.layers[index].keys[0].float()  # [Hk, N, D]: this forward's keys already appended
+                group = q.shape[0] // keys.shape[0]
+                scale = float(getattr(module, "scaling", q.shape[-1] ** -0.5))
+                logits = torch.einsum("hgd,hnd->hgn", q.view(keys.shape[0], group, -1), keys) * scale
+                probs = torch.softmax(logits, dim=-1).mean(dim=(0, 1)).double()  # [N], averaged over query heads
+                # Sum over each span through a prefix sum: one pass however many spans there are.
+                cumulative = torch.cat([probs.new_zeros(1), probs.cumsum(0)])
+                n = cumulative.shape[0] - 1
+                attention.mass += cumulative[ends.clamp(max=n)] - cumulative[starts.clamp(max=n)]
+                attention.reads += 1
+
+            return hook
+
+        return [Hook(layers[i].self_attn, reader(i), with_kwargs=True) for i in attention.layers]
+
     def _pause_points(self) -> list[torch.nn.Module]:
         """The vision tower's layers and their direct sub-blocks: every module list outside the language model."""
         if self._vision_points is None:
@@ -285,7 +343,8 @@ class Runner:
                 layer.crop(-extra)  # transformers 5.23: a negative count removes that many tokens
 
     def _forward(
-        self, ids: list[int], grids: list[tuple[int, int, int]], encoded: Any | None, keep: int, hooks: list[Hook] | None = None
+        self, ids: list[int], grids: list[tuple[int, int, int]], encoded: Any | None, keep: int, hooks: list[Hook] | None = None,
+        attention: SpanAttention | None = None,
     ) -> torch.Tensor:
         positions, next_position = self.adapter.position_ids(ids, self.next_position, grids)
         if next_position > self._max_positions:
@@ -297,6 +356,7 @@ class Runner:
         if self.adapter.position_rows == 1:
             positions = positions[0]
         held = self.cache_length
+        saved = (attention.mass.clone(), attention.reads) if attention is not None else None
         try:
             with self.adapter.hold(hooks or ()):
                 out = self.model(
@@ -309,6 +369,8 @@ class Runner:
                 )
         except BaseException:
             self._crop_to(held)
+            if attention is not None and saved is not None:
+                attention.mass, attention.reads = saved  # a failed forward adds nothing
             raise
         self.next_position = next_position
         self.last_positions = positions.reshape(positions.shape[0] if positions.dim() == 3 else 1, -1).cpu()
@@ -316,3 +378,24 @@ class Runner:
         if self.keep_ids:
             self.ids.extend(ids)
         return out.logits[0].float()
+
+
+def _queries(module: Any, args: tuple, kwargs: dict, *, rotated: bool, last: bool = False) -> torch.Tensor:
+    """The query vectors an attention module computes in its forward, ``[q_heads, n, head_dim]`` (float32).
+
+    Read in a hook on ``self_attn`` with kwargs. ``rotated`` applies RoPE as the module does (for
+    scoring against cached keys); ``last`` computes the last position only.
+    """
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if last:
+        hidden = hidden[:, -1:]
+    batch, length, _ = hidden.shape
+    q = module.q_proj(hidden).view(batch, length, -1, module.head_dim)
+    if hasattr(module, "q_norm"):
+        q = module.q_norm(q)
+    q = q.transpose(1, 2).float()
+    if rotated:
+        cos, sin = (t[:, -length:].float().unsqueeze(1) for t in kwargs["position_embeddings"])
+        half = q.shape[-1] // 2
+        q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+    return q[0]

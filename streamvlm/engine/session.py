@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +41,10 @@ import torch
 
 from ..config import MemoryConfig, SamplingConfig, SessionConfig
 from ..errors import FrameError, QuestionError, SessionBrokenError, StreamVLMError, TimestampError
-from ..memory.manager import MemoryEvent, MemoryManager
+from ..memory.manager import MemoryEvent, MemoryManager, Retrieved
 from ..models.base import ModelAdapter, PreparedFrame
 from ..types import Answer, Evidence, Frame
-from .runner import Preempted, Runner
+from .runner import Preempted, Runner, SpanAttention
 from .sampling import pick_token
 
 __all__ = ["StreamSession", "AnswerStream", "IngestResult", "EncodedFrame", "Preempted", "SessionBrokenError"]
@@ -139,6 +139,10 @@ class AnswerStream:
 
 class StreamSession:
     """One stream's context in one model. Not thread-safe: drive it from one thread."""
+
+    #: Language-model layers read to weigh an answer's evidence frames (see :meth:`_evidence_attention`); 0 turns
+    #: the weights off (every ``Evidence.weight`` is then None).
+    evidence_layers: int = 4
 
     def __init__(self, adapter: ModelAdapter, config: SessionConfig | None = None, memory: MemoryConfig | None = None) -> None:
         self._restore(adapter, config or SessionConfig(), memory or MemoryConfig())
@@ -399,8 +403,8 @@ class StreamSession:
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         prompt_ids = self.adapter.question_ids(question)
         retrieved = self.memory.retrieve(prompt_ids)  # placed at the end of the cache: undoing the step crops it away
-        logits = self._feed("question", prompt_ids, t, "user", all_logits=return_logits)
-        evidence = tuple(sorted(self.frames + (retrieved.evidence if retrieved else ()), key=lambda e: e.pts_s))
+        evidence, attention = self._evidence_attention(retrieved)
+        logits = self._feed("question", prompt_ids, t, "user", all_logits=return_logits, attention=attention)
         self._last_t = t
         self.memory.record("answer", t, t, "assistant", self.runner.last_positions[:, :0])
         stop_ids = self.adapter.stop_ids
@@ -415,7 +419,8 @@ class StreamSession:
         try:
             for _ in range(cfg.max_new_tokens):
                 if pending is not None:
-                    logits = self.runner.decode(pending)
+                    # The first answer token's attention joins the question's in the evidence weights.
+                    logits = self.runner.decode(pending, attention=attention if len(generated) == 1 else None)
                     self.memory.extend(self.runner.last_positions)
                     if return_logits:
                         kept.append(logits[None])
@@ -453,6 +458,9 @@ class StreamSession:
                 self.runner.take_times()
                 if return_logits:
                     stream.logits = torch.cat(kept)
+                weights = attention.shares() if attention is not None else None
+                if weights is not None:
+                    evidence = tuple(replace(e, weight=w) for e, w in zip(evidence, weights))
                 stream.answer = Answer(
                     text=self.adapter.decode(generated).strip(),
                     token_ids=tuple(generated),
@@ -465,6 +473,30 @@ class StreamSession:
                     prompt_tokens=len(prompt_ids),
                     context_tokens=self.runner.cache_length,
                 )
+
+    def _evidence_attention(self, retrieved: Retrieved | None) -> tuple[tuple[Evidence, ...], SpanAttention | None]:
+        """The answer's evidence frames (working and retrieved, oldest first) and the attention reader that weighs them.
+
+        Each frame's span is its visual tokens in the cache (its timestamp text left out, as a question
+        would otherwise be matched to clock digits); the reader takes the last question position and
+        the first answer token on :attr:`evidence_layers` layers spread over the middle of the
+        language model. None when there are no frames or the weights are off.
+        """
+        pairs: list[tuple[Evidence, tuple[int, int]]] = []
+        offset = 0
+        for chunk in self.memory.ledger.working():
+            if chunk.kind == "frame":
+                prefix = min(chunk.protected_prefix, max(0, chunk.tokens_held - 1))
+                pairs.append((Evidence(chunk.t_start, chunk.source_id), (offset + prefix, offset + chunk.tokens_held)))
+            offset += chunk.tokens_held
+        if retrieved is not None:
+            pairs += zip(retrieved.evidence, retrieved.spans)
+        pairs.sort(key=lambda pair: pair[0].pts_s)
+        evidence = tuple(e for e, _ in pairs)
+        layers = _evidence_layers(len(self.adapter.text_layers()), self.evidence_layers)
+        if not pairs or not layers:
+            return evidence, None
+        return evidence, SpanAttention([span for _, span in pairs], layers)
 
     @contextmanager
     def _step(self, what: str) -> Iterator[None]:
@@ -499,10 +531,10 @@ class StreamSession:
 
     def _feed(
         self, kind: str, ids: list[int], t: float, source: str, *, grids=None, encoded=None, all_logits: bool = False, protected_prefix: int = 0,
-        abort_if: Callable[[], bool] | None = None,
+        abort_if: Callable[[], bool] | None = None, attention: SpanAttention | None = None,
     ) -> torch.Tensor:
         """Prefill one chunk and book it in the ledger."""
-        logits = self.runner.prefill(ids, grids=grids, encoded=encoded, all_logits=all_logits, abort_if=abort_if)
+        logits = self.runner.prefill(ids, grids=grids, encoded=encoded, all_logits=all_logits, abort_if=abort_if, attention=attention)
         self.memory.record(kind, t, t, source, self.runner.last_positions, protected_prefix)
         return logits
 
@@ -531,6 +563,17 @@ class StreamSession:
     def _check_idle(self) -> None:
         if self._generating:
             raise QuestionError("an answer is still being generated; read it to the end or close() it first")
+
+
+def _evidence_layers(total: int, count: int) -> tuple[int, ...]:
+    """``count`` layer indices spread evenly over the middle half of ``total`` layers (all of them if fewer)."""
+    if count <= 0 or total <= 0:
+        return ()
+    if count >= total:
+        return tuple(range(total))
+    lo, hi = total // 4, total - 1 - total // 4
+    picks = sorted({round(lo + (hi - lo) * i / max(1, count - 1)) for i in range(count)})
+    return tuple(picks)
 
 
 def _describe(exc: BaseException) -> str:

@@ -57,6 +57,8 @@ class Retrieved:
     start: int
     end: int
     evidence: tuple[Evidence, ...]
+    #: Where each evidence frame's visual tokens sit in the cache, ``[start, end)``, parallel to ``evidence``.
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 class MemoryManager:
@@ -274,7 +276,7 @@ class MemoryManager:
         start = self.runner.cache_length
         first_working = next((c.position_start for c in self.ledger.working() if c.kind != "system"), self.runner.next_position)
         place = first_working - sum(r[0].position_end - r[0].position_start for r in records)
-        evidence = []
+        evidence, spans = [], []
         for record, keys, values in records:
             chunk = self.ledger[record.chunk_id]
             if chunk.epoch == self.compactions:
@@ -282,10 +284,12 @@ class MemoryManager:
             else:
                 delta = place - record.position_start
             place += record.position_end - record.position_start
+            at = self.runner.cache_length
             kv.append(self.runner.cache, [self.rotator.rotate(k, delta) for k in keys], values)
             if record.kind == "frame":
                 evidence.append(Evidence(record.t_start, record.source_id))
-        return Retrieved(start, self.runner.cache_length, tuple(evidence))
+                spans.append((at + min(chunk.protected_prefix, max(0, record.tokens - 1)), self.runner.cache_length))
+        return Retrieved(start, self.runner.cache_length, tuple(evidence), tuple(spans))
 
     def release(self, retrieved: Retrieved) -> None:
         """Take retrieved chunks out of the cache again; working memory is as before :meth:`retrieve`."""
