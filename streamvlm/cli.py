@@ -14,6 +14,7 @@ Errors from the exception tree print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import sys
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import POLICIES, IngestConfig, MemoryConfig, ModelConfig, SamplingConfig, SessionConfig, parse_size
 from .errors import ConfigError, StreamVLMError
@@ -70,14 +72,111 @@ def _random_label(model: str) -> str:
 
 
 # ---- run -----------------------------------------------------------------------------------------------
+_FINISH = {"stop": "finished", "length": "stopped at the length limit (--max-new-tokens)", "cancelled": "cancelled"}
+
+
+def _seconds(s: float) -> str:
+    """A short wall-clock duration: ``12 ms`` below a second, ``1.24 s`` above."""
+    return f"{s * 1000:.0f} ms" if s < 1.0 else f"{s:.2f} s"
+
+
+def _timed_questions(specs: Sequence[str]) -> list[tuple[float, str]]:
+    """Parse every ``--ask``; sorted by time only, so questions at the same time keep the order given."""
+    return sorted((parse_timed_question(q) for q in specs), key=lambda tq: tq[0])
+
+
+def _check_memory_budget(budget: int | None, flag: str = "--memory-budget") -> None:
+    if budget is not None and budget < 16:
+        raise ConfigError(f"{flag} {budget}: a working memory needs at least 16 tokens (or leave it out: unbounded)")
+
+
+class _RunDialogue:
+    """Drives the dialogue controller for ``run``: answers now, or when a "Tell me when ..." condition is seen.
+
+    The same controller the live server uses decides; this class only does what it says on the one
+    session (probe, answer) and prints. Next: :meth:`ask` for each question at its time, :meth:`frame`
+    after each ingested frame, :meth:`end` once the video ended.
+    """
+
+    def __init__(self, session: Any, clip_end: float | None) -> None:
+        from .dialogue.controller import ControllerConfig, DialogueController
+
+        self.session, self.clip_end = session, clip_end
+        self.controller = DialogueController(ControllerConfig(interrupt=False))  # one at a time, in order
+        self.asked: dict[str, float] = {}
+
+    def ask(self, t: float, question: str) -> None:
+        t = max(t, self.session.last_t)  # never before a frame already read
+        request_id = f"q{len(self.asked)}"
+        self.asked[request_id] = t
+        print(f"[{_clock(t)}] Q: {question}")
+        self._act(self.controller.user_message(request_id, question, t))
+
+    def frame(self, t: float) -> None:
+        self._act(self.controller.frame(t))
+
+    def end(self, t: float) -> None:
+        self._act(self.controller.stream_ended(t))
+
+    def _act(self, actions: list) -> None:
+        from .dialogue.controller import Acknowledge, AnswerNow, GiveUp, Poll
+
+        for action in actions:
+            if isinstance(action, Acknowledge):
+                print(f"           (will answer when {action.condition}: watching the video for it)")
+            elif isinstance(action, Poll):
+                scores = self.session.probe([p.prompt for p in action.probes])
+                self._act(self.controller.scores(action.t, {p.probe_id: s for p, s in zip(action.probes, scores)}))
+            elif isinstance(action, AnswerNow):
+                self._answer(action)
+            elif isinstance(action, GiveUp):
+                print(f"[{_clock(action.t)}] no answer to {action.question!r}: what it waits for was not seen before the video ended")
+
+    def _answer(self, action: Any) -> None:
+        t = max(action.t, self.session.last_t)
+        self.controller.generation_started(action.request_id, t)
+        asked_at = self.asked.get(action.request_id, t)
+        late = f" (asked at {_clock(asked_at)}; seen now)" if action.trigger == "deferred" else ""
+        print(f"[{_clock(t)}] A{late}: ", end="", flush=True)
+        first: list[float] = []
+        start = time.perf_counter()
+
+        def show(delta: str) -> None:
+            first.append(first[0] if first else time.perf_counter() - start)
+            print(delta, end="", flush=True)
+
+        ans = self.session.ask(action.question, t, on_delta=show)
+        span = f"{_clock(ans.evidence[0].pts_s)}-{_clock(ans.evidence[-1].pts_s)}" if ans.evidence else "none"
+        ttft = _seconds(first[0]) if first else "no text"
+        print(f"\n    evidence: {len(ans.evidence)} frames {span} | first text after {ttft} | "
+              f"{_FINISH.get(ans.finish_reason, ans.finish_reason)}")
+        if self.clip_end is not None and asked_at > self.clip_end + 1e-6:
+            print(f"    (asked at {_clock(asked_at)}, after the video ended at {_clock(self.clip_end)}: answered from the whole clip)")
+        self._act(self.controller.generation_finished(action.request_id, t))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .engine import StreamSession
-    from .ingest import read_video, write_test_clip
-    from .models import load_model
+    from .ingest import probe_video, read_video, write_test_clip
+    from .models import load_model, locate
 
+    # Every check that needs no model runs first: a typo fails in milliseconds, not after loading.
     ingest_cfg = IngestConfig(fps=args.fps, realtime=not args.fast)
-    questions = sorted(parse_timed_question(q) for q in (args.ask or (_DEFAULT_QUESTIONS if args.video is None else ())))
+    questions = _timed_questions(args.ask or (_DEFAULT_QUESTIONS if args.video is None else ()))
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    _check_memory_budget(args.memory_budget)
+    memory = MemoryConfig(
+        budget_tokens=args.memory_budget, policy=args.policy, positions=args.positions, retrieval_top_k=args.retrieve,
+        store_ram_bytes=parse_size(args.store_ram, what="--store-ram"), store_disk_bytes=parse_size(args.store_disk, what="--store-disk"),
+    )
+    session_cfg = SessionConfig(sampling=sampling, **({"system_prompt": args.system} if args.system else {}))
+    locate(args.model)
+    clip_end = probe_video(args.video).duration_s if args.video is not None else 4.0
+    if clip_end is not None:
+        for t, q in questions:
+            if t > clip_end + 1e-6:
+                print(f"streamvlm: warning: --ask {_clock(t)} {q!r} is past the end of the video ({_clock(clip_end)}); "
+                      "it is answered at the end, from the whole clip", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="streamvlm-") as tmp:
         video = args.video
         if video is None:
@@ -85,22 +184,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"streamvlm: no video given, playing a generated 4 s clip ({video})", file=sys.stderr)
         print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
         adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
-        memory = MemoryConfig(
-            budget_tokens=args.memory_budget, policy=args.policy, positions=args.positions, retrieval_top_k=args.retrieve,
-            store_ram_bytes=parse_size(args.store_ram, what="--store-ram"), store_disk_bytes=parse_size(args.store_disk, what="--store-disk"),
-        )
-        session = StreamSession(adapter, SessionConfig(sampling=sampling, **({"system_prompt": args.system} if args.system else {})), memory)
+        session = StreamSession(adapter, session_cfg, memory)
+        dialogue = _RunDialogue(session, clip_end)
         pending = list(questions)
-        wall0, pts0, dropped, ingested = time.perf_counter(), None, 0, 0
+        wall0, pts0, dropped, ingested, last = time.perf_counter(), None, 0, 0, 0.0
 
-        def answer_due(up_to: float) -> None:
+        def ask_due(up_to: float) -> None:
             while pending and pending[0][0] <= up_to:
-                t, q = pending.pop(0)
-                print(f"[{_clock(t)}] Q: {q}")
-                print(f"[{_clock(t)}] A: ", end="", flush=True)
-                ans = session.ask(q, max(t, session.last_t), on_delta=lambda d: print(d, end="", flush=True))
-                span = f"{_clock(ans.evidence[0].pts_s)}-{_clock(ans.evidence[-1].pts_s)}" if ans.evidence else "none"
-                print(f"\n    evidence: {len(ans.evidence)} frames {span} | first token {ans.ttft_s:.2f}s | {ans.finish_reason}")
+                dialogue.ask(*pending.pop(0))
 
         def report_memory() -> None:
             for e in session.drain_events():
@@ -110,7 +201,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         for frame in read_video(video, fps=ingest_cfg.fps):
             pts0 = frame.pts_s if pts0 is None else pts0
-            answer_due(frame.pts_s - 1e-9)
+            ask_due(frame.pts_s - 1e-9)
             if ingest_cfg.realtime:
                 lag = (time.perf_counter() - wall0) - (frame.pts_s - pts0)
                 if lag < 0:
@@ -119,10 +210,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     dropped += 1
                     continue
             session.ingest(frame)
-            ingested += 1
+            ingested, last = ingested + 1, frame.pts_s
+            dialogue.frame(frame.pts_s)
             if args.verbose:
                 report_memory()
-        answer_due(float("inf"))
+        ask_due(float("inf"))
+        dialogue.end(max([last, *(t for t, _ in questions)]))
         stats = session.stats()
         print(
             f"streamvlm: {ingested} frames read once, {dropped} dropped to keep real time, "
@@ -235,7 +328,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from .config import ServerConfig
-    from .models import load_model
+    from .models import load_model, locate
     from .server.app import serve_forever
 
     config = ServerConfig(
@@ -244,13 +337,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_session_budget_tokens=max(args.max_session_budget, args.session_budget), global_budget_tokens=args.global_budget,
         max_parked_sessions=args.max_parked, max_watches=args.max_watches, resume_window_s=args.resume_window, event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
     )
+    locate(args.model)
+    _check_port_free(config.host, config.port)  # a busy port is one line now, not a traceback after the model loaded
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
     adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
     try:
         asyncio.run(serve_forever(adapter, config))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port was taken between the check and the bind
+        raise ConfigError(f"cannot serve on {config.host}:{config.port}: {exc.strerror or exc}") from exc
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError naming the port if ``host:port`` cannot be bound now (in use, or not an address here)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r}: not an address this machine can bind ({exc.strerror})") from exc
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closing socket does not count
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                busy = "is already in use (another streamvlm serve?); pick another with --port" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+                raise ConfigError(f"cannot serve on {host}:{port}: the port {busy}") from exc
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -274,22 +391,46 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_events(args: argparse.Namespace) -> int:
-    from .server.eventlog import EventLog
+def _short(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
+
+def _events_table(rows: list) -> list[str]:
+    """Logged events (EventSummary) as aligned lines: time, session, kind, stream time, question, answer, evidence."""
+    header = ("logged", "session", "kind", "at", "question", "answer", "evidence")
+    lines = []
+    for r in rows:
+        evidence = "-" if not r.evidence_frames else (
+            f"{r.evidence_frames} frame{'s' if r.evidence_frames > 1 else ''} {_clock(r.evidence_span[0])}"
+            + (f"-{_clock(r.evidence_span[1])}" if r.evidence_span[1] != r.evidence_span[0] else ""))
+        lines.append((time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.wall_time)), _short(r.session, 24), r.kind,
+                      _clock(r.stream_t) if r.stream_t is not None else "-", _short(r.question or "-", 40), _short(r.text or "-", 48), evidence))
+    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *lines]]
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from .server.eventlog import EventLog, parse_since, summarize
+
+    since = parse_since(args.since) if args.since else None
+    if args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1")
     db = _events_db(args.db)
     if not db.exists():
-        raise ConfigError(f"no event log at {db}")
-    since = None
-    if args.since:
-        try:
-            since = float(args.since)
-        except ValueError as exc:
-            raise ConfigError(f"--since {args.since!r}: expected a Unix time in seconds") from exc
+        raise ConfigError(f"no event log at {db} (serve and watch write one; --db picks another file)")
     log = EventLog(db)
-    for event in log.list(since=since, session=args.session, limit=args.limit):
-        print(json.dumps(event))
-    log.close()
+    try:
+        events = log.list(since=since, session=args.session, limit=args.limit, newest_first=True)
+    finally:
+        log.close()
+    if args.json:
+        for event in events:
+            print(json.dumps(event))
+    elif not events:
+        print("no events" + (" for this filter" if since is not None or args.session else ""), file=sys.stderr)
+    else:
+        print("\n".join(_events_table([summarize(e) for e in events])))
     return 0
 
 
@@ -328,6 +469,28 @@ def _cmd_bench_storm(args: argparse.Namespace) -> int:
 
 def _split_names(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, unless its help text already names it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give ``parser`` and every sub-command under it the help format that shows defaults."""
+    parser.formatter_class = _HelpWithDefaults
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "default: %(default)s"
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     storm.set_defaults(func=_cmd_bench_storm)
 
     srv = sub.add_parser("serve", help="serve the realtime WebSocket API and the web client")
-    srv.add_argument("--model", default="tiny-smolvlm", help="preset, Hub id or local path")
+    srv.add_argument("--model", default="tiny-smolvlm", help="shapeworld, a preset, Hub id or local path (default: tiny-smolvlm, random weights: answers are noise)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --token)")
     srv.add_argument("--port", type=int, default=8765)
     srv.add_argument("--token", default=None, help="bearer token clients must present")
@@ -501,13 +664,15 @@ def build_parser() -> argparse.ArgumentParser:
     wat.add_argument("--dtype", default="float32")
     wat.set_defaults(func=_cmd_watch)
 
-    evs = sub.add_parser("events", help="list logged answers and alerts")
-    evs.add_argument("--since", default=None, help="Unix time in seconds")
-    evs.add_argument("--session", default=None)
-    evs.add_argument("--limit", type=int, default=1000)
+    evs = sub.add_parser("events", help="list logged answers and alerts, newest first")
+    evs.add_argument("--since", default=None, help="only events after this: a duration back from now (90s, 10m, 2h, 1d), "
+                                                   "an ISO time (2026-03-01T14:30) or a Unix time (default: all)")
+    evs.add_argument("--session", default=None, help="only this session (serve: its session id; watch: its --name or printed id)")
+    evs.add_argument("--limit", type=int, default=50, help="the newest N events")
+    evs.add_argument("--json", action="store_true", help="one raw JSON object per line (the whole logged payload) instead of a table")
     evs.add_argument("--db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
     evs.set_defaults(func=_cmd_events)
-    return parser
+    return _show_defaults(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,6 @@ them; a first download shows the Hub's progress bars.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import torch
 
@@ -16,14 +15,14 @@ from ..config import ModelConfig
 from ..errors import ModelError
 from .base import ModelAdapter, PreparedFrame
 from .qwen import QwenVLAdapter
+from .resolve import SHAPEWORLD, ModelLocation, locate
 from .smolvlm import SmolVLMAdapter
-from .tiny import PRESETS, ensure_preset, is_preset
+from .tiny import PRESETS, ensure_preset
 
-__all__ = ["ModelAdapter", "PreparedFrame", "QwenVLAdapter", "SmolVLMAdapter", "load_model", "PRESETS", "ADAPTERS", "SHAPEWORLD"]
+__all__ = ["ModelAdapter", "PreparedFrame", "QwenVLAdapter", "SmolVLMAdapter", "load_model", "PRESETS", "ADAPTERS", "SHAPEWORLD",
+           "ModelLocation", "locate"]
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (QwenVLAdapter, SmolVLMAdapter)
-#: The model trained on ShapeWorld that ships inside the package (see docs/shapeworld.md).
-SHAPEWORLD = "shapeworld"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -40,38 +39,30 @@ def load_model(spec: ModelConfig | str) -> ModelAdapter:
 
     ``spec`` is a :class:`ModelConfig` or just the model string: a Hub id, a path, a random-weight
     preset (built on first use) or ``"shapeworld"``, the trained model that ships with the package. Raises
-    :class:`ModelError` when the id or path cannot be found, the family is unsupported, or the files are
-    incomplete; the message says which.
+    :class:`ModelError` when the id or path cannot be found (at once, before any download is tried, with
+    the closest known names: see :func:`~streamvlm.models.resolve.locate`), the family is unsupported, or
+    the files are incomplete; the message says which.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     cfg = spec if isinstance(spec, ModelConfig) else ModelConfig(model=spec)
-    source = str(ensure_preset(cfg.model)) if is_preset(cfg.model) else cfg.model
-    if cfg.model == SHAPEWORLD:
-        from ..shapeworld.model import checkpoint_dir
-
-        source = str(checkpoint_dir())
-        if not (checkpoint_dir() / "config.json").exists():
-            raise ModelError(f"the ShapeWorld checkpoint is missing from {source}; reinstall streamvlm, or train it with "
-                             "python -m streamvlm.shapeworld.train --out DIR and pass --model DIR")
-    elif not is_preset(cfg.model) and (source.startswith((".", "/", "~")) or Path(source).exists()):
-        if not Path(source).expanduser().is_dir():
-            raise ModelError(f"model path {source!r} is not a directory with a checkpoint (config.json)")
-        source = str(Path(source).expanduser())
+    where = locate(cfg.model)  # fails in milliseconds, with suggestions, on a name that cannot load
+    source = str(ensure_preset(cfg.model)) if where.kind == "preset" else where.source
+    offline = {"local_files_only": True} if where.local_files_only else {}
     try:
-        hf_config = AutoConfig.from_pretrained(source, revision=cfg.revision)
+        hf_config = AutoConfig.from_pretrained(source, revision=cfg.revision, **offline)
     except (OSError, ValueError) as exc:
         presets = ", ".join([*PRESETS, SHAPEWORLD])
         raise ModelError(f"cannot load model {cfg.model!r}: {exc}. Models that need no download: {presets}") from exc
     adapter_cls = _adapter_for(str(hf_config.model_type))
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            source, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+            source, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **offline
         )
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, **offline)
         # Without torchvision (not installable beside the CPU torch build) ask for the PIL backend directly.
         backend = None if importlib.util.find_spec("torchvision") else "pil"
-        image_processor = AutoImageProcessor.from_pretrained(source, revision=cfg.revision, backend=backend)
+        image_processor = AutoImageProcessor.from_pretrained(source, revision=cfg.revision, backend=backend, **offline)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {cfg.model!r}: {exc}") from exc
     model.to(cfg.device)

@@ -8,13 +8,18 @@ in WAL mode so readers (``streamvlm events``) never block the writer.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EventLog"]
+from ..errors import ConfigError
+
+__all__ = ["EventLog", "EventSummary", "summarize", "parse_since"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -71,8 +76,9 @@ class EventLog:
                 raise
         return event_id
 
-    def list(self, *, since: float | None = None, session: str | None = None, kinds: tuple[str, ...] = (), limit: int = 1000) -> list[dict[str, Any]]:
-        """Events, oldest first; ``since`` is a wall-clock Unix time."""
+    def list(self, *, since: float | None = None, session: str | None = None, kinds: tuple[str, ...] = (), limit: int = 1000,
+             newest_first: bool = False) -> list[dict[str, Any]]:
+        """Events, oldest first (``newest_first``: the latest ``limit`` events, latest first); ``since`` is a wall-clock Unix time."""
         sql, args = "SELECT id, wall_time, session, kind, stream_t, payload FROM events WHERE 1=1", []
         if since is not None:
             sql += " AND wall_time >= ?"
@@ -83,7 +89,7 @@ class EventLog:
         if kinds:
             sql += f" AND kind IN ({','.join('?' * len(kinds))})"
             args.extend(kinds)
-        sql += " ORDER BY id LIMIT ?"
+        sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?"
         args.append(limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
@@ -122,3 +128,72 @@ class EventLog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+# ---- reading the log as a person ---------------------------------------------------------------------
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """A ``--since`` value as a Unix time: a duration back from ``now`` (``"90s"``, ``"10m"``, ``"2h"``,
+    ``"1d"``), an ISO date or time (``"2026-03-01"``, ``"2026-03-01T14:30"``; local time unless it names a
+    zone) or a Unix time in seconds. Raises ConfigError with the accepted forms otherwise."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    match = _DURATION.match(text)
+    if match:
+        return now - float(match.group(1)) * _UNIT_S[match.group(2).lower()]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ConfigError(f"--since {text!r}: expected a duration (90s, 10m, 2h, 1d), an ISO time "
+                          "(2026-03-01T14:30) or a Unix time in seconds") from None
+
+
+@dataclass(frozen=True)
+class EventSummary:
+    """One logged event in words, for a table: what happened, to what question, with what evidence."""
+
+    # Wall-clock Unix time it was logged.
+    wall_time: float
+    session: str
+    # "answer", "alert", "cancelled", "failed", or the logged kind as it is ("camera.offline", ...).
+    kind: str
+    # Stream time of the event (the alert's frame, the camera event's clock), if it has one.
+    stream_t: float | None
+    # The question or the watched condition ("" when the log does not have it).
+    question: str
+    # The answer text, an alert's condition, or a camera event's message.
+    text: str
+    # How many frames the answer rests on, and the first and last of their stream times.
+    evidence_frames: int
+    evidence_span: tuple[float, float] | None
+
+
+def summarize(event: dict[str, Any]) -> EventSummary:
+    """Turn one :meth:`EventLog.list` row (a ``response.done``, a watch alert, a camera event) into words."""
+    payload = event.get("payload") or {}
+    response = payload.get("response") if isinstance(payload.get("response"), dict) else None
+    kind, question, text, stamps = str(event.get("kind", "")), "", "", []
+    if response is not None:  # a realtime session's response.done
+        alert = response.get("alert") or {}
+        status = response.get("status", "")
+        kind = "alert" if response.get("trigger") == "watch" else ("answer" if status in ("completed", "incomplete", "") else status)
+        question = str(response.get("question") or payload.get("question") or alert.get("condition") or "")
+        text = str(response.get("output_text") or "")
+        stamps = [float(e["pts_s"]) for e in response.get("evidence") or [] if isinstance(e, dict) and "pts_s" in e]
+    elif kind == "alert":  # `streamvlm watch`
+        question = str(payload.get("condition", ""))
+        text = f"watch {payload.get('watch_id', '?')} fired"
+        stamps = [float(payload["t"])] if isinstance(payload.get("t"), (int, float)) else []
+    else:
+        question = str(payload.get("question", ""))
+        text = str(payload.get("text") or payload.get("message") or "")
+    span = (min(stamps), max(stamps)) if stamps else None
+    return EventSummary(float(event.get("wall_time") or 0.0), str(event.get("session", "")), kind, event.get("stream_t"),
+                        question, text, len(stamps), span)
