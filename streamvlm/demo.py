@@ -24,7 +24,7 @@ from .engine.worker import LiveWorker
 from .models.base import ModelAdapter
 from .shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
 from .shapeworld.model import FRAME_SIZE
-from .shapeworld.questions import appearances, clock, is_correct, parse_clock, watch_target
+from .shapeworld.questions import WHEN_TOLERANCE_S, appearances, clock, is_correct, parse_clock, watch_target
 from .types import Frame
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -108,19 +108,24 @@ async def run_demo(adapter: ModelAdapter, cfg: DemoConfig = DemoConfig(), out: T
                 answer = data["answer"]
                 if qa is None:
                     continue
-                if qa.category == "forward":  # scored by when it is answered; the time it says is shown apart
+                if qa.category == "forward":  # scored by when it is answered; the time it says is judged apart
                     ok = abs(answer.asked_at_s - float(qa.answer)) <= FORWARD_TOLERANCE_S
                     said = parse_clock(answer.text)
                     said_ok = said is not None and abs(said - float(qa.answer)) <= FORWARD_TOLERANCE_S
-                    truth = f"appears at {clock(float(qa.answer))}; the time said {_mark(said_ok)}"
+                    truth = (f"appears at {clock(float(qa.answer))}; answered on time (±{FORWARD_TOLERANCE_S:g} s counts) {_mark(ok)}; "
+                             f"the time it said {_mark(said_ok)}")
+                    screen.log(f"[{_stamp(answer.asked_at_s)}] {qa.question}  -> {answer.text!r}  ({truth})", current["image"], status())
                 else:
                     ok = is_correct(qa, answer.text)
-                    truth = clock(float(qa.answer)) if qa.question.startswith("When") else qa.answer
+                    truth = (f"{clock(float(qa.answer))}, ±{qa.tolerance_s if qa.tolerance_s is not None else WHEN_TOLERANCE_S:g} s counts"
+                             if qa.question.startswith("When") else qa.answer)
+                    screen.log(f"[{_stamp(answer.asked_at_s)}] {qa.question}  -> {answer.text!r}  (truth: {truth}) {_mark(ok)}",
+                               current["image"], status())
                 results.append(ok)
-                screen.log(f"[{_stamp(answer.asked_at_s)}] {qa.question}  -> {answer.text!r}  (truth: {truth}) {_mark(ok)}",
-                           current["image"], status())
-            elif event.kind == "acknowledged":
-                screen.log(f"           (will answer when {data['condition']})", current["image"], status())
+            elif event.kind == "acknowledged":  # a forward request: said with its question, answered when it happens
+                qa = asked.get(data["request_id"])
+                said = f"[{_stamp(qa.t)}] {qa.question}  -> " if qa is not None else "           "
+                screen.log(f"{said}(waiting: will answer when {data['condition']})", current["image"], status())
             elif event.kind == "gave_up":
                 qa = asked.pop(data["request_id"], None)
                 if qa is not None:
@@ -129,7 +134,7 @@ async def run_demo(adapter: ModelAdapter, cfg: DemoConfig = DemoConfig(), out: T
             elif event.kind == "alert":
                 ok = any(abs(data["t"] - t) <= FORWARD_TOLERANCE_S for t in truth_alerts)
                 alerts.append(ok)
-                truth = ", ".join(clock(t) for t in truth_alerts) or "never"
+                truth = (", ".join(clock(t) for t in truth_alerts) + f"; ±{FORWARD_TOLERANCE_S:g} s counts") if truth_alerts else "never"
                 screen.log(f"[{_stamp(data['t'])}] ALERT: {data['condition']}  (truth: {truth}) {_mark(ok)}", current["image"], status())
             elif event.kind == "request.ended":  # cancelled or failed: counted as not answered, with the reason
                 qa = asked.pop(data["request_id"], None)
