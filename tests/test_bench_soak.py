@@ -8,13 +8,18 @@ clients neither lock new users out nor starve a live session of its answers.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing
+import os
+import threading
 
 import pytest
 
+from streamvlm.bench import storm
 from streamvlm.bench.soak import LifecycleChecker, metric_total, run_soak_bench
 from streamvlm.bench.storm import run_storm_bench
-from streamvlm.errors import ConfigError
+from streamvlm.errors import ConfigError, StreamVLMError
 
 
 def _created(rid: str, cid: str | None, trigger: str = "user") -> dict:
@@ -108,6 +113,27 @@ def test_storm_short_run_admits_new_sessions_and_the_live_session_gets_every_ans
     huge = result["hostile"]["huge"]
     assert huge["errors"].get("message_too_large") == sum(huge["sent"].values()) and huge["server_closes"] == {}
     assert result["passed"]
+    # The attackers ran in their own process (not on the server's event loop), which ended cleanly.
+    assert result["hostile_process"] and result["processes"]["hostile"]["pid"] != os.getpid()
+    assert result["processes"]["main"]["pid"] == os.getpid()
+    assert result["hostile_exitcode"] == 0 and result["hostile_cpu_s"] > 0
+    assert result["hostile_messages"] >= 600 and set(result["hostile"]) >= {"noise", "duplicate_ids", "huge", "watches", "frame_flood"}
+    assert multiprocessing.active_children() == []
+    assert result["threads_after"] <= result["threads_before"]
+
+
+def test_storm_that_fails_midway_ends_its_hostile_process_and_threads(monkeypatch):
+    async def broken_pump(self, on_progress, stall_s):
+        await asyncio.sleep(0.5)  # the storm is under way
+        raise StreamVLMError("storm: lost the hostile process")
+
+    monkeypatch.setattr(storm._HostileProcess, "pump", broken_pump)
+    threads = threading.active_count()
+    with pytest.raises(StreamVLMError, match="lost the hostile process"):
+        run_storm_bench("tiny-smolvlm", messages=600, churn=5, watches=10, questions=1, new_sessions=1,
+                        answer_timeout_s=60.0, progress=False)
+    assert multiprocessing.active_children() == []
+    assert threading.active_count() <= threads
 
 
 def test_soak_and_storm_refuse_bad_arguments_before_loading_a_model():

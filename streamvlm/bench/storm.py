@@ -1,11 +1,21 @@
 """``streamvlm bench storm``: a live session beside hostile clients, through the real server.
 
-One process starts a :class:`~streamvlm.server.app.StreamServer` on 127.0.0.1 with the server's
-default limits (the ones ``streamvlm serve`` runs with). A *live* session (a raw WebSocket client,
-see :class:`~streamvlm.bench.soak.WireClient`) streams frames at ``fps`` and asks one question at a
-time, each after the previous answer ended; its time to first token (TTFT: from sending
-``response.create`` to the first ``response.output_text.delta``, or to ``response.done`` for an empty
-answer) is measured ``questions`` times before the storm and at least as many times during it.
+The main process starts a :class:`~streamvlm.server.app.StreamServer` on 127.0.0.1 (an ephemeral
+port) with the server's default limits (the ones ``streamvlm serve`` runs with). A *live* session (a
+raw WebSocket client in the same process, see :class:`~streamvlm.bench.soak.WireClient`) streams
+frames at ``fps`` and asks one question at a time, each after the previous answer ended; its time to
+first token (TTFT: from sending ``response.create`` to the first ``response.output_text.delta``, or to
+``response.done`` for an empty answer) is measured ``questions`` times before the storm and during it
+until the storm is over (at least ``questions`` times).
+
+The hostile clients run in a second OS process (started with the ``spawn`` method: a fresh
+interpreter with its own event loop), the way an attacker on another machine would: their own work
+(building and sending the messages, reading the replies) does not run on the server's event loop or
+hold its GIL. That process is started before the live session's first question and waits, idle,
+until the storm begins; it gets the server's URL and the seeded parameters, and sends back plain data
+over a pipe: progress counts, then its report (per hostile connection, the churn tally, its CPU time).
+It always ends: it is joined when the storm is over, terminated (then killed) when the run fails or
+its report does not come, and it stops by itself when the main process goes away.
 
 The storm is several hostile connections at once, about ``messages`` messages in all:
 
@@ -21,25 +31,30 @@ The storm is several hostile connections at once, about ``messages`` messages in
 * ``churn`` connects, each closed as soon as ``session.created`` (or a refusal) arrives.
 
 A hostile connection the server closes is reopened (counted). After the storm every hostile
-connection is closed and ``new_sessions`` fresh clients connect; each must be admitted (not refused
-with ``session_limit``) and get an answer to one question. Reported: TTFT p50/p95 before and during
-and their ratios (target: p95 during <= 2x before), the process's RSS when idle (before the storm)
-and its peak during it (target <= 1.5x; server and clients share the process, and the clients hold
-the huge messages' bytes while sending them), refusals after the storm (must be 0), the live
-session's questions and answers, engine faults, and for the hostile side the messages sent by kind,
-the errors they got back by code and the close codes they saw.
+connection is closed and ``new_sessions`` fresh clients connect (from the main process); each must be
+admitted (not refused with ``session_limit``) and get an answer to one question. Reported: TTFT
+p50/p95 before and during and their ratios (target: p95 during <= 2x before), the server process's
+RSS when idle (before the storm) and its peak during it (target <= 1.5x; the main process holds the
+server, the live session and the RSS sampler, not the hostile clients), refusals after the storm
+(must be 0), the live session's questions and answers, engine faults, for the hostile side the
+messages sent by kind, the errors they got back by code and the close codes they saw, which process
+ran what, the CPU seconds each process used during the storm, and Python threads before and after.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
 import random
 import string
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import cv2
@@ -48,7 +63,7 @@ from websockets.exceptions import InvalidHandshake
 
 from ..config import ServerConfig
 from ..engine.check import synthetic_frames
-from ..errors import ConfigError
+from ..errors import ConfigError, StreamVLMError
 from ..models import load_model
 from ..protocol import Limits, encode_frame
 from ..server.app import StreamServer
@@ -60,6 +75,9 @@ _FRAME_SIZE = (120, 160)
 _TTFT_TARGET = 2.0
 _RSS_TARGET = 1.5
 _WATCHER_FPS = 10.0
+_READY_TIMEOUT_S = 300.0  # a fresh interpreter importing the package on a busy machine
+_JOIN_TIMEOUT_S = 10.0
+_PIPE_POLL_S = 0.02
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -167,7 +185,7 @@ class _Hostile:
             if await client.send_raw(data):
                 self.sent[kind] += 1
                 self.tally()
-                await asyncio.sleep(0)  # let the server (same event loop) read it
+                await asyncio.sleep(0)  # let the other hostile connections of this process send too
                 return
 
     async def close(self) -> None:
@@ -212,14 +230,23 @@ def run_storm_bench(model: str = "tiny-smolvlm", *, messages: int = 10_000, chur
 
     Keys: ``benchmark`` ("storm"), the arguments, ``ttft_before_p50_s``/``_p95_s``,
     ``ttft_during_p50_s``/``_p95_s``, ``ttft_p50_ratio``, ``ttft_p95_ratio``, ``rss_idle_bytes``,
-    ``rss_peak_bytes``, ``rss_peak_ratio``, ``new_sessions_admitted``, ``new_sessions_refused``,
-    ``new_sessions_answered``, ``live`` (questions, answers, statuses, lifecycle violations, whether
-    the server closed it), ``engine_faults`` (fault-coded error events on every connection, and
-    ``engine_faults_metric`` from /metrics when exported), ``hostile`` (per connection: messages sent
-    by kind, errors back by code, server close codes, reconnects), ``churn`` (admitted, refused),
-    ``storm_s``, ``targets`` (each target and whether it was met) and ``passed`` (no new session
+    ``rss_peak_bytes``, ``rss_peak_ratio`` (of the server's process), ``new_sessions_admitted``,
+    ``new_sessions_refused``, ``new_sessions_answered``, ``live`` (questions, answers, statuses,
+    lifecycle violations, whether the server closed it), ``engine_faults`` (fault-coded error events
+    on every connection, and ``engine_faults_metric`` from /metrics when exported), ``hostile`` (per
+    connection: messages sent by kind, errors back by code, server close codes, reconnects),
+    ``churn`` (admitted, refused), ``storm_s``, ``hostile_process`` (True: the hostile clients ran in
+    their own process), ``processes`` (pid and role of each process), ``hostile_cpu_s`` (CPU seconds
+    of the hostile process during the storm; ``hostile_cpu_total_s`` with its start-up),
+    ``server_process_cpu_s`` (CPU seconds of the main process during the storm), ``hostile_exitcode``,
+    ``threads_before``/``threads_after`` (Python threads before the server started and after it
+    stopped), ``targets`` (each target and whether it was met) and ``passed`` (no new session
     refused, every live question answered, the live session never closed by the server, no engine
-    fault). Raises ConfigError for bad arguments.
+    fault). Raises ConfigError for bad arguments (before any model is loaded or process started),
+    StreamVLMError when the hostile process fails or ends without its report (it is terminated).
+
+    The hostile process is spawned: it imports the caller's main module, so a script calling this
+    needs the ``if __name__ == "__main__":`` guard (the CLI and test runners have it).
     """
     for name, value, low in (("messages", messages, 10), ("churn", churn, 0), ("watches", watches, 0),
                              ("questions", questions, 1), ("new_sessions", new_sessions, 1)):
@@ -229,10 +256,18 @@ def run_storm_bench(model: str = "tiny-smolvlm", *, messages: int = 10_000, chur
         raise ConfigError(f"fps: must be a number in (0, 30] (the server's default frame-rate limit), got {fps!r}")
     adapter = load_model(model)
     started = time.monotonic()
+    threads_before = threading.active_count()
     result = asyncio.run(_storm(adapter, messages, churn, watches, questions, float(fps), new_sessions, seed,
                                 answer_timeout_s, progress))
     return {"benchmark": "storm", "model": model, "messages": messages, "churn": churn, "watches": watches,
-            "questions": questions, "fps": float(fps), "seed": seed, "wall_s": round(time.monotonic() - started, 1), **result}
+            "questions": questions, "fps": float(fps), "seed": seed, "wall_s": round(time.monotonic() - started, 1), **result,
+            "threads_before": threads_before, "threads_after": threading.active_count()}
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, every thread) this process has used so far."""
+    times = os.times()
+    return times.user + times.system
 
 
 class _Live:
@@ -274,6 +309,122 @@ class _Live:
         return None if first is None else first - ask.sent_at
 
 
+class _HostileProcess:
+    """The hostile clients' own OS process, seen from the main process.
+
+    Made with :meth:`start`: a spawned interpreter that imports this module, says it is ready and
+    waits. :meth:`go` starts the storm; :meth:`pump` then reads its progress until its report (or a
+    failure) arrives; :meth:`enough` lets its sustained floods stop. :meth:`close` always ends it:
+    joined when its report came, else terminated after a short grace (then killed).
+    """
+
+    def __init__(self, process: Any, conn: Connection) -> None:
+        self.process, self._conn = process, conn
+        self.pid: int | None = process.pid
+        self.ready = False
+        self.report: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.exitcode: int | None = None
+        self._enough_sent = False
+
+    @classmethod
+    def start(cls, params: dict[str, Any]) -> _HostileProcess:
+        """Spawn the process with ``params`` (plain data: URL, seed, counts, the JPEG frames to send)."""
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=_hostile_main, args=(child, params), name="storm-hostile", daemon=True)
+        try:
+            process.start()
+        finally:
+            child.close()  # only the child holds its end: its exit reads as end-of-file here
+        return cls(process, parent)
+
+    def _drain(self, on_progress: Callable[[int], Any] | None = None) -> int:
+        """Read every message waiting in the pipe (how many); a closed pipe without a report becomes ``error``."""
+        alive = self.process.is_alive()  # before reading: a process found ended has nothing more on its way
+        read = 0
+        try:
+            while self._conn.poll():
+                message = self._conn.recv()
+                read += 1
+                kind = message[0]
+                if kind == "ready":
+                    self.ready = True
+                elif kind == "progress" and on_progress is not None:
+                    on_progress(int(message[1]))
+                elif kind == "report":
+                    self.report = message[1]
+                elif kind == "error":
+                    self.error = str(message[1])
+        except (EOFError, OSError):
+            pass
+        if self.report is None and self.error is None and not alive:
+            self.error = f"the hostile process ended (exit code {self.process.exitcode}) without a report"
+        return read
+
+    def _fail(self) -> None:
+        if self.error is not None:
+            raise StreamVLMError(f"storm: {self.error}")
+
+    async def wait_ready(self, timeout: float = _READY_TIMEOUT_S) -> None:
+        """Wait until the process has started and imported what it needs; StreamVLMError if it fails or takes too long."""
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            self._drain()
+            if self.ready:
+                break
+            self._fail()
+            if time.monotonic() > deadline:
+                raise StreamVLMError(f"storm: the hostile process was not ready after {timeout:.0f} s")
+            await asyncio.sleep(0.05)
+
+    def go(self) -> None:
+        """Start the storm (a process already gone is reported by :meth:`pump`)."""
+        try:
+            self._conn.send(("go",))
+        except OSError:
+            pass
+
+    def enough(self) -> None:
+        """Tell the process the live session has its samples: sustained floods may stop (idempotent)."""
+        if not self._enough_sent:
+            self._enough_sent = True
+            try:
+                self._conn.send(("enough",))
+            except OSError:
+                pass
+
+    async def pump(self, on_progress: Callable[[int], Any], stall_s: float) -> dict[str, Any]:
+        """Read progress until the report arrives and return it. StreamVLMError when the process fails,
+        ends without a report or sends nothing (no message sent, no report) for ``stall_s`` seconds."""
+        last = time.monotonic()
+        while True:
+            if self._drain(on_progress):
+                last = time.monotonic()
+            if self.report is not None:
+                return self.report
+            self._fail()
+            if time.monotonic() - last > stall_s:
+                raise StreamVLMError(f"storm: the hostile process sent nothing for {stall_s:.0f} s")
+            await asyncio.sleep(_PIPE_POLL_S)
+
+    def close(self) -> None:
+        """End the process (idempotent): joined when its report came, else terminated, then killed."""
+        if self.exitcode is not None:
+            return
+        self.enough()
+        self.process.join(_JOIN_TIMEOUT_S if self.report is not None else 2.0)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.exitcode = self.process.exitcode
+        self._conn.close()
+        self.process.close()
+
+
 async def _storm(adapter: Any, messages: int, churn: int, watches: int, questions: int, fps: float, new_sessions: int,
                  seed: int, answer_timeout_s: float, progress: bool) -> dict[str, Any]:
     rng = random.Random(f"storm:{seed}")
@@ -283,11 +434,13 @@ async def _storm(adapter: Any, messages: int, churn: int, watches: int, question
     url = f"ws://{host}:{port}/v1/realtime"
     images = synthetic_frames(16, height=_FRAME_SIZE[0], width=_FRAME_SIZE[1])
     jpegs = [cv2.imencode(".jpg", np.ascontiguousarray(img[:, :, ::-1]))[1].tobytes() for img in images]
-    hostiles: list[_Hostile] = []
     extra: list[WireClient] = []
     checker = LifecycleChecker()
     live: _Live | None = None
+    hostile: _HostileProcess | None = None
     try:
+        hostile = _HostileProcess.start({"url": url, "seed": seed, "messages": messages, "churn": churn, "watches": watches,
+                                         "max_message_bytes": limits.max_message_bytes, "jpegs": jpegs})
         client = await WireClient.connect(url, checker=checker)
         live = _Live(client, checker, jpegs, fps, answer_timeout_s)
         if (await client.opened()) is None:
@@ -296,56 +449,81 @@ async def _storm(adapter: Any, messages: int, churn: int, watches: int, question
                            "session": {"sampling": {"max_new_tokens": 4, "temperature": 0.0}}})
         streaming = asyncio.create_task(live.stream())
         await asyncio.sleep(min(2.0, 4 / fps))
+        await hostile.wait_ready()  # its interpreter start-up is over before the first timed question
         await live.ask(rng)  # warm-up, not counted
         before = [t for t in [await live.ask(rng) for _ in range(questions)] if t is not None]
         rss_idle = vm_rss_bytes()
-        storm = await _storm_phase(live, url, rng, messages, churn, watches, questions, jpegs, limits, hostiles, progress)
+        storm = await _storm_phase(live, hostile, rng, messages + churn, questions, max(60.0, 2 * answer_timeout_s), progress)
+        hostile.close()
         after = await _fresh_sessions(url, jpegs, new_sessions, answer_timeout_s, extra)
         live.stop.set()
         await streaming
         metrics = await scrape_metrics(host, port)
     finally:
+        if hostile is not None:
+            hostile.close()
         for fresh in extra:
             await fresh.close()
-        for hostile in hostiles:
-            await hostile.close()
         if live is not None:
             await live.client.close()
         await server.stop()
-    return _summary(live, before, rss_idle, storm, after, hostiles, extra, metrics, new_sessions)
+    return _summary(live, before, rss_idle, storm, after, hostile, extra, metrics, new_sessions)
 
 
-async def _storm_phase(live: _Live, url: str, rng: random.Random, messages: int, churn: int, watches: int, questions: int,
-                       jpegs: list[bytes], limits: Limits, hostiles: list[_Hostile], progress: bool) -> dict[str, Any]:
-    """Run the hostile clients while the live session keeps asking; TTFTs during, duration, RSS peak, churn tally."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=messages + churn, desc="storm", unit="msg", disable=not progress)
+async def _storm_phase(live: _Live, hostile: _HostileProcess, rng: random.Random, total: int, questions: int, stall_s: float,
+                       progress: bool) -> dict[str, Any]:
+    """Let the hostile process storm while the live session keeps asking (until the hostile process has
+    sent its report, and at least ``questions`` times); TTFTs during, duration, RSS peak, CPU seconds, the report."""
+    bar = _progress_bar(total, progress)
     sampler = _PeakRss()
     sampler.start()
-    start = time.monotonic()
     during: list[float] = []
     asked = 0
-    enough = asyncio.Event()  # the live session has asked its questions: sustained floods may stop
+    cpu_start = _cpu_s()
+    start = time.monotonic()
+    pump: asyncio.Task[dict[str, Any]] | None = None
     try:
-        scripted = _scripts(url, rng, messages, churn, watches, jpegs, limits, bar.update, hostiles, enough)
-        storm = asyncio.gather(*scripted["tasks"])
-        while not live.client.closed.is_set() and (not storm.done() or asked < questions):
+        hostile.go()
+        pump = asyncio.create_task(hostile.pump(bar.update, stall_s))
+        while not live.client.closed.is_set() and (not pump.done() or asked < questions):
+            if pump.done() and pump.exception() is not None:
+                break
             t = await live.ask(rng)
             asked += 1
             if t is not None:
                 during.append(t)
             if asked >= questions:
-                enough.set()
-        enough.set()
-        await storm
+                hostile.enough()
+        hostile.enough()
+        report = await pump
         seconds = time.monotonic() - start
-        for hostile in hostiles:
-            await hostile.close()
+        cpu = _cpu_s() - cpu_start
     finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
         rss_peak = sampler.finish()
         bar.close()
-    return {"during": during, "storm_s": seconds, "rss_peak": rss_peak, "churn": dict(scripted["churn"])}
+    return {"during": during, "storm_s": seconds, "rss_peak": rss_peak, "server_process_cpu_s": cpu, "report": report}
+
+
+class _NoBar:
+    """Stands in for the progress bar under ``progress=False`` (a disabled tqdm bar still starts a monitor thread that stays)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, progress: bool) -> Any:
+    """A tqdm bar over ``total`` messages, or a do-nothing stand-in when ``progress`` is False."""
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="storm", unit="msg")
 
 
 async def _fresh_sessions(url: str, jpegs: list[bytes], count: int, timeout: float, extra: list[WireClient]) -> dict[str, int]:
@@ -376,12 +554,14 @@ async def _fresh_sessions(url: str, jpegs: list[bytes], count: int, timeout: flo
 
 
 def _summary(live: _Live | None, before: list[float], rss_idle: int, storm: dict[str, Any], after: dict[str, int],
-             hostiles: list[_Hostile], extra: list[WireClient], metrics: str | None, new_sessions: int) -> dict[str, Any]:
-    assert live is not None
+             hostile: _HostileProcess | None, extra: list[WireClient], metrics: str | None, new_sessions: int) -> dict[str, Any]:
+    assert live is not None and hostile is not None
     client, checker = live.client, live.checker
     checker.finish()
     asks = list(checker.asks.values())
-    faults = client.faults + sum(h.faults for h in hostiles) + sum(c.faults for c in extra)
+    report = storm["report"]
+    connections: dict[str, dict[str, Any]] = report["hostile"]
+    faults = client.faults + sum(c["engine_faults"] for c in connections.values()) + sum(c.faults for c in extra)
     during = storm["during"]
     b50, b95, d50, d95 = _percentile(before, 50), _percentile(before, 95), _percentile(during, 50), _percentile(during, 95)
     live_report = {
@@ -406,17 +586,23 @@ def _summary(live: _Live | None, before: list[float], rss_idle: int, storm: dict
         "new_sessions_answered": after["answered"],
         "live": live_report,
         "engine_faults": faults, "engine_faults_metric": fault_metric,
-        "hostile": {h.name: h.report() for h in hostiles},
-        "hostile_messages": sum(sum(h.sent.values()) for h in hostiles),
-        "churn": storm["churn"],
+        "hostile": connections,
+        "hostile_messages": sum(sum(c["sent"].values()) for c in connections.values()),
+        "churn": report["churn"],
         "storm_s": round(storm["storm_s"], 2),
+        "hostile_process": report["pid"] != os.getpid(),
+        "processes": {"main": {"pid": os.getpid(), "runs": ["server", "live session", "new sessions", "rss sampler"]},
+                      "hostile": {"pid": report["pid"], "runs": ["hostile clients"]}},
+        "hostile_cpu_s": round(report["cpu_s"], 2), "hostile_cpu_total_s": round(report["cpu_total_s"], 2),
+        "server_process_cpu_s": round(storm["server_process_cpu_s"], 2),
+        "hostile_exitcode": hostile.exitcode,
         "targets": targets,
         "passed": (after["refused"] == 0 and after["answered"] == new_sessions and live_report["unanswered"] == 0
                    and not live_report["closed_by_server"] and faults + int(fault_metric or 0) == 0),
     }
 
 
-def _scripts(url: str, rng: random.Random, messages: int, churn: int, watches: int, jpegs: list[bytes], limits: Limits,
+def _scripts(url: str, rng: random.Random, messages: int, churn: int, watches: int, jpegs: list[bytes], max_message_bytes: int,
              tally: Callable[[int], Any], hostiles: list[_Hostile], enough: asyncio.Event) -> dict[str, Any]:
     """The hostile connections' coroutines (appended to ``hostiles`` as they are made) and the churn tally."""
     fifth = messages // 5
@@ -461,7 +647,7 @@ def _scripts(url: str, rng: random.Random, messages: int, churn: int, watches: i
 
     async def huge_messages() -> None:
         h = hostile("huge")
-        size = limits.max_message_bytes + 1
+        size = max_message_bytes + 1
         text = _huge_text(size)
         binary = encode_frame(jpegs[0], None)[:16 + 7] + b"\0" * (size - 23)
         for i in range(huge):
@@ -516,3 +702,81 @@ def _scripts(url: str, rng: random.Random, messages: int, churn: int, watches: i
 
     tasks: list[Awaitable[None]] = [noise(), duplicates(), huge_messages(), watcher(), flood(), churner()]
     return {"tasks": tasks, "churn": churn_tally}
+
+
+def _hostile_main(conn: Connection, params: dict[str, Any]) -> None:
+    """The hostile process's entry point: say ready, wait for "go", storm, send the report, end.
+
+    Ends without storming when the main process goes away first; any failure is sent back as
+    ``("error", traceback)`` and ends the process with exit code 1.
+    """
+    try:
+        conn.send(("ready",))
+        try:
+            while conn.recv()[0] != "go":
+                pass
+        except (EOFError, OSError):
+            return  # the main process is gone
+        cpu_start = _cpu_s()
+        report = asyncio.run(_hostile_storm(conn, params))
+        report.update(pid=os.getpid(), cpu_s=_cpu_s() - cpu_start, cpu_total_s=_cpu_s())
+        conn.send(("report", report))
+    except BaseException:  # noqa: BLE001 - everything goes back to the main process, which raises it
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+    finally:
+        conn.close()
+
+
+async def _hostile_storm(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    """Run every hostile script at once on this process's event loop; their reports and the churn tally.
+
+    Every ``_PIPE_POLL_S`` the messages sent since the last look go to the main process as
+    ``("progress", n)``; ``("enough",)`` from it lets the sustained floods stop, and its going away
+    (end of file) stops the storm.
+    """
+    rng = random.Random(f"storm.hostile:{params['seed']}")
+    enough = asyncio.Event()
+    hostiles: list[_Hostile] = []
+    sent = [0]
+
+    def tally(n: int) -> None:
+        sent[0] += n
+
+    scripted = _scripts(params["url"], rng, params["messages"], params["churn"], params["watches"], params["jpegs"],
+                        params["max_message_bytes"], tally, hostiles, enough)
+    storm = asyncio.gather(*scripted["tasks"])
+
+    def flush() -> None:
+        if sent[0]:
+            conn.send(("progress", sent[0]))
+            sent[0] = 0
+
+    async def link() -> None:
+        while not storm.done():
+            try:
+                while conn.poll():
+                    if conn.recv()[0] == "enough":
+                        enough.set()
+                flush()
+            except (EOFError, OSError):
+                enough.set()
+                storm.cancel()  # the main process is gone: nobody is measuring
+                return
+            await asyncio.sleep(_PIPE_POLL_S)
+
+    linker = asyncio.create_task(link())
+    start = time.monotonic()
+    try:
+        await storm
+    finally:
+        linker.cancel()
+        await asyncio.gather(linker, return_exceptions=True)
+        for h in hostiles:
+            await h.close()
+    flush()
+    return {"hostile": {h.name: h.report() for h in hostiles}, "churn": dict(scripted["churn"]),
+            "storm_s": time.monotonic() - start}
