@@ -169,3 +169,51 @@ def test_two_sessions_on_one_model_answer_as_they_would_alone(smol):
     assert shared == alone
     questioner.close()
     streamer.close()
+
+
+def test_a_yield_takes_this_steps_hooks_off_while_another_session_runs(adapter):
+    """A vision encode that yields the model to another session's answer leaves no hook of its own on it."""
+    import threading
+
+    from streamvlm.models.base import Hook
+    from streamvlm.models.turns import ANSWER, FRAME
+
+    layer = adapter.text_layers()[0]
+    fired: list[int] = []
+    seen_by_other: list[int] = []
+    yielded = threading.Event()
+    other_done = threading.Event()
+
+    def hook(module, args):
+        fired.append(threading.get_ident())
+
+    def frame_step():
+        with adapter.lock.priority(FRAME), adapter.hold([Hook(layer, hook, pre=True)]):
+            wait_for(lambda: adapter.lock.waiting == 1)
+            assert adapter.yield_turn()
+            yielded.set()
+            assert len(layer._forward_pre_hooks) == 1  # back on after the yield
+
+    def answer_step():
+        with adapter.lock.priority(ANSWER), adapter.hold():
+            seen_by_other.append(len(layer._forward_pre_hooks))
+        other_done.set()
+
+    reader = threading.Thread(target=frame_step)
+    reader.start()
+    wait_for(lambda: len(layer._forward_pre_hooks) == 1)
+    asker = threading.Thread(target=answer_step)
+    asker.start()
+    reader.join(10)
+    asker.join(10)
+    assert yielded.is_set() and other_done.is_set()
+    assert seen_by_other == [0] and len(layer._forward_pre_hooks) == 0
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)

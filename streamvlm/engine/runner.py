@@ -145,10 +145,8 @@ class Runner:
                 try:
                     pause()
                     # Another session's answer waits for the model: let it run between these layers (the
-                    # vision tower of this frame shares nothing with it; this thread's hooks ignore it).
-                    yield_turn = getattr(self.adapter.lock, "yield_turn", None)
-                    if yield_turn is not None:
-                        yield_turn()
+                    # vision tower of this frame shares nothing with it; this step's hooks come off meanwhile).
+                    self.adapter.yield_turn()
                 finally:
                     paused += time.perf_counter() - p0
                     busy = False

@@ -53,6 +53,12 @@ class Hook:
     with_kwargs: bool = False  # the hook also receives the module's keyword arguments
 
 
+def _attach(hook: Hook) -> Any:
+    if hook.pre:
+        return hook.module.register_forward_pre_hook(hook.fn, with_kwargs=hook.with_kwargs)
+    return hook.module.register_forward_hook(hook.fn, with_kwargs=hook.with_kwargs)
+
+
 class ModelAdapter(ABC):
     """One model family behind one interface.
 
@@ -75,6 +81,8 @@ class ModelAdapter(ABC):
         #: urgent waiter first (answers, then probes, then frame reads: see :mod:`.turns`). Take it
         #: through :meth:`hold`, the one place that may also attach hooks.
         self.lock = TurnLock()
+        # The hooks attached now, by the thread holding the lock (a stack: holds nest in one thread).
+        self._attached: list[tuple[Hook, Any]] = []
 
     # ---- owning the model for one step ------------------------------------------------------------
     @contextmanager
@@ -88,17 +96,32 @@ class ModelAdapter(ABC):
         held step, such as a question answered while an encode is paused, may hold it again).
         """
         with self.lock:
-            handles = []
+            start = len(self._attached)
             try:
                 for hook in hooks:
-                    if hook.pre:
-                        handles.append(hook.module.register_forward_pre_hook(hook.fn, with_kwargs=hook.with_kwargs))
-                    else:
-                        handles.append(hook.module.register_forward_hook(hook.fn, with_kwargs=hook.with_kwargs))
+                    self._attached.append((hook, _attach(hook)))
                 yield
             finally:
-                for handle in reversed(handles):
+                for _, handle in reversed(self._attached[start:]):
                     handle.remove()
+                del self._attached[start:]
+
+    def yield_turn(self) -> bool:
+        """Inside a held step that can be suspended (a vision tower between layers): if another session's
+        more urgent work waits for the model, take every hook of this step off, let that work run, then
+        take the model back, put the hooks back and return True (False: nobody more urgent waited).
+
+        So a hook is never on the model while another session's forward runs, even across a yield.
+        """
+        if not self.lock.more_urgent_waiting():
+            return False
+        mine, self._attached[:] = list(self._attached), []
+        for _, handle in reversed(mine):
+            handle.remove()
+        try:
+            return self.lock.yield_turn()
+        finally:  # the model is this thread's again; whoever ran meanwhile has taken its own hooks off
+            self._attached[:] = [(hook, _attach(hook)) for hook, _ in mine]
 
     # ---- identity -----------------------------------------------------------------------------
     @property

@@ -80,6 +80,11 @@ class TurnLock:
         self._owner, self._owner_level, self._depth = me, level, depth
         return True
 
+    def more_urgent_waiting(self) -> bool:
+        """True when this thread holds the lock and a more urgent thread waits for it."""
+        with self._cv:
+            return self._owner == threading.get_ident() and bool(self._waiting) and self._waiting[0][0] < self._owner_level
+
     def yield_turn(self) -> bool:
         """Held by this thread: if a more urgent thread waits, let it (and any others more urgent than
         this thread) take the model first, then take it back at this thread's level and depth.
