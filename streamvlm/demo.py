@@ -14,6 +14,7 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -21,13 +22,14 @@ import numpy as np
 from .config import MemoryConfig, SamplingConfig, SessionConfig
 from .engine.session import StreamSession
 from .engine.worker import LiveWorker
+from .errors import SourceError
 from .models.base import ModelAdapter
-from .shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
+from .shapeworld import FORWARD_TOLERANCE_S, QA, Episode, make_episode, make_questions
 from .shapeworld.model import FRAME_SIZE
 from .shapeworld.questions import WHEN_TOLERANCE_S, appearances, clock, is_correct, parse_clock, watch_target
 from .types import Frame
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "run_demo", "write_episode_clip"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,27 @@ class DemoConfig:
     realtime: bool = True  # False: as fast as the model reads (tests)
     draw: bool | None = None  # draw frames; None = only when the output is a terminal
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+def write_episode_clip(path: str | Path, seed: int = 7, duration_s: float = 16.0, fps: float = 1.0) -> Episode:
+    """Write a ShapeWorld episode to ``path`` as a lossless video (FFV1; use a ``.mkv`` name) and return the episode.
+
+    The frames read back from the file are the rendered frames bit for bit, so the shipped ShapeWorld
+    model sees what it was trained on; the episode gives the ground truth to check answers against.
+    Raises SourceError if OpenCV cannot write the file.
+    """
+    import cv2
+
+    episode = make_episode(seed, duration_s=duration_s, fps=fps, size=FRAME_SIZE)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), float(fps), (FRAME_SIZE, FRAME_SIZE))
+    if not writer.isOpened():
+        raise SourceError(f"cannot write a video to {path} (OpenCV has no FFV1 encoder here; try a .mkv name)")
+    try:
+        for _, image in episode.frames():
+            writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
+    return episode
 
 
 def _ansi_frame(image: np.ndarray, width: int = 32) -> list[str]:
