@@ -335,7 +335,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allowed_origin or ()),
         allowed_hosts=tuple(args.allowed_host or ()), max_sessions=args.max_sessions, session_budget_tokens=args.session_budget,
         max_session_budget_tokens=max(args.max_session_budget, args.session_budget), global_budget_tokens=args.global_budget,
-        max_parked_sessions=args.max_parked, max_watches=args.max_watches, resume_window_s=args.resume_window, event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
+        max_parked_sessions=args.max_parked, max_watches=args.max_watches, resume_window_s=args.resume_window,
+        session_store_ram_bytes=parse_size(args.store_ram, what="--store-ram"),
+        session_store_disk_bytes=parse_size(args.store_disk, what="--store-disk"), event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
     )
     locate(args.model)
     _check_port_free(config.host, config.port)  # a busy port is one line now, not a traceback after the model loaded
@@ -645,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-parked", type=int, default=16,
                      help="sessions kept for their client to resume; the oldest ends first when a live one needs room")
     srv.add_argument("--max-watches", type=int, default=32, help="watches one session may hold")
+    srv.add_argument("--store-ram", default="64MB", help="each session's long-term store in RAM (default 64MB)")
+    srv.add_argument("--store-disk", default="0", help="each session's long-term store on disk beyond that, e.g. 2GB "
+                     "(default 0: chunks past the RAM quota are dropped)")
     srv.add_argument("--resume-window", type=float, default=60.0, help="seconds a dropped session can be resumed")
     srv.add_argument("--event-db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
     srv.add_argument("--ice-server", action="append", metavar="URL", help="STUN/TURN server for WebRTC peers off this machine (repeatable)")

@@ -846,7 +846,9 @@ async def _soak(adapter: Any, sessions: int, frames: int, seed: int, policies: t
     budget = max(ServerConfig.session_budget_tokens, budget_tokens)
     parked = sessions * (max(len(p) for p in plan) + 2)  # every segment's session may sit parked for the resume window
     config = ServerConfig(host="127.0.0.1", port=0, max_sessions=parked, max_session_budget_tokens=max(ServerConfig.max_session_budget_tokens, budget),
-                          global_budget_tokens=parked * budget, stats_every_s=_STATS_EVERY_S, resume_window_s=30.0)
+                          global_budget_tokens=parked * budget, stats_every_s=_STATS_EVERY_S, resume_window_s=30.0,
+                          # a small RAM store that spills to disk, so RSS growth measures leaks, not the store filling up
+                          session_store_ram_bytes=2 * 2**20, session_store_disk_bytes=256 * 2**20)
     server = StreamServer(adapter, config, limits=Limits(max_frames_per_s=fps))
     host, port = await server.start()
     ctx = _Context(f"ws://{host}:{port}/v1/realtime", host, port, synthetic_frames(_BASE_FRAMES, height=_FRAME_SIZE[0], width=_FRAME_SIZE[1]),

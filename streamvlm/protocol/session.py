@@ -77,6 +77,9 @@ class SessionPolicy:
     max_watches: int = 32
     # Frames per second a WebRTC track may feed (WebSocket frames are limited by Limits.max_frames_per_s).
     max_frames_per_s: float = 30.0
+    # The session's long-term store: bytes in RAM, and on disk beyond that (0: older chunks are dropped).
+    store_ram_bytes: int = 64 * 2**20
+    store_disk_bytes: int = 0
 
 
 # ---- commands for the transport --------------------------------------------------------------------
@@ -183,7 +186,9 @@ class RealtimeSession:
 
     def __post_init__(self) -> None:
         self.session_config = SessionConfig()
-        self.memory_config = MemoryConfig(budget_tokens=self.policy.default_budget_tokens)
+        self.memory_config = MemoryConfig(budget_tokens=self.policy.default_budget_tokens,
+                                          store_ram_bytes=self.policy.store_ram_bytes,
+                                          store_disk_bytes=self.policy.store_disk_bytes)
         self.controller_config = ControllerConfig()
         self.handle = secrets.token_urlsafe(24)
         self.started = False  # a frame or question went in: context-shaping settings are locked
