@@ -334,6 +334,17 @@ def test_empty_file_raises_source_error(tmp_path: Path) -> None:
         read_video(empty)
 
 
+@pytest.mark.parametrize("name", ["notes.txt", "readme.nfo"])
+def test_a_text_file_is_not_a_video_although_ffmpeg_draws_it(tmp_path: Path, name: str) -> None:
+    text = tmp_path / name
+    text.write_text("shopping list: milk, eggs, bread\n" * 40)
+    with pytest.raises(SourceError, match="is text, not a video") as info:
+        probe_video(text)
+    assert str(text) in str(info.value)
+    with pytest.raises(SourceError, match="is text, not a video"):
+        read_video(text)
+
+
 def test_directory_raises_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="not a file"):
         read_video(tmp_path)

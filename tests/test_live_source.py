@@ -21,7 +21,7 @@ import pytest
 
 from streamvlm.errors import ConfigError, SourceError
 from streamvlm.ingest import write_test_clip
-from streamvlm.ingest.live import LiveSource, SourceConfig, SourceEvent
+from streamvlm.ingest.live import LiveSource, SourceConfig, SourceEvent, SourceRefusedError
 from streamvlm.types import Frame
 
 SYSTEM_PYTHON = os.environ.get("STREAMVLM_SYSTEM_PYTHON", "/usr/bin/python3")
@@ -304,6 +304,150 @@ def test_missing_file_and_unreadable_file(tmp_path: Path) -> None:
         src.stop()
 
 
+# ----------------------------------------------------- permanent refusals
+
+
+class HttpCamera:
+    """An HTTP server on 127.0.0.1 that answers every GET with ``status`` (a camera URL gone wrong)."""
+
+    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/video.mjpg"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+QUICK_RETRY = SourceConfig(open_timeout_s=2.0, read_timeout_s=1.5, backoff_initial_s=0.05, backoff_max_s=0.1)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "reason"),
+    [(404, {}, "HTTP 404 Not Found"), (401, {"WWW-Authenticate": 'Basic realm="cam"'}, "HTTP 401 Unauthorized"), (403, {}, "HTTP 403 Forbidden")],
+)
+def test_an_http_camera_that_refuses_for_good_is_given_up_with_the_reason(status: int, headers: dict, reason: str) -> None:
+    camera = HttpCamera(status, headers)
+    src = LiveSource(camera.url, QUICK_RETRY).start()
+    try:
+        seen: list[SourceEvent] = []
+        closed = wait_for_event(src, "closed", 10.0, seen)
+        assert [e.kind for e in seen] == ["offline", "error", "error", "closed"]
+        assert all(reason in e.message for e in seen)  # each try says why
+        failure = src.failure
+        assert isinstance(failure, SourceRefusedError) and failure.status == status
+        assert reason in str(failure) and camera.url in str(failure) and reason in closed.message
+        assert src.stats["attempts"] == QUICK_RETRY.refused_attempts == 3
+    finally:
+        src.stop()
+        camera.close()
+
+
+def test_a_camera_answering_503_is_temporary_and_keeps_being_retried() -> None:
+    camera = HttpCamera(503)
+    src = LiveSource(camera.url, QUICK_RETRY).start()
+    try:
+        seen: list[SourceEvent] = []
+        for _ in range(6):
+            wait_for_event(src, "error", 10.0, seen)
+        assert "HTTP 503" in seen[-1].message and "retrying" in seen[-1].message
+        assert src.running and src.failure is None
+    finally:
+        src.stop()
+        camera.close()
+    assert src.failure is None  # stopping is not a failure
+
+
+def test_an_rtsp_url_with_a_wrong_path_is_given_up_with_404(rtsp_server: RtspServer) -> None:
+    url = rtsp_server.url.replace("/test", "/no-such-camera")
+    src = LiveSource(url, QUICK_RETRY).start()
+    try:
+        closed = wait_for_event(src, "closed", 15.0, [])
+        assert "RTSP 404" in closed.message
+        assert isinstance(src.failure, SourceRefusedError) and src.failure.status == 404
+    finally:
+        src.stop()
+    with LiveSource(rtsp_server.url, QUICK_RETRY) as good:  # the right path on the same server still plays
+        check_frame(good.wait_frame(10.0), (240, 320, 3))
+        assert good.failure is None
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("clip.mp4", b""), ("clip.mp4", b"just some notes, not a video\n" * 20), ("notes.txt", b"just some notes, not a video\n" * 20)],
+)
+def test_a_file_that_is_not_a_video_ends_with_a_failure_naming_it(tmp_path: Path, name: str, content: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    src = LiveSource(path).start()
+    try:
+        wait_for_event(src, "closed", 10.0, [])
+        assert isinstance(src.failure, SourceError) and str(path) in str(src.failure)
+    finally:
+        src.stop()
+    clip = write_test_clip(tmp_path / "real.mp4", seconds=0.3, fps=10.0)
+    with LiveSource(clip, realtime=False) as good:
+        wait_for_event(good, "closed", 10.0, [])
+    assert good.failure is None  # the end of a real file is not a failure
+
+
+def test_the_probe_answers_a_digest_challenge_with_the_urls_credentials() -> None:
+    import hashlib
+    import http.server
+    import threading
+
+    from streamvlm.ingest.probe import probe
+
+    realm, nonce = "cam", "abc123"
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    class Digest(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            auth = self.headers.get("Authorization", "")
+            fields = dict(part.strip().split("=", 1) for part in auth[len("Digest "):].split(",") if "=" in part)
+            fields = {k: v.strip('"') for k, v in fields.items()}
+            ha1, ha2 = md5(f"admin:{realm}:s3cret"), md5(f"GET:{fields.get('uri')}")
+            want = md5(f"{ha1}:{nonce}:{fields.get('nc')}:{fields.get('cnonce')}:auth:{ha2}")
+            ok = auth.startswith("Digest ") and fields.get("response") == want
+            self.send_response(200 if ok else 401)
+            if not ok:
+                self.send_header("WWW-Authenticate", f'Digest realm="{realm}", nonce="{nonce}", qop="auth"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Digest)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert probe(f"http://admin:s3cret@127.0.0.1:{port}/cam", 2.0).status == 200
+        assert probe(f"http://admin:wrong@127.0.0.1:{port}/cam", 2.0).status == 401
+        assert probe(f"http://127.0.0.1:{free_port()}/cam", 2.0).status is None  # nothing listening: no answer
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -------------------------------------------------------------------- config
 
 
@@ -321,6 +465,7 @@ def test_missing_file_and_unreadable_file(tmp_path: Path) -> None:
         {"max_attempts": 0},
         {"max_attempts": 1.5},
         {"max_attempts": True},
+        {"refused_attempts": 0},
         {"open_timeout_s": "5"},
     ],
 )

@@ -1,5 +1,7 @@
 """`streamvlm watch` against a real RTSP server that drops out mid-stream: it reconnects, continues,
-and every alert and camera change is in the SQLite log (and posted to the webhook)."""
+and every alert and camera change is in the SQLite log (and posted to the webhook). A source that
+cannot be read (not a video, a URL the server refuses) is an error with a non-zero exit, and every
+run logs under its own session id."""
 
 from __future__ import annotations
 
@@ -7,13 +9,18 @@ import asyncio
 import json
 import time
 
+import pytest
+
+from streamvlm.cli import main
 from streamvlm.dialogue import TriggerSpec
+from streamvlm.errors import SourceError
+from streamvlm.ingest import write_test_clip
 from streamvlm.ingest.live import SourceConfig
 from streamvlm.server.eventlog import EventLog
 from streamvlm.watch import run_watch
 
 from test_eventlog import Receiver
-from test_live_source import RtspServer, free_port
+from test_live_source import HttpCamera, RtspServer, free_port
 
 ALWAYS = TriggerSpec(kind="threshold", on=0.0, off=0.0, m=1, n=1)
 
@@ -66,3 +73,49 @@ def test_watch_survives_a_camera_drop_out_and_keeps_every_alert(smol, tmp_path):
         time.sleep(0.2)
     assert any(b["kind"] == "alert" for b in receiver.bodies)
     receiver.close()
+
+
+@pytest.mark.parametrize("content", [b"", b"shopping list: milk, eggs\n" * 40])
+def test_watch_of_a_file_that_is_not_a_video_fails_naming_it(tmp_path, capsys, content):
+    junk = tmp_path / "notes.txt"
+    junk.write_bytes(content)
+    code = main(["watch", str(junk), "--alert", "a person falls", "--event-db", str(tmp_path / "events.db")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "error" in err and str(junk) in err
+    assert "alert(s) raised" not in err
+
+
+def test_run_watch_raises_for_a_file_that_is_not_a_video(smol, tmp_path):
+    junk = tmp_path / "clip.mp4"
+    junk.write_bytes(b"\x00" * 4096)
+    with pytest.raises(SourceError, match="clip.mp4"):
+        asyncio.run(run_watch(smol, str(junk), ["a ball is visible"], event_db=tmp_path / "events.db"))
+    kinds = [e["kind"] for e in EventLog(tmp_path / "events.db").list()]
+    assert kinds[-1] == "camera.closed"  # the reason is in the log too
+
+
+def test_watch_of_a_url_the_server_refuses_exits_non_zero_with_the_reason(smol, tmp_path, capsys):
+    camera = HttpCamera(404)
+    try:
+        # --duration only bounds a regression (retrying forever); a refusal ends the run after three quick tries.
+        code = main(["watch", camera.url, "--alert", "a person falls", "--event-db", str(tmp_path / "events.db"), "--duration", "60"])
+    finally:
+        camera.close()
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "HTTP 404 Not Found" in err.splitlines()[-1] and camera.url in err.splitlines()[-1]
+    log = EventLog(tmp_path / "events.db")
+    assert [e["kind"] for e in log.list()] == ["camera.offline", "camera.error", "camera.error", "camera.closed"]
+
+
+def test_every_watch_run_logs_under_its_own_session_id(smol, tmp_path):
+    clip = write_test_clip(tmp_path / "clip.mp4", seconds=0.5, fps=10.0)
+    for _ in range(2):
+        asyncio.run(run_watch(smol, str(clip), ["a ball is visible"], event_db=tmp_path / "events.db", trigger=ALWAYS))
+    events = EventLog(tmp_path / "events.db").list()
+    sessions = list(dict.fromkeys(e["session"] for e in events))
+    assert len(sessions) == 2 and all(s.startswith("watch_") for s in sessions)
+    for session in sessions:  # each run's events are one complete run
+        kinds = [e["kind"] for e in events if e["session"] == session]
+        assert kinds[0] == "camera.online" and kinds[-1] == "camera.closed"

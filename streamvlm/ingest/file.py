@@ -21,9 +21,22 @@ from streamvlm.errors import ConfigError, SourceError
 from streamvlm.ingest.sampler import FpsSampler
 from streamvlm.types import Frame
 
-__all__ = ["VideoInfo", "probe_video", "read_video", "write_test_clip"]
+__all__ = ["VideoInfo", "probe_video", "read_video", "write_test_clip", "renders_text"]
 
 StrPath = str | os.PathLike[str]
+
+# FourCCs of the codecs FFmpeg uses to draw a text file (.txt, .nfo, ANSI art) as pictures: it "plays"
+# a shopping list as 25 fps video, which is a document, not a video.
+_TEXT_CODECS = frozenset({"ansi"})
+
+
+def renders_text(capture: cv2.VideoCapture) -> bool:
+    """True when an opened capture decodes text drawn as pictures (a text file read by FFmpeg's tty demuxer)."""
+    try:
+        tag = int(capture.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return tag.to_bytes(4, "little").decode("latin-1").strip().lower() in _TEXT_CODECS
 
 
 @dataclass(frozen=True)
@@ -276,11 +289,14 @@ def _existing_file(path: StrPath) -> Path:
 
 
 def _open_capture(file_path: Path) -> cv2.VideoCapture:
-    """Opens ``file_path`` with OpenCV; raises `SourceError` if it cannot be opened."""
+    """Opens ``file_path`` with OpenCV; raises `SourceError` if it cannot be opened or is text, not video."""
     capture = cv2.VideoCapture(str(file_path))
     if not capture.isOpened():
         capture.release()
         raise _not_readable(file_path)
+    if renders_text(capture):
+        capture.release()
+        raise SourceError(f"file {str(file_path)!r} is text, not a video (FFmpeg would only draw its characters)")
     return capture
 
 

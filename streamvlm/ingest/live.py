@@ -25,9 +25,19 @@ Reconnection
     A file source is not reconnected: at its end (or if it cannot be read) it
     emits ``closed`` and the reader stops; the last frame stays available.
 
+Permanent refusals
+    OpenCV hides why a network stream did not open, so after a failed open the
+    reader asks the server once itself (`streamvlm.ingest.probe`: an HTTP GET
+    or RTSP DESCRIBE, headers only) and puts its answer in the event message.
+    An answer that retrying cannot change (401, 403, 404, ...) counts towards
+    ``refused_attempts``: after that many in a row the source gives up and
+    closes with `SourceRefusedError` as its `LiveSource.failure`. Connection
+    refused, timeouts, 5xx and camera drop-outs stay temporary.
+
 Nothing is raised from the reader thread: every problem becomes a
-`SourceEvent`, drained with `LiveSource.events`. All public methods are
-thread-safe.
+`SourceEvent`, drained with `LiveSource.events`; when the source ended
+because it could not be read, `LiveSource.failure` holds the error for the
+caller to raise. All public methods are thread-safe.
 """
 
 from __future__ import annotations
@@ -49,9 +59,10 @@ import numpy as np
 
 from streamvlm.errors import ConfigError, SourceError
 from streamvlm.types import Frame
-from streamvlm.ingest.file import _to_rgb
+from streamvlm.ingest.file import _to_rgb, renders_text
+from streamvlm.ingest.probe import ProbeResult, is_permanent, probe
 
-__all__ = ["SourceConfig", "SourceEvent", "LiveSource", "EVENT_KINDS"]
+__all__ = ["SourceConfig", "SourceEvent", "LiveSource", "SourceRefusedError", "EVENT_KINDS"]
 
 EVENT_KINDS: tuple[str, ...] = ("online", "offline", "error", "closed")
 
@@ -63,6 +74,19 @@ _MAX_EVENTS = 1024
 _DEFAULT_FILE_FPS = 30.0
 # stop() waits this much longer than the longest blocking capture call.
 _JOIN_MARGIN_S = 1.0
+
+
+class SourceRefusedError(SourceError):
+    """A network source answered, several times in a row, with an error that retrying cannot change.
+
+    ``status`` is the HTTP or RTSP status (e.g. 401, 403, 404) and ``url`` the URL without credentials;
+    the message names both. Fix the URL or the credentials and start a new source.
+    """
+
+    def __init__(self, message: str, *, url: str, status: int) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,9 @@ class SourceConfig:
       ``min(backoff_max_s, backoff_initial_s * backoff_factor**(n - 1))``.
     * ``max_attempts``: consecutive failed open attempts after which the source
       gives up and closes; None retries forever.
+    * ``refused_attempts``: consecutive open attempts answered with a permanent
+      error (HTTP/RTSP 401, 403, 404, ...) after which the source gives up with
+      `SourceRefusedError`.
 
     Raises `ConfigError` for a value out of range.
     """
@@ -87,6 +114,7 @@ class SourceConfig:
     backoff_max_s: float = 10.0
     backoff_factor: float = 2.0
     max_attempts: int | None = None
+    refused_attempts: int = 3
 
     def __post_init__(self) -> None:
         for name in ("open_timeout_s", "read_timeout_s", "backoff_initial_s", "backoff_max_s"):
@@ -104,6 +132,9 @@ class SourceConfig:
         attempts = self.max_attempts
         if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, Integral) or attempts < 1):
             raise ConfigError(f"max_attempts must be an integer >= 1 or None, got {attempts!r}")
+        refused = self.refused_attempts
+        if isinstance(refused, bool) or not isinstance(refused, Integral) or refused < 1:
+            raise ConfigError(f"refused_attempts must be an integer >= 1, got {refused!r}")
 
     def backoff_s(self, failures: int) -> float:
         """Seconds to sleep after the ``failures``-th consecutive failure (1-based)."""
@@ -192,6 +223,7 @@ class LiveSource:
         self._t0: float | None = None
         self._finished = False
         self._online = False
+        self._failure: SourceError | None = None
 
         # The newest frame: the decoded BGR image as the capture gave it, its
         # timestamp and sequence number, and its RGB `Frame` once someone asked.
@@ -314,6 +346,18 @@ class LiveSource:
             return self._online
 
     @property
+    def failure(self) -> SourceError | None:
+        """Why the source ended, when it ended because it could not be read; None otherwise.
+
+        Set when the reader closes on a file that is not a readable video (`SourceError`), a server that
+        refused ``refused_attempts`` times in a row (`SourceRefusedError`), or after ``max_attempts``
+        failed attempts (`SourceError`). None while running, at the end of a file and after `stop`.
+        Raise it to report the failure; the ``closed`` event carries the same message.
+        """
+        with self._lock:
+            return self._failure
+
+    @property
     def running(self) -> bool:
         """True from `start` until the reader thread has ended."""
         with self._lock:
@@ -343,6 +387,7 @@ class LiveSource:
             reason = self._read_loop()
         except BaseException as exc:  # noqa: BLE001 - the reader must never raise
             reason = f"reader failed: {exc!r}"
+            self._fail(SourceError(f"{self._display}: {reason}"))
             self._emit("error", reason)
         finally:
             with self._cond:
@@ -356,12 +401,14 @@ class LiveSource:
         cfg = self.config
         attempt = 0  # open attempts since the source was last online
         failures = 0  # consecutive failures, for the backoff delay
+        refusals = 0  # consecutive opens the server answered with a permanent error
         in_outage = False
         while not self._stop.is_set():
             attempt += 1
             with self._lock:
                 self._stats["attempts"] += 1
-            capture, problem = self._open()
+            capture, problem, answer = self._open()
+            refusals = refusals + 1 if answer is not None and is_permanent(answer) else 0
             got_frames = False
             if capture is not None:
                 try:
@@ -374,35 +421,60 @@ class LiveSource:
                 if got_frames:
                     return f"end of file {self._display!r}"
                 self._emit("error", problem, attempt)
-                return f"cannot read file {self._display!r}: {problem}"
+                reason = f"cannot read file {self._display!r}: {problem}"
+                self._fail(SourceError(f"{reason}; is it a video file?"))
+                return reason
             if got_frames:
                 # The stream was up and dropped: a new outage begins.
                 attempt, failures, in_outage = 0, 1, True
                 self._emit("offline", f"{self._display}: {problem}; reconnecting", 0)
             else:
                 failures += 1
-                gave_up = cfg.max_attempts is not None and attempt >= cfg.max_attempts
+                refused = answer if answer is not None and refusals >= cfg.refused_attempts else None
+                gave_up = refused is not None or (cfg.max_attempts is not None and attempt >= cfg.max_attempts)
                 detail = f"{self._display}: {problem}"
                 if not gave_up:
                     detail += f"; retrying in {cfg.backoff_s(failures):.3g} s"
                 self._emit("error" if in_outage else "offline", detail, attempt)
                 in_outage = True
+                if refused is not None:
+                    reason = f"gave up on {self._display}: the server answered {refused} {refusals} times in a row"
+                    self._fail(SourceRefusedError(f"{reason}; check the URL and credentials", url=self._display, status=refused.status or 0))
+                    return reason
                 if gave_up:
-                    return f"gave up on {self._display} after {attempt} failed attempt(s)"
+                    reason = f"gave up on {self._display} after {attempt} failed attempt(s)"
+                    self._fail(SourceError(f"{reason}; the last: {problem}"))
+                    return reason
             if self._stop.wait(cfg.backoff_s(failures)):
                 return "stopped"
         return "stopped"
 
-    def _open(self) -> tuple[Any, str]:
-        """Opens the capture; returns (capture, "") or (None, why it failed)."""
+    def _open(self) -> tuple[Any, str, ProbeResult | None]:
+        """Opens the capture; returns (capture, "", None) or (None, why it failed, the server's answer if probed).
+
+        After a failed network open the server is asked once why (OpenCV does not say).
+        """
         try:
             capture = _open_capture(self._target, self._kind, self.config)
+            problem = ""
         except Exception as exc:  # noqa: BLE001 - OpenCV errors become events
-            return None, f"cannot open ({exc})"
-        if capture is None or not capture.isOpened():
-            _release(capture)
-            return None, "cannot open"
-        return capture, ""
+            capture, problem = None, f"cannot open ({exc})"
+        if capture is not None and capture.isOpened():
+            if self._kind != "file" or not renders_text(capture):
+                return capture, "", None
+            problem = "it is text, not a video (FFmpeg would only draw its characters)"
+        _release(capture)
+        problem = problem or "cannot open"
+        if self._kind != "network" or self._stop.is_set():
+            return None, problem, None
+        answer = probe(str(self._target), self.config.open_timeout_s)
+        if answer.status is None:
+            return None, problem, answer
+        return None, f"{problem}: the server answered {answer}", answer
+
+    def _fail(self, error: SourceError) -> None:
+        with self._lock:
+            self._failure = error
 
     def _pump(self, capture: Any, attempt: int, in_outage: bool) -> tuple[bool, str]:
         """Reads frames until a read fails or stop; returns (any frames read, why it ended)."""
