@@ -12,7 +12,7 @@ Checks, in order (the first that fails answers):
 3. That host is allowed (:class:`AllowedHosts`), else 403 with how to allow it. This is what stops
    DNS rebinding: a page on ``evil.example`` whose name now resolves to 127.0.0.1 still sends
    ``Host: evil.example``.
-4. Routes: ``/readyz``, ``/metrics``, ``/`` and ``/index.html`` (the web client), else 404 unless
+4. Routes: ``/readyz``, ``/metrics``, ``/`` and ``/index.html`` (the web client) and ``/favicon.ico``, else 404 unless
    the path is :data:`REALTIME_PATH`.
 5. For the WebSocket: the bearer token when the server has one (``Authorization: Bearer ...`` or
    ``?access_token=...``), else 401; a browser's ``Origin`` must be on an allowed host or listed in
@@ -189,6 +189,8 @@ def process_request(connection: ServerConnection, request: Request, *, config: S
             return _respond(connection, HTTPStatus.OK, body, content_type)
         if path in ("/", "/index.html"):
             return _respond(connection, HTTPStatus.OK, (_STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
+        if path == "/favicon.ico":
+            return _respond(connection, HTTPStatus.OK, (_STATIC / "favicon.ico").read_bytes(), "image/x-icon")
         if path != REALTIME_PATH:
             raise _Refusal(HTTPStatus.NOT_FOUND, "not_found", "not found\n")
         _check_token(request.headers, parse_qs(query), config.token)
