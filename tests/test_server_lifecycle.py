@@ -343,3 +343,34 @@ def test_ids_are_unique_across_servers_and_restarts():
 
     ids = {RealtimeSession("m").id for _ in range(200)} | {new_id("sess") for _ in range(200)}
     assert len(ids) == 400 and all(i.startswith("sess_") for i in ids)
+
+
+def test_a_client_that_keeps_sending_garbage_is_closed_and_others_are_served(smol):
+    async def main():
+        server, url = await started(smol, limits=Limits(max_error_burst=20, max_errors_per_s=1.0))
+        try:
+            async with connect(url) as other:
+                await recv(other)
+                async with connect(url) as hostile:
+                    await recv(hostile)
+                    errors = []
+                    try:
+                        for _ in range(200):
+                            await hostile.send("{not json")
+                    except ConnectionClosed:
+                        pass  # closed while still sending: the errors already sent are still read below
+                    with pytest.raises(ConnectionClosed) as closed:
+                        while True:
+                            event = await recv(hostile)
+                            if event["type"] == "error":
+                                errors.append(event["error"]["code"])
+                await other.send(item("Still there?"))
+                await other.send(create("q"))
+                done = await until(other, done_for("q"))
+            return errors, closed.value, done[-1], metric(server, "streamvlm_protocol_errors_total", code="too_many_errors")
+        finally:
+            await server.stop()
+
+    errors, closed, done, counted = run(main())
+    assert errors[-1] == "too_many_errors" and errors.count("invalid_json") >= 20 and closed.rcvd.code == 1008
+    assert done["response"]["status"] in ("completed", "incomplete") and counted == 1

@@ -47,11 +47,11 @@ class FrameRateLimiter:
     moves when the caller says so; a ``now`` earlier than the last one counts as no time passing.
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst: float | None = None) -> None:
         # Frames per second added to the bucket.
         self.rate = float(rate)
-        # Bucket size: how many frames may arrive at once after a pause.
-        self.capacity = max(1.0, self.rate)
+        # Bucket size: how many frames may arrive at once after a pause (default: one second's worth).
+        self.capacity = float(burst) if burst is not None else max(1.0, self.rate)
         self._tokens = self.capacity
         self._last: float | None = None
 
@@ -84,6 +84,11 @@ class Connection:
         self.clock_free = clock_free
         self._outgoing: list[str] = []
         self._limiter = FrameRateLimiter(self.limits.max_frames_per_s)
+        self._messages = FrameRateLimiter(self.limits.max_messages_per_s, 2 * self.limits.max_messages_per_s)
+        self._errors = FrameRateLimiter(self.limits.max_errors_per_s, self.limits.max_error_burst)
+        self._now: float | None = None
+        # True once the client caused more errors than limits allow: close the connection (too_many_errors).
+        self.too_many_errors = False
         self._error_counts: dict[str, int] = {}
         # Client messages received, text and binary, valid or not.
         self.messages_received = 0
@@ -101,6 +106,7 @@ class Connection:
         now = self._check_now(now)
         self.messages_received += 1
         try:
+            self._gate_message(now)
             if isinstance(text, (bytes, bytearray, memoryview)):
                 try:
                     text = bytes(text).decode("utf-8")
@@ -126,6 +132,7 @@ class Connection:
         now = self._check_now(now)
         self.messages_received += 1
         try:
+            self._gate_message(now)
             data = bytes(data)
             size = len(data)
             if size > self.limits.max_message_bytes:
@@ -151,7 +158,15 @@ class Connection:
             raise ProtocolError("rate_limited", f"more than {self.limits.max_frames_per_s:g} frames per second; "
                                 "frame dropped, send fewer frames")
 
+    def _gate_message(self, now: float | None) -> None:
+        self._now = now
+        if not self._messages.allow(now):
+            raise ProtocolError("rate_limited", f"more than {self.limits.max_messages_per_s:g} messages per second; "
+                                "message dropped")
+
     def _refuse(self, exc: ProtocolError) -> None:
+        if not self._errors.allow(self._now):
+            self.too_many_errors = True
         self._error_counts[exc.code] = self._error_counts.get(exc.code, 0) + 1
         self.send(error_event(exc.code, exc.detail, exc.param, exc.client_event_id))
 

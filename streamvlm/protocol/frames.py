@@ -107,6 +107,12 @@ class Limits:
     max_text_chars: int = 4000
     # Sustained frames per second accepted, with bursts of up to this many; beyond: rate_limited.
     max_frames_per_s: float = 30.0
+    # Sustained messages per second of any kind (frames included), bursts of twice that; beyond: rate_limited.
+    max_messages_per_s: float = 200.0
+    # Refused messages (errors) a connection may cause: bursts of max_error_burst, then this many per second
+    # sustained; beyond, the connection is closed with too_many_errors (it is spending the server's time).
+    max_errors_per_s: float = 2.0
+    max_error_burst: int = 50
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -114,7 +120,8 @@ class Limits:
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
 
-        for name in ("max_message_bytes", "max_frame_bytes", "max_frame_side", "min_frame_side", "max_text_chars"):
+        for name in ("max_message_bytes", "max_frame_bytes", "max_frame_side", "min_frame_side", "max_text_chars",
+                     "max_error_burst"):
             positive_int(name)
         if self.max_frame_bytes > self.max_message_bytes:
             raise ConfigError(f"max_frame_bytes: must be <= max_message_bytes ({self.max_message_bytes}), "
@@ -122,9 +129,10 @@ class Limits:
         if self.min_frame_side > self.max_frame_side:
             raise ConfigError(f"min_frame_side: must be <= max_frame_side ({self.max_frame_side}), "
                               f"got {self.min_frame_side}")
-        rate = self.max_frames_per_s
-        if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0):
-            raise ConfigError(f"max_frames_per_s: must be a finite number > 0, got {rate!r}")
+        for name in ("max_frames_per_s", "max_messages_per_s", "max_errors_per_s"):
+            rate = getattr(self, name)
+            if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0):
+                raise ConfigError(f"{name}: must be a finite number > 0, got {rate!r}")
 
     def to_dict(self) -> dict[str, int | float]:
         """The limits as a JSON-ready dict, as sent in ``session.created``."""

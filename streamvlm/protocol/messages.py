@@ -103,6 +103,8 @@ APPLICATION_ERROR_CODES: Mapping[str, str] = {
     "session_closed": "the session ended (an unusable engine state, the server stopping, a slow consumer); "
                       "the connection is closed after this error",
     "slow_consumer": "the client read server events too slowly; the connection is closed after this error",
+    "too_many_errors": "the client sent more refused messages than limits.max_error_burst (then max_errors_per_s); "
+                       "the connection is closed after this error (the session stays resumable)",
 }
 
 CLIENT_EVENT_TYPES = (

@@ -262,7 +262,14 @@ class StreamServer:
                     session.send(error)
                 for event in events:
                     await self._execute(session, session.core.client_event(event, now))
-                if writer.done():  # the writer closed the connection (slow consumer)
+                if conn.too_many_errors:
+                    message = (f"more than {self.limits.max_error_burst} refused messages (then "
+                               f"{self.limits.max_errors_per_s:g} per second); closing")
+                    await self._execute(session, [p.error_event("too_many_errors", message)])
+                    session.outbox.close_after(1008, "too many errors")
+                    await writer  # it writes what is queued, then closes
+                    break
+                if writer.done():  # the writer closed the connection (slow consumer, too many errors)
                     break
         except ConnectionClosed:
             pass
