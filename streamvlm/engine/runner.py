@@ -52,34 +52,47 @@ class StepTimes:
 
 @dataclass
 class SpanAttention:
-    """How much of the newest position's attention falls on given spans of the cache.
+    """How a prefill's last position divides its attention between given spans of the cache.
 
     The caller (who knows from the ledger where each chunk sits in the cache) names the spans and the
-    language-model layers to read, and passes this object to :meth:`Runner.prefill` or
-    :meth:`Runner.decode`; each such forward adds, for each of ``layers``, the exact softmax attention of
-    its *last* position over the whole cache (q·K of that position, as the layer computes it, averaged
-    over the query heads), summed over each span. :meth:`shares` then says how that attention divides
-    between the spans. The forward's output is unchanged; the cost is one query projection and one q·K
-    row per read layer.
+    language-model layers to read, and passes this object to one :meth:`Runner.prefill`. For each
+    read layer the prefill adds the exact softmax attention (q·K of the position as the layer computes
+    it, averaged over the query heads) of its *last* new position, summed over each span, to ``mass``;
+    and the same for its *first* new position (which sees the cache but none of the new tokens'
+    content) to ``baseline``. :meth:`shares` then weighs the spans. The forward's output is unchanged;
+    the cost is two query rows and two q·K rows per read layer.
     """
 
     spans: list[tuple[int, int]]  # [start, end) physical offsets in the cache, one per item of interest
     layers: tuple[int, ...]  # indices into ModelAdapter.text_layers() to read
-    mass: torch.Tensor = field(init=False)  # [len(spans)] attention summed over the reads
-    reads: int = 0  # (layer, forward) pairs added to ``mass``
+    mass: torch.Tensor = field(init=False)  # [len(spans)] the last position's attention, summed over read layers
+    baseline: torch.Tensor = field(init=False)  # [len(spans)] the first position's, summed over read layers
+    reads: int = 0  # layers read into ``mass``
+    baseline_reads: int = 0  # layers read into ``baseline`` (none when the prefill had one token)
 
     def __post_init__(self) -> None:
         self.mass = torch.zeros(len(self.spans), dtype=torch.float64)
+        self.baseline = torch.zeros(len(self.spans), dtype=torch.float64)
 
     def shares(self) -> list[float] | None:
-        """Each span's share of the attention that went to all the spans (they sum to 1).
+        """Each span's weight: its share of the last position's attention, discounted by the first's; they sum to 1.
 
+        Every query of a decoder pays some attention to the newest and the oldest frames whatever it
+        asks (a recency and first-frame bias). The first position of the prefill shows that bias
+        without the new tokens' content, so each span's share ``m`` of the last position's attention is
+        divided by ``b + 1/n`` (``b`` its share of the first position's, ``n`` the number of spans) and
+        the results normalised. Without a baseline (a one-token prefill) the shares are ``m`` itself.
         None when nothing was read, there are no spans, or no attention reached any of them.
         """
         total = float(self.mass.sum())
         if not self.reads or not self.spans or not total > 0.0:
             return None
-        return [float(m) / total for m in self.mass]
+        share = self.mass / total
+        base_total = float(self.baseline.sum())
+        if self.baseline_reads and base_total > 0.0:
+            share = share / (self.baseline / base_total + 1.0 / len(self.spans))
+            share = share / share.sum()
+        return [float(w) for w in share]
 
 
 class Runner:
@@ -176,8 +189,8 @@ class Runner:
         token grids. Raises :class:`CapacityError` (cache untouched) when the positions would pass the
         model's maximum. ``abort_if`` is asked before every language-model layer; when it answers
         true the prefill stops there and raises :class:`Preempted`, with the cache untouched.
-        ``attention``, if given, receives the last new token's attention over its spans (see
-        :class:`SpanAttention`); if the prefill fails, what it received from this call is not kept.
+        ``attention``, if given, receives the attention of the first and the last new token over its
+        spans (see :class:`SpanAttention`); if the prefill fails, it receives nothing.
         """
         t0 = time.perf_counter()
         hooks: list[Hook] = []
@@ -196,13 +209,10 @@ class Runner:
         return logits if all_logits else logits[-1]
 
     @torch.inference_mode()
-    def decode(self, token_id: int, *, attention: SpanAttention | None = None) -> torch.Tensor:
-        """Append one token and return the next token's logits ``[V]``.
-
-        ``attention``, if given, receives this token's attention over its spans (see :class:`SpanAttention`).
-        """
+    def decode(self, token_id: int) -> torch.Tensor:
+        """Append one token and return the next token's logits ``[V]``."""
         t0 = time.perf_counter()
-        logits = self._forward([token_id], [], None, keep=1, hooks=self._attention_hooks(attention), attention=attention)
+        logits = self._forward([token_id], [], None, keep=1)
         self.times.decode_s += time.perf_counter() - t0
         self.times.calls["decode"] += 1
         return logits[-1]
@@ -291,7 +301,7 @@ class Runner:
 
     # ---- internals ---------------------------------------------------------------------------------
     def _attention_hooks(self, attention: SpanAttention | None) -> list[Hook]:
-        """Hooks that add the last position's attention over ``attention.spans`` (for the hold of one forward)."""
+        """Hooks that read the first and last new positions' attention over ``attention.spans`` (for one forward's hold)."""
         if attention is None or not attention.spans:
             return []
         owner = threading.get_ident()
@@ -299,21 +309,28 @@ class Runner:
         starts = torch.tensor([a for a, _ in attention.spans])
         ends = torch.tensor([b for _, b in attention.spans])
 
+        def span_sums(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+            """Softmax attention of one query ``[Hq, D]`` over ``keys`` ``[Hk, N, D]``, head-averaged, summed per span."""
+            group = q.shape[0] // keys.shape[0]
+            logits = torch.einsum("hgd,hnd->hgn", q.view(keys.shape[0], group, -1), keys) * scale
+            probs = torch.softmax(logits, dim=-1).mean(dim=(0, 1)).double()  # [N]
+            cumulative = torch.cat([probs.new_zeros(1), probs.cumsum(0)])  # every span's sum from one prefix sum
+            n = cumulative.shape[0] - 1
+            return cumulative[ends.clamp(max=n)] - cumulative[starts.clamp(max=n)]
+
         def reader(index: int) -> Callable[..., None]:
             def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
                 if threading.get_ident() != owner:
                     return
-                q = _queries(module, args, kwargs, rotated=True, last=True)[:, -1]  # [Hq, D]
                 keys = self.cache.layers[index].keys[0].float()  # [Hk, N, D]: this forward's keys already appended
-                group = q.shape[0] // keys.shape[0]
-                scale = float(getattr(module, "scaling", q.shape[-1] ** -0.5))
-                logits = torch.einsum("hgd,hnd->hgn", q.view(keys.shape[0], group, -1), keys) * scale
-                probs = torch.softmax(logits, dim=-1).mean(dim=(0, 1)).double()  # [N], averaged over query heads
-                # Sum over each span through a prefix sum: one pass however many spans there are.
-                cumulative = torch.cat([probs.new_zeros(1), probs.cumsum(0)])
-                n = cumulative.shape[0] - 1
-                attention.mass += cumulative[ends.clamp(max=n)] - cumulative[starts.clamp(max=n)]
+                new = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1]
+                scale = float(getattr(module, "scaling", module.head_dim**-0.5))
+                q = _queries(module, args, kwargs, rotated=True, rows=[0, new - 1] if new > 1 else [0])  # [Hq, 1|2, D]
+                attention.mass += span_sums(q[:, -1], keys, scale)
                 attention.reads += 1
+                if new > 1:  # the first new token sees the cache and itself only (causal)
+                    attention.baseline += span_sums(q[:, 0], keys[:, : keys.shape[1] - new + 1], scale)
+                    attention.baseline_reads += 1
 
             return hook
 
@@ -354,7 +371,7 @@ class Runner:
         if self.adapter.position_rows == 1:
             positions = positions[0]
         held = self.cache_length
-        saved = (attention.mass.clone(), attention.reads) if attention is not None else None
+        saved = (attention.mass.clone(), attention.baseline.clone(), attention.reads, attention.baseline_reads) if attention is not None else None
         try:
             with self.adapter.hold(hooks or ()):
                 out = self.model(
@@ -368,7 +385,7 @@ class Runner:
         except BaseException:
             self._crop_to(held)
             if attention is not None and saved is not None:
-                attention.mass, attention.reads = saved  # a failed forward adds nothing
+                attention.mass, attention.baseline, attention.reads, attention.baseline_reads = saved  # a failed forward adds nothing
             raise
         self.next_position = next_position
         self.last_positions = positions.reshape(positions.shape[0] if positions.dim() == 3 else 1, -1).cpu()
@@ -378,22 +395,25 @@ class Runner:
         return out.logits[0].float()
 
 
-def _queries(module: Any, args: tuple, kwargs: dict, *, rotated: bool, last: bool = False) -> torch.Tensor:
+def _queries(module: Any, args: tuple, kwargs: dict, *, rotated: bool, rows: list[int] | None = None) -> torch.Tensor:
     """The query vectors an attention module computes in its forward, ``[q_heads, n, head_dim]`` (float32).
 
     Read in a hook on ``self_attn`` with kwargs. ``rotated`` applies RoPE as the module does (for
-    scoring against cached keys); ``last`` computes the last position only.
+    scoring against cached keys); ``rows`` limits the work to those positions of the forward's input.
     """
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    if last:
-        hidden = hidden[:, -1:]
+    cos, sin = kwargs["position_embeddings"] if rotated else (None, None)
+    if rows is not None:
+        hidden = hidden[:, rows]
+        if rotated:
+            cos, sin = cos[:, rows], sin[:, rows]
     batch, length, _ = hidden.shape
     q = module.q_proj(hidden).view(batch, length, -1, module.head_dim)
     if hasattr(module, "q_norm"):
         q = module.q_norm(q)
     q = q.transpose(1, 2).float()
     if rotated:
-        cos, sin = (t[:, -length:].float().unsqueeze(1) for t in kwargs["position_embeddings"])
+        cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
         half = q.shape[-1] // 2
         q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
     return q[0]

@@ -419,8 +419,7 @@ class StreamSession:
         try:
             for _ in range(cfg.max_new_tokens):
                 if pending is not None:
-                    # The first answer token's attention joins the question's in the evidence weights.
-                    logits = self.runner.decode(pending, attention=attention if len(generated) == 1 else None)
+                    logits = self.runner.decode(pending)
                     self.memory.extend(self.runner.last_positions)
                     if return_logits:
                         kept.append(logits[None])
@@ -477,10 +476,11 @@ class StreamSession:
     def _evidence_attention(self, retrieved: Retrieved | None) -> tuple[tuple[Evidence, ...], SpanAttention | None]:
         """The answer's evidence frames (working and retrieved, oldest first) and the attention reader that weighs them.
 
-        Each frame's span is its visual tokens in the cache (its timestamp text left out, as a question
-        would otherwise be matched to clock digits); the reader takes the last question position and
-        the first answer token on :attr:`evidence_layers` layers spread over the middle of the
-        language model. None when there are no frames or the weights are off.
+        Each frame's span is its visual tokens in the cache (its timestamp text left out); the reader
+        takes the question's last position (the one that writes the first answer token), against the
+        question's first position as the baseline of what any query attends to, on
+        :attr:`evidence_layers` layers spread over the middle of the language model (see
+        :meth:`SpanAttention.shares`). The reader is None when there are no frames or the weights are off.
         """
         pairs: list[tuple[Evidence, tuple[int, int]]] = []
         offset = 0
