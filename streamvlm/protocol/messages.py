@@ -788,6 +788,15 @@ def response_output_text_delta(response_id: str, delta: str) -> dict[str, Any]:
     return _server("response.output_text.delta", response_id=response_id, delta=delta)
 
 
+def _evidence_entry(e: Any) -> dict[str, Any]:
+    """One ``response.done`` evidence entry: ``pts_s``, ``source_id``, and ``weight`` when the frame has one."""
+    entry: dict[str, Any] = {"pts_s": _finite(_attr(e, "pts_s"), "evidence.pts_s"), "source_id": str(_attr(e, "source_id"))}
+    weight = e.get("weight") if isinstance(e, Mapping) else getattr(e, "weight", None)
+    if weight is not None:
+        entry["weight"] = _finite(weight, "evidence.weight")
+    return entry
+
+
 def response_done(response_id: str, status: str, trigger: str, output_text: str, evidence: Sequence[Any] = (),
                   input_tokens: int = 0, output_tokens: int = 0, alert: Any = None, *,
                   client_event_id: str | None = None, no_video: bool = False,
@@ -795,7 +804,8 @@ def response_done(response_id: str, status: str, trigger: str, output_text: str,
     """``response.done``: a response ended; the last event about ``response_id``.
 
     ``status`` is one of RESPONSE_STATUSES; ``evidence`` the frames the answer rests on
-    (:class:`~streamvlm.types.Evidence` objects or mappings with ``pts_s`` and ``source_id``);
+    (:class:`~streamvlm.types.Evidence` objects or mappings with ``pts_s``, ``source_id`` and optionally
+    ``weight``, the frame's share of the answer's attention, written only when not None);
     ``alert`` as in :func:`response_created` for a proactive response; ``client_event_id`` as in
     :func:`response_created`; ``no_video`` True when the answer rests on no frame at all; ``error``
     (``code``, ``message``) says why a ``failed`` or ``cancelled`` response ended.
@@ -807,8 +817,7 @@ def response_done(response_id: str, status: str, trigger: str, output_text: str,
         "status": status,
         "trigger": _trigger_name(trigger),
         "output_text": output_text,
-        "evidence": [{"pts_s": _finite(_attr(e, "pts_s"), "evidence.pts_s"), "source_id": str(_attr(e, "source_id"))}
-                     for e in evidence],
+        "evidence": [_evidence_entry(e) for e in evidence],
         "usage": {"input_tokens": _count(input_tokens, "input_tokens"), "output_tokens": _count(output_tokens, "output_tokens"),
                   "total_tokens": int(input_tokens) + int(output_tokens)},
         "client_event_id": client_event_id,
