@@ -11,6 +11,7 @@ that one class at a boundary (a CLI command, a protocol handler) and turn it int
     │   └── TimestampError   a timestamp that is not finite or goes backwards
     ├── ModelError           a checkpoint cannot be found, loaded or is of an unsupported family
     ├── SourceError          a video source cannot be opened or read
+    │   └── SourceRefusedError   a network source keeps refusing (HTTP/RTSP 401, 403, 404, ...)
     ├── CapacityError        the context would outgrow what the model or the budget allows
     └── SessionBrokenError   an earlier fault left the session unusable (``reason`` says which step)
 
@@ -28,6 +29,7 @@ __all__ = [
     "TimestampError",
     "ModelError",
     "SourceError",
+    "SourceRefusedError",
     "CapacityError",
     "SessionBrokenError",
 ]
@@ -63,6 +65,19 @@ class ModelError(StreamVLMError):
 
 class SourceError(StreamVLMError):
     """A video source cannot be opened or read."""
+
+
+class SourceRefusedError(SourceError):
+    """A network source answered, several times in a row, with an error that retrying cannot change.
+
+    ``status`` is the HTTP or RTSP status (e.g. 401, 403, 404) and ``url`` the URL without credentials;
+    the message names both. Fix the URL or the credentials and start a new source.
+    """
+
+    def __init__(self, message: str, *, url: str, status: int) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
 
 
 class CapacityError(StreamVLMError):

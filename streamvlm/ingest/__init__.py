@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from streamvlm.ingest.file import VideoInfo, probe_video, read_video, write_test_clip
-from streamvlm.ingest.live import LiveSource, SourceConfig, SourceEvent
+from streamvlm.ingest.live import LiveSource, SourceConfig, SourceEvent, SourceRefusedError
 from streamvlm.ingest.sampler import FpsSampler
 
-__all__ = ["LiveSource", "SourceConfig", "SourceEvent", "FpsSampler", "VideoInfo", "probe_video", "read_video", "write_test_clip"]
+__all__ = ["LiveSource", "SourceConfig", "SourceEvent", "SourceRefusedError", "FpsSampler", "VideoInfo", "probe_video", "read_video", "write_test_clip"]

@@ -57,7 +57,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from streamvlm.errors import ConfigError, SourceError
+from streamvlm.errors import ConfigError, SourceError, SourceRefusedError
 from streamvlm.types import Frame
 from streamvlm.ingest.file import _to_rgb, renders_text
 from streamvlm.ingest.probe import ProbeResult, is_permanent, probe
@@ -74,19 +74,6 @@ _MAX_EVENTS = 1024
 _DEFAULT_FILE_FPS = 30.0
 # stop() waits this much longer than the longest blocking capture call.
 _JOIN_MARGIN_S = 1.0
-
-
-class SourceRefusedError(SourceError):
-    """A network source answered, several times in a row, with an error that retrying cannot change.
-
-    ``status`` is the HTTP or RTSP status (e.g. 401, 403, 404) and ``url`` the URL without credentials;
-    the message names both. Fix the URL or the credentials and start a new source.
-    """
-
-    def __init__(self, message: str, *, url: str, status: int) -> None:
-        super().__init__(message)
-        self.url = url
-        self.status = status
 
 
 @dataclass(frozen=True)
