@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,3 +120,133 @@ def test_bench_latency_with_a_memory_budget_and_no_baseline(tmp_path):
     for r in result["results"]:
         assert r["ttft_naive_s"] is None and r["ratio"] is None and r["ttft_stream_s"] > 0
     assert result["results"][-1]["context_tokens"] <= 200  # the working memory stayed within its budget
+
+
+# ---- failing fast, before a model loads ---------------------------------------------------------------
+@pytest.mark.parametrize("model, hint", [("tiny-smolvm", "Did you mean 'tiny-smolvlm'"), ("M", "placeholder"),
+                                         ("shapewrld", "Did you mean 'shapeworld'")])
+def test_an_unknown_model_fails_before_loading_with_a_suggestion(model, hint):
+    proc = run_cli("run", "--model", model, "--fast", "--max-new-tokens", "1", timeout=60)
+    assert proc.returncode == 2
+    assert hint in proc.stderr and "tiny-smolvlm" in proc.stderr
+    assert "loading" not in proc.stderr and not proc.stdout  # nothing was loaded, nothing was asked
+
+
+def test_a_hub_id_that_is_not_cached_fails_at_once_when_offline(monkeypatch):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=os.devnull + "-none")
+    proc = subprocess.run([sys.executable, "-m", "streamvlm.cli", "check-model", "Qwen/Qwen2.5-VL-3B-Instruct"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert "not in the local Hub cache" in proc.stderr and "offline" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "/nonexistent/clip.mp4"], "does not exist"),
+    (["run", "--memory-budget", "5"], "--memory-budget 5"),
+    (["run", "--policy", "lru"], "policy"),
+    (["run", "--ask", "soon: what?"], "TIME: question"),
+])
+def test_input_errors_come_before_the_model_loads(args, message):
+    proc = run_cli(*args, "--model", "tiny-qwen3-vl", "--fast", timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "loading" not in proc.stderr
+
+
+def test_serve_on_a_busy_port_is_one_line_before_the_model_loads():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = run_cli("serve", "--port", str(busy.getsockname()[1]), timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "already in use" in proc.stderr and "--port" in proc.stderr
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stderr
+
+
+def test_every_help_shows_defaults():
+    serve = " ".join(run_cli("serve", "--help", timeout=60).stdout.split())  # argparse wraps lines
+    assert "default: 8765" in serve and "default: tiny-smolvlm" in serve
+    lat = " ".join(run_cli("bench", "latency", "--help", timeout=60).stdout.split())
+    assert "default: 16,64,128" in lat and "default: smolvlm-256m-random" in lat
+
+
+# ---- run ---------------------------------------------------------------------------------------------------
+def test_run_reports_real_first_text_times_and_finish_reasons_in_words(tmp_path):
+    from streamvlm.ingest import write_test_clip
+
+    clip = write_test_clip(tmp_path / "clip.mp4", seconds=4.0, fps=10.0)
+    proc = run_cli("run", str(clip), "--fps", "1", "--fast", "--max-new-tokens", "2",
+                   "--ask", "2s: second?", "--ask", "1s: zebra first?", "--ask", "1s: apple next?", "--ask", "99s: after the end?")
+    assert proc.returncode == 0, proc.stderr
+    asked = [line.split("Q: ")[1] for line in proc.stdout.splitlines() if "] Q: " in line]
+    assert asked == ["zebra first?", "apple next?", "second?", "after the end?"]  # same time: the order given
+    assert "first token 0.00s" not in proc.stdout
+    assert re.findall(r"first text after \d+ ms|first text after [\d.]+ s", proc.stdout)
+    assert "stopped at the length limit" in proc.stdout and "| length" not in proc.stdout
+    assert "past the end of the video" in proc.stderr  # warned before the model loads
+    assert proc.stderr.index("past the end") < proc.stderr.index("loading")
+    assert "after the video ended at 00:04.0" in proc.stdout
+
+
+def test_run_answers_tell_me_when_once_it_happens(tmp_path):
+    from streamvlm.demo import write_episode_clip
+
+    write_episode_clip(tmp_path / "clip.mkv", seed=7, duration_s=8.0)  # a yellow circle appears at 2 s
+    proc = run_cli("run", str(tmp_path / "clip.mkv"), "--model", "shapeworld", "--fps", "1", "--fast",
+                   "--ask", "0s: Tell me when a yellow circle appears.")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "[00:00.0] Q: Tell me when a yellow circle appears."
+    assert "will answer when a yellow circle appears" in lines[1]
+    answer = next(line for line in lines if " A (asked at 00:00.0" in line)
+    assert answer >= "[00:02.0]"  # answered when it was seen, not when asked
+
+
+# ---- events ------------------------------------------------------------------------------------------------
+def _logged(tmp_path):
+    from streamvlm.protocol import messages
+    from streamvlm.server.eventlog import EventLog
+
+    db = tmp_path / "events.db"
+    log = EventLog(db)
+    for i in range(4):
+        done = messages.response_done(f"resp_{i}", "completed", "user", f"answer number {i} " * 8,
+                                      [{"pts_s": float(t), "source_id": "cam"} for t in range(50)])
+        done["response"]["question"] = f"question {i}?"
+        log.append("sess_a", "response.done", done)
+    log.append("door-cam", "alert", {"watch_id": "alert1", "condition": "the door is open", "t": 12.5}, stream_t=12.5)
+    log.close()
+    return db
+
+
+def test_events_prints_a_readable_table_newest_first(tmp_path):
+    db = _logged(tmp_path)
+    proc = run_cli("events", "--db", str(db), "--limit", "3", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = proc.stdout.splitlines()
+    assert header.split() == ["logged", "session", "kind", "at", "question", "answer", "evidence"]
+    assert len(rows) == 3
+    assert "door-cam" in rows[0] and "alert" in rows[0] and "the door is open" in rows[0]
+    assert "question 3?" in rows[1] and "question 2?" in rows[2]  # the newest, newest first
+    assert "50 frames 00:00.0-00:49.0" in rows[1] and '"pts_s"' not in proc.stdout  # evidence as a count and range
+    assert all(len(row) < 220 for row in rows)  # long answers shortened
+
+
+def test_events_since_takes_durations_iso_times_and_unix_times_and_json_stays_raw(tmp_path):
+    import datetime
+    import time as clock
+
+    db = _logged(tmp_path)
+    five_minutes_ago = (datetime.datetime.now() - datetime.timedelta(minutes=5)).isoformat(timespec="minutes")
+    for since in ("10m", "2h", five_minutes_ago, str(int(clock.time()) - 300)):
+        proc = run_cli("events", "--db", str(db), "--since", since, "--json", timeout=60)
+        assert proc.returncode == 0, (since, proc.stderr)
+        rows = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert len(rows) == 5, since
+        assert rows[-1]["payload"]["response"]["question"] == "question 0?"  # raw, whole payload
+    future = run_cli("events", "--db", str(db), "--since", "2999-01-01T00:00", timeout=60)
+    assert future.returncode == 0 and not future.stdout
+    bad = run_cli("events", "--db", str(db), "--since", "yesterday", timeout=60)
+    assert bad.returncode == 2 and "10m" in bad.stderr
