@@ -100,3 +100,39 @@ def test_webhook_to_a_closed_port_backs_off(tmp_path):
 def test_webhook_url_must_be_http():
     with pytest.raises(ConfigError):
         WebhookSender("ftp://example", None)  # type: ignore[arg-type]
+
+
+def test_the_newest_events_come_first_when_asked(tmp_path):
+    log = EventLog(tmp_path / "events.db")
+    ids = [log.append("s", "answer", {"text": str(i)}) for i in range(5)]
+    assert [e["id"] for e in log.list(limit=2, newest_first=True)] == [ids[4], ids[3]]
+    assert [e["id"] for e in log.list(limit=2)] == ids[:2]  # the default order stays oldest first
+    log.close()
+
+
+def test_since_accepts_durations_iso_times_and_unix_times():
+    from datetime import datetime
+
+    from streamvlm.server.eventlog import parse_since
+
+    now = 1_800_000_000.0
+    assert parse_since("10m", now) == now - 600 and parse_since("2h", now) == now - 7200 and parse_since("90s", now) == now - 90
+    assert parse_since("1d", now) == now - 86400 and parse_since("1700000000", now) == 1_700_000_000.0
+    assert parse_since("2026-03-01T14:30") == datetime(2026, 3, 1, 14, 30).timestamp()
+    assert parse_since("2026-03-01T14:30:00Z") == datetime.fromisoformat("2026-03-01T14:30:00+00:00").timestamp()
+    with pytest.raises(ConfigError, match="10m"):
+        parse_since("last tuesday", now)
+
+
+def test_a_logged_answer_reads_as_question_answer_and_evidence_range():
+    from streamvlm.protocol import messages
+    from streamvlm.server.eventlog import summarize
+
+    done = messages.response_done("resp_1", "completed", "user", "a red square",
+                                  [{"pts_s": 3.0, "source_id": "cam"}, {"pts_s": 7.5, "source_id": "cam"}])
+    done["response"]["question"] = "What is there?"
+    row = summarize({"wall_time": 1.0, "session": "s", "kind": "response.done", "stream_t": None, "payload": done})
+    assert (row.kind, row.question, row.text, row.evidence_frames, row.evidence_span) == ("answer", "What is there?", "a red square", 2, (3.0, 7.5))
+    alert = summarize({"wall_time": 1.0, "session": "w", "kind": "alert", "stream_t": 4.0,
+                       "payload": {"watch_id": "door", "condition": "the door is open", "t": 4.0}})
+    assert (alert.kind, alert.question, alert.evidence_span) == ("alert", "the door is open", (4.0, 4.0))
