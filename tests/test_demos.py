@@ -107,3 +107,50 @@ def test_streamvlm_demo_ties_waiting_to_its_question_and_says_the_tolerance():
         if "the time it said" in line:
             assert re.search(r"the time it said [✓✗]\)$", line)
     assert re.search(r"accuracy \d+/\d+", proc.stdout)
+
+
+# ---- the docs name only what exists ---------------------------------------------------------------------
+def _documented_state() -> list[str]:
+    text = (ROOT / "client" / "README.md").read_text()
+    state = text[text.index("State, on `AsyncClient` and `Client` alike:"):]
+    state = state[: state.index("\n\n")]
+    return re.findall(r"`(\w+)`", state.split(":", 1)[1])
+
+
+def test_the_client_readme_lists_only_attributes_both_clients_have():
+    import inspect
+
+    from streamvlm_client import AsyncClient, Client
+
+    names = _documented_state()
+    assert {"session_id", "handle", "model", "go_away", "connected"} <= set(names)
+    async_init = inspect.getsource(AsyncClient.__init__)
+    for name in names:
+        assert hasattr(AsyncClient, name) or f"self.{name}" in async_init, f"AsyncClient has no {name!r}"
+        assert hasattr(Client, name), f"Client has no {name!r}"
+
+
+def test_every_cli_flag_in_the_readme_exists():
+    import argparse
+
+    from streamvlm.cli import build_parser
+
+    def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices.get(name)
+        return None
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split("#")[0] for line in text.splitlines() if line.strip().startswith("streamvlm ")]
+    assert len(commands) >= 8
+    for command in commands:
+        words = command.split()
+        parser = sub(build_parser(), words[1])
+        assert parser is not None, command
+        if len(words) > 2 and sub(parser, words[2]) is not None:
+            parser = sub(parser, words[2])
+        known = {option for action in parser._actions for option in action.option_strings}
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z-]*)", command):
+            assert flag in known, f"{flag} in README command {command.strip()!r} is not an option of streamvlm {words[1]}"
+        assert " M " not in f" {command} ", f"README command with the placeholder M: {command.strip()!r}"
