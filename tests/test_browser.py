@@ -273,7 +273,12 @@ def _assert_evidence_shown(turn: dict, response: dict) -> None:
         assert frame["t"] in times, (frame, times)
         assert frame["caption"] == _clock(frame["t"])
         assert frame["img"] and frame["img"].startswith("data:image/jpeg"), frame
-    assert turn["frames"][-1]["t"] == times[-1], "the latest evidence frame is shown"
+    weights = [e.get("weight") for e in response["evidence"]]
+    if len(times) > 6 and None not in weights:  # the frames that weigh most: those the answer rests on
+        heaviest = sorted(weights, reverse=True)[:6]
+        assert sorted((weights[times.index(f["t"])] for f in turn["frames"]), reverse=True) == heaviest
+    else:
+        assert turn["frames"][-1]["t"] == times[-1], "the latest evidence frame is shown"
 
 
 def _write_y4m(path: Path, frames: list, fps: int) -> None:
