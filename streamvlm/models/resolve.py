@@ -140,7 +140,7 @@ def locate(model: str) -> ModelLocation:
         if not path.is_dir():
             raise ModelError(f"model path {model!r} is not a directory with a checkpoint (config.json)")
         if not (path / "config.json").is_file():
-            raise ModelError(f"model path {model!r} is not a directory with a checkpoint: it has no config.json")
+            raise ModelError(f"cannot load model {model!r}: the directory has no config.json, so it is not a checkpoint")
         return ModelLocation(model, "path", str(path))
     if model == "M":
         raise _unknown(model, "a placeholder in the docs: put a model's name in its place, e.g. --model shapeworld")
