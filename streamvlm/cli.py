@@ -381,12 +381,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     if not args.alert:
         raise ConfigError("watch needs at least one --alert CONDITION")
     check_source(args.source)  # a file that is not a video fails here, before the model loads
+    memory = MemoryConfig(budget_tokens=args.memory_budget, policy=args.policy)  # so do bad memory settings
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
     adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
-    memory = MemoryConfig(budget_tokens=args.memory_budget, policy=args.policy)
     try:
         raised = asyncio.run(run_watch(adapter, args.source, args.alert, event_db=_events_db(args.event_db), webhook=args.webhook,
-                                       jsonl=Path(args.log) if args.log else None, memory=memory, duration_s=args.duration))
+                                       jsonl=Path(args.log) if args.log else None, memory=memory, duration_s=args.duration,
+                                       session_name=args.name))
     except KeyboardInterrupt:
         return 130
     print(f"streamvlm: {raised} alert(s) raised", file=sys.stderr)
@@ -666,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     wat.add_argument("--memory-budget", type=int, default=4096)
     wat.add_argument("--policy", default="merge", help="memory policy (default merge: static cameras cost little)")
     wat.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until the source ends)")
+    wat.add_argument("--name", default=None, help="this run's session name in the event log (default: a fresh watch_... id)")
     wat.add_argument("--dtype", default="float32")
     wat.set_defaults(func=_cmd_watch)
 

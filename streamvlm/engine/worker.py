@@ -184,6 +184,7 @@ class LiveWorker:
         self._wait_for: dict[str, int] = {}  # request id -> frames submitted before it, which its answer waits for
         self._max_tokens: dict[str, int] = {}  # request id -> its own answer length limit
         self._open: set[str] = set()  # requests asked and not ended yet
+        self._last_source = "default"  # the source of the latest frame read (alerts name it in their evidence)
         self._last_thumb: np.ndarray | None = None
         self._last_read_t = -float("inf")
         self._cancel = threading.Event()
@@ -413,7 +414,8 @@ class LiveWorker:
                         self._answers.remove(waiting)
                         self._end(waiting.request_id, "cancelled", None, "replaced by a newer question")
             elif isinstance(action, Alert):
-                self._emit("alert", watch_id=action.watch_id, condition=action.condition, t=action.t, evidence_t=action.evidence_t)
+                self._emit("alert", watch_id=action.watch_id, condition=action.condition, t=action.t,
+                           evidence_t=action.evidence_t, source_id=self._last_source)
             elif isinstance(action, Acknowledge):
                 self._emit("acknowledged", request_id=action.request_id, condition=action.condition)
             elif isinstance(action, GiveUp):
@@ -488,6 +490,7 @@ class LiveWorker:
                     self.counters.ingested += 1
                 else:  # refused by the model (an error event follows) or discarded at stop
                     self.counters.dropped += 1
+        self._last_source = frame.source_id
         for event in self.session.drain_events():
             self._emit("memory", memory_event=event)
         self._act(self.controller.frame_changed(t, True))

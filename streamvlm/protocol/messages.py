@@ -800,7 +800,7 @@ def _evidence_entry(e: Any) -> dict[str, Any]:
 def response_done(response_id: str, status: str, trigger: str, output_text: str, evidence: Sequence[Any] = (),
                   input_tokens: int = 0, output_tokens: int = 0, alert: Any = None, *,
                   client_event_id: str | None = None, no_video: bool = False,
-                  error: Mapping[str, str] | None = None) -> dict[str, Any]:
+                  error: Mapping[str, str] | None = None, question: str | None = None) -> dict[str, Any]:
     """``response.done``: a response ended; the last event about ``response_id``.
 
     ``status`` is one of RESPONSE_STATUSES; ``evidence`` the frames the answer rests on
@@ -808,7 +808,8 @@ def response_done(response_id: str, status: str, trigger: str, output_text: str,
     ``weight``, the frame's share of the answer's attention, written only when not None);
     ``alert`` as in :func:`response_created` for a proactive response; ``client_event_id`` as in
     :func:`response_created`; ``no_video`` True when the answer rests on no frame at all; ``error``
-    (``code``, ``message``) says why a ``failed`` or ``cancelled`` response ended.
+    (``code``, ``message``) says why a ``failed`` or ``cancelled`` response ended; ``question`` the user's
+    text it answers (written only when given: user and deferred responses).
     """
     if status not in RESPONSE_STATUSES:
         raise InputError(f"status: must be one of {', '.join(RESPONSE_STATUSES)}, got {status!r}")
@@ -823,6 +824,8 @@ def response_done(response_id: str, status: str, trigger: str, output_text: str,
         "client_event_id": client_event_id,
         "no_video": bool(no_video),
     }
+    if question is not None:
+        response["question"] = str(question)
     if error is not None:
         response["error"] = {"code": str(error["code"]), "message": str(error["message"])}
     if alert is not None:
@@ -862,10 +865,15 @@ def memory_update(kind: str, chunks: int, tokens_before: int, tokens_after: int,
                    store_disk_bytes=_count(store_disk_bytes, "store_disk_bytes"))
 
 
-def input_frame_stats(received: int, skipped: int, dropped: int, ingested: int) -> dict[str, Any]:
-    """``input_frame.stats``: frame counters since the session started (send every few seconds)."""
-    return _server("input_frame.stats", received=_count(received, "received"), skipped=_count(skipped, "skipped"),
-                   dropped=_count(dropped, "dropped"), ingested=_count(ingested, "ingested"))
+def input_frame_stats(received: int, skipped: int, dropped: int, ingested: int,
+                      working_tokens: int | None = None) -> dict[str, Any]:
+    """``input_frame.stats``: frame counters since the session started (send every few seconds), and the
+    working-memory tokens held now when known."""
+    event = _server("input_frame.stats", received=_count(received, "received"), skipped=_count(skipped, "skipped"),
+                    dropped=_count(dropped, "dropped"), ingested=_count(ingested, "ingested"))
+    if working_tokens is not None:
+        event["working_tokens"] = _count(working_tokens, "working_tokens")
+    return event
 
 
 def session_resumption_update(new_handle: str | None, resumable: bool) -> dict[str, Any]:

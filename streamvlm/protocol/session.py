@@ -143,6 +143,7 @@ class AcceptOffer:
     """Answer a WebRTC offer; frames of the track go to :meth:`RealtimeSession.track_frame`."""
 
     sdp: str
+    event_id: str | None = None  # the offer's client event id, for the error if it cannot be answered
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class _Response:
     trigger: str
     client_event_id: str | None
     asked_at: float
+    question: str | None = None  # the user's text it answers (None for commentary)
     first_token: bool = False
 
 
@@ -321,7 +323,7 @@ class RealtimeSession:
         text, self._user_text = self._user_text, None
         rid = new_id("resp")
         trigger = "deferred" if parse_forward_request(text) is not None else "user"
-        self._responses[rid] = _Response(trigger, event.event_id, now)
+        self._responses[rid] = _Response(trigger, event.event_id, now, text)
         out = self._start()
         return out + [m.response_created(rid, trigger, client_event_id=event.event_id),
                       Ask(rid, text, event.max_output_tokens)]
@@ -373,7 +375,7 @@ class RealtimeSession:
         return out + [m.watch_deleted(event.watch_id)]
 
     def _on_WebRTCOffer(self, event: m.WebRTCOffer, now: float) -> list[Out]:
-        return self._start() + [AcceptOffer(event.sdp)]
+        return self._start() + [AcceptOffer(event.sdp, event.event_id)]
 
     # ---- worker outcomes ---------------------------------------------------------------------------------
     def worker_event(self, kind: str, data: Mapping[str, Any], now: float) -> list[Out]:
@@ -404,7 +406,8 @@ class RealtimeSession:
             answer = data["answer"]
             out = [m.response_done(rid, _STATUS.get(answer.finish_reason, "completed"), response.trigger, answer.text,
                                    answer.evidence, answer.prompt_tokens, len(answer.token_ids),
-                                   client_event_id=response.client_event_id, no_video=not answer.evidence)]
+                                   client_event_id=response.client_event_id, no_video=not answer.evidence,
+                                   question=response.question)]
             if self.attached:  # a state the session can be resumed from: a fresh handle (the old one stops working)
                 out.append(self._resumption())
         elif kind == "request.ended":
@@ -417,8 +420,8 @@ class RealtimeSession:
             alert_id = new_id("resp")
             alert = {"watch_id": data["watch_id"], "condition": data["condition"], "t": data["evidence_t"]}
             evidence = [{"pts_s": data["evidence_t"], "source_id": data.get("source_id") or "default"}]
-            out = [m.response_created(alert_id, "watch", alert),
-                   m.response_done(alert_id, "completed", "watch", "", evidence, alert=alert)]
+            out = [m.response_created(alert_id, "watch", alert),  # its text: the condition that now holds
+                   m.response_done(alert_id, "completed", "watch", data["condition"], evidence, alert=alert)]
         elif kind == "memory":
             event = data["memory_event"]
             out = [m.memory_update(**{f: getattr(event, f) for f in event.__dataclass_fields__})]
@@ -444,7 +447,7 @@ class RealtimeSession:
         if response is None:
             return []
         done = m.response_done(rid, status, response.trigger, text, client_event_id=response.client_event_id,
-                               no_video=True, error={"code": code, "message": message})
+                               no_video=True, error={"code": code, "message": message}, question=response.question)
         if status != "failed":
             return [done]
         return [m.error_event(code, message, None, response.client_event_id, rid), done]

@@ -125,8 +125,7 @@ class StreamServer:
         self.metrics.track_live(
             live=lambda: sum(s.ws is not None for s in self.sessions.values()),
             parked=lambda: sum(s.ws is None for s in self.sessions.values()),
-            working_tokens=lambda: sum(int(s.worker.session.stats()["working_tokens"])
-                                       for s in list(self.sessions.values()) if s.worker is not None),
+            working_tokens=self._working_tokens,
         )
         self.sessions: dict[str, _Session] = {}
         self.log = EventLog(self.config.event_db) if self.config.event_db else None
@@ -135,6 +134,15 @@ class StreamServer:
                                          self.config.session_store_ram_bytes, self.config.session_store_disk_bytes)
         self._server: Any = None
         self._reaper: asyncio.Task | None = None
+
+    def _working_tokens(self) -> int:
+        total = 0
+        for session in list(self.sessions.values()):
+            try:  # read while the model threads work: a figure for the gauge, not a promise
+                total += int(session.worker.session.stats()["working_tokens"]) if session.worker is not None else 0
+            except Exception:
+                pass
+        return total
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -316,7 +324,11 @@ class StreamServer:
             if session.worker is not None:
                 self._sync_frames(session)
                 c = session.worker.counters
-                session.send(p.input_frame_stats(c.received, c.skipped, c.dropped, c.ingested))
+                try:  # read while the model thread works: a figure, not a promise
+                    working: int | None = int(session.worker.session.stats()["working_tokens"])
+                except Exception:
+                    working = None
+                session.send(p.input_frame_stats(c.received, c.skipped, c.dropped, c.ingested, working))
 
     # ---- carrying out the core's decisions ---------------------------------------------------------------
     async def _execute(self, session: _Session, outs: list) -> None:
@@ -358,7 +370,11 @@ class StreamServer:
             elif isinstance(out, core.UpdateSampling):
                 session.worker.session.config = out.session
             elif isinstance(out, core.AcceptOffer):
-                await self._accept_offer(session, out.sdp)
+                try:
+                    await self._accept_offer(session, out.sdp)
+                except Exception as exc:  # a bad SDP or no WebRTC support: the client falls back to socket frames
+                    await self._execute(session, [p.error_event("invalid_value", f"the WebRTC offer could not be "
+                                                                f"answered: {type(exc).__name__}: {exc}", "sdp", out.event_id)])
 
     def _count(self, event: dict) -> None:
         kind = event["type"]
