@@ -296,9 +296,13 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--budgets {args.budgets!r}: expected comma-separated percentages like 50,25,10") from exc
     cfg = QualityConfig(episodes=args.episodes, duration_s=args.duration, budgets=budgets, policies=policies, seed_base=args.seed,
-                        retrieval_top_k=args.top_k)
+                        retrieval_top_k=args.top_k, split=args.split)
     adapter = load_model(ModelConfig(model=args.model))
     result = run_quality(adapter, cfg, sweep=not args.no_sweep, progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
+    if not args.quiet:
+        from .bench.quality import format_table
+
+        print(format_table(result), file=sys.stderr, flush=True)
     if args.plot:
         from .bench.plot import plot_quality
 
@@ -583,9 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     qual = bench_sub.add_parser("quality", help="answer accuracy on held-out ShapeWorld episodes, and a memory sweep")
     qual.add_argument("--model", default="shapeworld", help="default: the shipped ShapeWorld model")
-    qual.add_argument("--episodes", type=int, default=12, help="held-out episodes per configuration (default 12)")
+    qual.add_argument("--split", choices=("test", "validation", "train"), default="test",
+                      help="episode seed split: test (figures to report; seeds 700000-799999), validation (every choice: "
+                           "seeds 0-99999), train (default: test)")
+    qual.add_argument("--episodes", type=int, default=96, help="episodes per configuration (default 96)")
     qual.add_argument("--duration", type=float, default=24.0, help="seconds per episode at 1 frame/s (default 24)")
-    qual.add_argument("--seed", type=int, default=0, help="first episode seed (default 0; training uses seeds >= 500000)")
+    qual.add_argument("--seed", type=int, default=None,
+                      help="first episode seed, inside --split (default: the split's first seed)")
     qual.add_argument("--budgets", default="50,25,10", help="the frames' share of working memory, %% of what they take with full memory (default 50,25,10)")
     qual.add_argument("--policies", default=",".join(POLICIES), help="memory policies to sweep, comma-separated (default: all)")
     qual.add_argument("--top-k", type=int, default=MemoryConfig.retrieval_top_k,

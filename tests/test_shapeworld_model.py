@@ -422,6 +422,23 @@ def test_sweep_stays_inside_its_budget(untrained: SmolVLMAdapter) -> None:
     assert set(result["full"]["accuracy"]) <= {"realtime", "backward", "when", "forward", "probe"}
 
 
+def test_quality_reports_the_test_split_with_an_interval_beside_every_accuracy(untrained: SmolVLMAdapter) -> None:
+    from streamvlm.bench.quality import format_table, wilson_interval
+    from streamvlm.shapeworld.splits import split_of
+
+    cfg = QualityConfig(episodes=1, duration_s=8, per_category=1, budgets=(0.5,), policies=("window",))
+    result = run_quality(untrained, cfg)
+    assert result["split"] == "test" and split_of(result["seeds"][0]) == "test"
+    for summary in [result["full"], *result["sweep"]]:
+        assert summary["accuracy"] and set(summary["interval"]) == set(summary["accuracy"])
+        for category, (low, high) in summary["interval"].items():
+            right = round(summary["accuracy"][category] * summary["asked"][category])
+            assert [low, high] == [round(v, 4) for v in wilson_interval(right, summary["asked"][category])]
+            assert low <= summary["accuracy"][category] <= high
+        assert "precision_interval" in summary["alerts"] and "recall_interval" in summary["alerts"]
+    assert format_table(result).count("[") >= len(result["full"]["accuracy"]) * 3
+
+
 def test_probe_binding_sorts_every_probe_into_its_case(untrained: SmolVLMAdapter) -> None:
     result = probe_binding(untrained, [3], 6.0)
     episode = make_episode(3, duration_s=6.0, fps=1.0, size=64)

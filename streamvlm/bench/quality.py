@@ -1,5 +1,10 @@
 """``streamvlm bench quality``: answer quality on held-out ShapeWorld episodes, and what memory does to it.
 
+Episodes come from one seed split (:mod:`streamvlm.shapeworld.splits`): ``test`` by default, whose
+figures are the ones to report; ``validation`` for any choice (retrieval depth, thresholds, ...). Every
+proportion comes with its 95 % Wilson score interval (``interval`` beside ``accuracy``, and for alert
+precision and recall).
+
 Protocol (OVO-Bench style): each episode is streamed at 1 frame/s into a fresh
 :class:`~streamvlm.engine.session.StreamSession`; every question is asked at its time, after the
 frames up to it and before the next, through the same :class:`~streamvlm.dialogue.DialogueController`
@@ -18,6 +23,7 @@ measured is visual memory under compression.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,8 +45,36 @@ from ..shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
 from ..shapeworld.model import FRAME_SIZE
 from ..shapeworld.world import COLOURS, SHAPES
 from ..shapeworld.questions import appearances, is_correct, probe_question, watch_target
+from ..shapeworld.splits import split_of, split_range
 
-__all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts", "probe_binding", "PROBE_CASES"]
+__all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts", "probe_binding", "PROBE_CASES",
+           "wilson_interval", "format_table"]
+
+#: The normal quantile of a two-sided 95 % interval.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(right: int, asked: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (95 % by default) for ``right`` successes out of ``asked``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or ``asked`` right
+    (10/10 gives about (0.72, 1.0)). Returns ``(0.0, 1.0)`` for ``asked == 0`` (nothing is known).
+    Raises ConfigError unless ``0 <= right <= asked``.
+    """
+    if not (isinstance(right, int) and isinstance(asked, int) and 0 <= right <= asked):
+        raise ConfigError(f"wilson_interval: need 0 <= right <= asked (integers), got {right!r} of {asked!r}")
+    if asked == 0:
+        return (0.0, 1.0)
+    p = right / asked
+    z2 = z * z
+    centre = (p + z2 / (2 * asked)) / (1 + z2 / asked)
+    half = z * math.sqrt(p * (1 - p) / asked + z2 / (4 * asked * asked)) / (1 + z2 / asked)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _interval(right: int, asked: int) -> list[float]:
+    low, high = wilson_interval(right, asked)
+    return [round(low, 4), round(high, 4)]
 
 #: How a yes/no probe "Is there a <colour> <shape> now?" relates to the frame: "yes" (that shape in that
 #: colour is on screen), or a "no" whose colour and shape are both on screen on different shapes
@@ -53,10 +87,13 @@ REPORTED = ("realtime", "backward", "when", "forward", "probe")
 
 @dataclass(frozen=True)
 class QualityConfig:
-    episodes: int = 12
+    episodes: int = 96
     duration_s: float = 24.0
     per_category: int = 2
-    seed_base: int = 0  # held out: training uses seeds from 500,000 up
+    # Which seed split the episodes come from: "test" (report) or "validation" (choose); see shapeworld/splits.py.
+    split: str = "test"
+    # First episode seed; None = the split's first seed. Every seed must lie in ``split``.
+    seed_base: int | None = None
     budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
     policies: tuple[str, ...] = tuple(POLICIES)
     retrieval_top_k: int = MemoryConfig.retrieval_top_k  # chunks a question brings back when retrieval is on
@@ -73,6 +110,20 @@ class QualityConfig:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown:
             raise ConfigError(f"policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
+        if self.split not in ("test", "validation", "train"):
+            raise ConfigError(f"split: must be test, validation or train, got {self.split!r}")
+        seeds = split_range(self.split)
+        first = seeds.start if self.seed_base is None else self.seed_base
+        last = first + self.episodes - 1
+        if first not in seeds or last not in seeds:
+            raise ConfigError(f"seed: episodes {first}-{last} are not all in the {self.split} split "
+                              f"(seeds {seeds.start}-{seeds.stop - 1}; seed {first} is in {split_of(first) or 'no split'})")
+
+    @property
+    def seeds(self) -> list[int]:
+        """The episode seeds, in order."""
+        first = split_range(self.split).start if self.seed_base is None else self.seed_base
+        return [first + i for i in range(self.episodes)]
 
 
 @dataclass
@@ -106,13 +157,17 @@ class EpisodeScore:
 
     def summary(self) -> dict[str, Any]:
         acc = {k: round(self.right.get(k, 0) / self.asked[k], 4) for k in REPORTED if self.asked.get(k)}
+        interval = {k: _interval(self.right.get(k, 0), self.asked[k]) for k in REPORTED if self.asked.get(k)}
         precision = self.alerts_true / self.alerts if self.alerts else 0.0
         recall = self.alerts_true / self.truths if self.truths else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         return {
             "accuracy": acc,
+            "interval": interval,  # 95 % Wilson score interval of each accuracy
             "asked": {k: self.asked[k] for k in REPORTED if self.asked.get(k)},
             "alerts": {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+                       "precision_interval": _interval(self.alerts_true, self.alerts),
+                       "recall_interval": _interval(self.alerts_true, self.truths),
                        "raised": self.alerts, "truth": self.truths},
         }
 
@@ -244,8 +299,8 @@ def sweep_memory(full: EpisodeScore, fraction: float, policy: str, top_k: int) -
 def run_quality(
     adapter: ModelAdapter, cfg: QualityConfig, *, sweep: bool = True, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
-    """Full memory on ``cfg.episodes`` held-out episodes, then (``sweep``) every budget x policy x retrieval."""
-    seeds = [cfg.seed_base + i for i in range(cfg.episodes)]
+    """Full memory on ``cfg.episodes`` episodes of ``cfg.split``, then (``sweep``) every budget x policy x retrieval."""
+    seeds = cfg.seeds
     say = progress or (lambda _msg: None)
     full = EpisodeScore()
     full_runs: dict[int, EpisodeScore] = {}
@@ -253,7 +308,8 @@ def run_quality(
         one = run_episode(adapter, seed, MemoryConfig(), cfg)
         full_runs[seed] = one
         full.merge(one)
-    result: dict[str, Any] = {"model": adapter.source, "config": {**cfg.__dict__}, "full": full.summary(), "sweep": []}
+    result: dict[str, Any] = {"model": adapter.source, "config": {**cfg.__dict__}, "split": cfg.split,
+                              "seeds": [seeds[0], seeds[-1]], "full": full.summary(), "sweep": []}
     result["full"]["answers"] = full.answers
     say(f"full memory: {full.summary()['accuracy']} alerts {full.summary()['alerts']}")
     result["probe_binding"] = probe_binding(adapter, seeds, cfg.duration_s)
@@ -272,3 +328,33 @@ def run_quality(
                 say(f"budget {fraction:.0%} {policy} retrieval={'on' if top_k else 'off'}: {row['accuracy']} "
                     f"alerts f1 {row['alerts']['f1']}")
     return result
+
+
+def _cell(summary: dict[str, Any], category: str) -> str:
+    if category not in summary["accuracy"]:
+        return "-"
+    low, high = summary["interval"][category]
+    return f"{summary['accuracy'][category]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table of a :func:`run_quality` result: every accuracy with its 95 % interval in brackets,
+    alert F1 with precision and recall (each with its interval), one row for full memory and one per sweep point."""
+    seeds = result.get("seeds") or ["?", "?"]
+    lines = [f"{result.get('model')}: {result.get('split', '?')} split, seeds {seeds[0]}-{seeds[1]} "
+             f"(accuracy [95 % Wilson interval])",
+             "| budget | policy | retrieval | " + " | ".join(REPORTED) + " | alert F1 (precision [CI], recall [CI]) |",
+             "|" + "---|" * (len(REPORTED) + 4)]
+
+    def row(budget: str, policy: str, retrieval: str, summary: dict[str, Any]) -> str:
+        alerts = summary["alerts"]
+        p_low, p_high = alerts.get("precision_interval", [0.0, 1.0])
+        r_low, r_high = alerts.get("recall_interval", [0.0, 1.0])
+        alert = (f"{alerts['f1']:.2f} ({alerts['precision']:.2f} [{p_low:.2f}, {p_high:.2f}], "
+                 f"{alerts['recall']:.2f} [{r_low:.2f}, {r_high:.2f}])")
+        return f"| {budget} | {policy} | {retrieval} | " + " | ".join(_cell(summary, c) for c in REPORTED) + f" | {alert} |"
+
+    lines.append(row("100 %", "(full memory)", "-", result["full"]))
+    for r in result.get("sweep", []):
+        lines.append(row(f"{r['budget']:.0%}", r["policy"], f"{r['top_k']} chunks" if r["retrieval"] else "off", r))
+    return "\n".join(lines)
