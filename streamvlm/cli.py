@@ -85,6 +85,25 @@ def _timed_questions(specs: Sequence[str]) -> list[tuple[float, str]]:
     return sorted((parse_timed_question(q) for q in specs), key=lambda tq: tq[0])
 
 
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    """The ModelConfig of a command's ``--model``, ``--device`` and ``--dtype`` (ConfigError on a bad value)."""
+    return ModelConfig(model=args.model, dtype=args.dtype, device=args.device)
+
+
+def _with_precision(result: dict, args: argparse.Namespace) -> dict:
+    """``result`` with the ``device``, ``dtype`` and ``dtype_reason`` the model ran in (same rule, same answer as at load)."""
+    from .models.device import choose_precision
+
+    return {**result, **choose_precision(args.device, args.dtype).to_dict()}
+
+
+def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps "
+                                                         "(default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 where the GPU or CPU does it natively, else float32), "
+                                                        "float32, bfloat16 or float16 (default: auto; the choice is printed on stderr)")
+
+
 def _check_memory_budget(budget: int | None, flag: str = "--memory-budget") -> None:
     if budget is not None and budget < 16:
         raise ConfigError(f"{flag} {budget}: a working memory needs at least 16 tokens (or leave it out: unbounded)")
@@ -183,7 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             video = str(write_test_clip(Path(tmp) / "demo.mp4", seconds=4.0, fps=10.0, size=(160, 120)))
             print(f"streamvlm: no video given, playing a generated 4 s clip ({video})", file=sys.stderr)
         print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
-        adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
+        adapter = load_model(_model_config(args))
         session = StreamSession(adapter, session_cfg, memory)
         dialogue = _RunDialogue(session, clip_end)
         pending = list(questions)
@@ -229,13 +248,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 # ---- check-model -----------------------------------------------------------------------------------------
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .engine.check import check_exactness, synthetic_frames
-    from .models import load_model
+    from .engine.check import check_dtypes, synthetic_frames
 
-    adapter = load_model(ModelConfig(model=args.model))
-    report = check_exactness(adapter, synthetic_frames(args.frames), args.question, max_new_tokens=args.max_new_tokens, tolerance=args.tolerance)
-    print(json.dumps(report.to_dict()))
-    return 0 if report.ok else 1
+    dtypes = _split_names(args.dtype) or ("float32",)
+    ModelConfig(model=args.model, device=args.device)  # a bad --device fails before any model loads
+    for name in dtypes:
+        ModelConfig(model=args.model, dtype=name)
+    reports = check_dtypes(args.model, dtypes, synthetic_frames(args.frames), args.question, device=args.device,
+                           max_new_tokens=args.max_new_tokens, tolerance=args.tolerance)
+    # float32 defines exactness: its report is the top level; every dtype checked is under "checks"
+    result = {**reports[0].to_dict(), "checks": [r.to_dict() for r in reports], "ok": all(r.ok for r in reports)}
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
 
 
 # ---- bench -------------------------------------------------------------------------------------------------
@@ -248,7 +272,7 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
         raise ConfigError(f"--frames {args.frames!r}: expected comma-separated integers like 16,64,128") from exc
     if not counts or counts[0] < 1:
         raise ConfigError("--frames needs at least one count >= 1")
-    result = run_latency_bench(ModelConfig(model=args.model), counts, repeats=args.repeats, progress=not args.quiet,
+    result = run_latency_bench(_model_config(args), counts, repeats=args.repeats, progress=not args.quiet,
                                memory_budget=args.memory_budget, naive=not args.no_naive)
     return _emit_json(result, args.json)
 
@@ -258,14 +282,14 @@ def _cmd_bench_memory(args: argparse.Namespace) -> int:
 
     ram, disk = parse_size(args.store_ram, what="--store-ram"), parse_size(args.store_disk, what="--store-disk")
     result = run_memory_bench(
-        ModelConfig(model=args.model), args.frames, args.policy, budget_tokens=args.budget, store_ram_bytes=ram, store_disk_bytes=disk,
+        _model_config(args), args.frames, args.policy, budget_tokens=args.budget, store_ram_bytes=ram, store_disk_bytes=disk,
         sample_every=args.sample_every, progress=not args.quiet,
     )
     if args.plot:
         from .bench.plot import plot_memory_samples
 
         plot_memory_samples(result, args.plot)
-    return _emit_json(result, args.json)
+    return _emit_json(_with_precision(result, args), args.json)
 
 
 def _cmd_bench_retrieval(args: argparse.Namespace) -> int:
@@ -282,13 +306,13 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
 
     if not (args.fps > 0 and args.duration > 0):
         raise ConfigError("--fps and --duration must be > 0")
-    result = run_live_bench(ModelConfig(model=args.model), args.fps, args.duration, budget_tokens=args.budget, probe_every=args.probe_every)
-    return _emit_json(result, args.json)
+    result = run_live_bench(_model_config(args), args.fps, args.duration, budget_tokens=args.budget, probe_every=args.probe_every)
+    return _emit_json(_with_precision(result, args), args.json)
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from .bench.quality import QualityConfig, run_quality
-    from .models import load_model
+    from .models import load_model, precision_of
 
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     try:
@@ -297,7 +321,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budgets {args.budgets!r}: expected comma-separated percentages like 50,25,10") from exc
     cfg = QualityConfig(episodes=args.episodes, duration_s=args.duration, budgets=budgets, policies=policies, seed_base=args.seed,
                         retrieval_top_k=args.top_k, split=args.split)
-    adapter = load_model(ModelConfig(model=args.model))
+    adapter = load_model(_model_config(args))
     result = run_quality(adapter, cfg, sweep=not args.no_sweep, progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     if not args.quiet:
         from .bench.quality import format_table
@@ -307,7 +331,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         from .bench.plot import plot_quality
 
         plot_quality(result, args.plot)
-    return _emit_json(result, args.json)
+    return _emit_json({**result, **precision_of(adapter).to_dict()}, args.json)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -316,7 +340,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
     from .models import load_model
 
-    adapter = load_model(ModelConfig(model=args.model))
+    adapter = load_model(_model_config(args))
     cfg = DemoConfig(seed=args.seed, duration_s=args.duration, realtime=not args.fast, draw=False if args.no_draw else None)
     asyncio.run(run_demo(adapter, cfg))
     return 0
@@ -346,7 +370,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     locate(args.model)
     _check_port_free(config.host, config.port)  # a busy port is one line now, not a traceback after the model loaded
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
-    adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
+    adapter = load_model(_model_config(args))
     try:
         asyncio.run(serve_forever(adapter, config))
     except KeyboardInterrupt:
@@ -387,7 +411,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     check_source(args.source)  # a file that is not a video fails here, before the model loads
     memory = MemoryConfig(budget_tokens=args.memory_budget, policy=args.policy)  # so do bad memory settings
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
-    adapter = load_model(ModelConfig(model=args.model, dtype=args.dtype))
+    adapter = load_model(_model_config(args))
     try:
         raised = asyncio.run(run_watch(adapter, args.source, args.alert, event_db=_events_db(args.event_db), webhook=args.webhook,
                                        jsonl=Path(args.log) if args.log else None, memory=memory, duration_s=args.duration,
@@ -513,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--dtype", default="float32", help="float32 (CPU default), bfloat16, float16 or auto")
+    _add_precision_flags(run)
     run.add_argument("--system", default=None, help="system prompt")
     run.add_argument("--memory-budget", type=int, default=None, metavar="TOKENS", help="working-memory budget in tokens (default: unbounded, exact)")
     run.add_argument("--policy", default="window", help="what to compress or evict: window, infinipot, proxy-attention, merge")
@@ -531,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=24.0, help="seconds of stream (default 24)")
     demo.add_argument("--fast", action="store_true", help="as fast as the model reads instead of real time")
     demo.add_argument("--no-draw", action="store_true", help="do not draw frames on the terminal")
+    _add_precision_flags(demo)
     demo.set_defaults(func=_cmd_demo)
 
     check = sub.add_parser("check-model", help="check that streaming gives the logits of one offline prefill")
@@ -538,7 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--frames", type=int, default=8)
     check.add_argument("--question", default="What happened in the video?")
     check.add_argument("--max-new-tokens", type=int, default=8)
-    check.add_argument("--tolerance", type=float, default=1e-4, help="max absolute logit difference allowed (float32)")
+    check.add_argument("--tolerance", type=float, default=None,
+                       help="max absolute logit difference allowed in every dtype checked (default: 1e-4 in float32; in bfloat16 "
+                            "and float16 4 units in the last place of the largest logit)")
+    check.add_argument("--device", default="auto", help="auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps "
+                                                        "(default: auto)")
+    check.add_argument("--dtype", default="float32,auto",
+                       help="dtypes to check, comma-separated: float32, bfloat16, float16, auto (float32 always runs: it is the "
+                            "reference each answer is compared with; default: float32,auto)")
     check.set_defaults(func=_cmd_check)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -551,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--quiet", action="store_true", help="no progress bar")
     lat.add_argument("--memory-budget", type=int, default=None, metavar="TOKENS", help="bound the streamed session's working memory")
     lat.add_argument("--no-naive", action="store_true", help="skip the re-reading baseline (minutes per count)")
+    _add_precision_flags(lat)
     lat.set_defaults(func=_cmd_bench_latency)
     mem = bench_sub.add_parser("memory", help="working memory, store and RSS over a long stream under a token budget")
     mem.add_argument("--model", default="smolvlm-256m-random")
@@ -564,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--fast", action="store_true", help="accepted for symmetry with run: this benchmark always streams as fast as possible")
     mem.add_argument("--quiet", action="store_true", help="no progress bar")
     mem.add_argument("--plot", metavar="PNG", help="also draw the samples to this PNG file")
+    _add_precision_flags(mem)
     mem.set_defaults(func=_cmd_bench_memory)
 
     ret = bench_sub.add_parser("retrieval", help="search latency of the long-term store at a model's layer sizes")
@@ -582,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--duration", type=float, default=60.0, help="seconds of video (played in real time)")
     live.add_argument("--budget", type=int, default=2048, help="working-memory budget in tokens")
     live.add_argument("--probe-every", type=int, default=2, help="probe watches every N ingested frames")
+    _add_precision_flags(live)
     live.add_argument("--json", metavar="OUT", help="write the result to this file")
     live.set_defaults(func=_cmd_bench_live)
 
@@ -602,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--json", metavar="OUT", help="write the result to this file")
     qual.add_argument("--plot", metavar="PNG", help="draw accuracy against budget for every policy to this PNG")
     qual.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_precision_flags(qual)
     qual.set_defaults(func=_cmd_bench_quality)
 
     bserve = bench_sub.add_parser("serve", help="concurrent realtime sessions against one server")
@@ -662,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--resume-window", type=float, default=60.0, help="seconds a dropped session can be resumed")
     srv.add_argument("--event-db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
     srv.add_argument("--ice-server", action="append", metavar="URL", help="STUN/TURN server for WebRTC peers off this machine (repeatable)")
-    srv.add_argument("--dtype", default="float32")
+    _add_precision_flags(srv)
     srv.set_defaults(func=_cmd_serve)
 
     wat = sub.add_parser("watch", help="monitor a camera (RTSP/HTTP/file/webcam index) and raise alerts")
@@ -676,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     wat.add_argument("--policy", default="merge", help="memory policy (default merge: static cameras cost little)")
     wat.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until the source ends)")
     wat.add_argument("--name", default=None, help="this run's session name in the event log (default: a fresh watch_... id)")
-    wat.add_argument("--dtype", default="float32")
+    _add_precision_flags(wat)
     wat.set_defaults(func=_cmd_watch)
 
     evs = sub.add_parser("events", help="list logged answers and alerts, newest first")

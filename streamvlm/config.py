@@ -43,6 +43,7 @@ def streamvlm_home() -> Path:
 
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(?::\d+)?)$")
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -60,7 +61,11 @@ class ModelConfig:
 
     ``model`` is a preset name (``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``, ``tiny-smolvlm``,
     ``smolvlm-256m-random``), a Hub id (``Qwen/Qwen2.5-VL-3B-Instruct``) or a local directory.
-    ``dtype`` is the weights' dtype; float32 is the CPU default and what the exactness checks use.
+    ``device`` is ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; ``dtype`` is the weights' dtype
+    (``float32``, ``bfloat16``, ``float16``) or ``auto``. ``auto`` follows the rule of
+    :func:`streamvlm.models.device.choose_precision` (the first CUDA GPU, else MPS, else the CPU; bf16
+    where the hardware has it natively, float32 elsewhere); the commands default to ``auto``. This
+    dataclass defaults to float32 on the CPU: exact, and what the exactness checks compare against.
     """
 
     model: str = "tiny-smolvlm"
@@ -72,6 +77,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(bool(self.model and self.model.strip()), "model", "must name a preset, Hub id or path")
         _require(self.dtype in _DTYPES, "dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        _require(isinstance(self.device, str) and bool(_DEVICE.match(self.device)), "device",
+                 f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _require(self.attn_implementation in ("sdpa", "eager"), "attn_implementation", "must be 'sdpa' or 'eager'")
 
 

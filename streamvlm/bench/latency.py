@@ -24,7 +24,7 @@ import torch
 from ..config import MemoryConfig, ModelConfig, SamplingConfig, SessionConfig
 from ..engine import StreamSession
 from ..engine.check import synthetic_frames
-from ..models import ModelAdapter, load_model
+from ..models import ModelAdapter, load_model, precision_of
 
 __all__ = ["run_latency_bench", "naive_ttft"]
 
@@ -53,7 +53,8 @@ def run_latency_bench(
     """Run the benchmark and return the result as a JSON-ready dict (see ``docs/benchmarks.md``).
 
     ``memory_budget`` bounds the streamed session's working memory (None: uncompressed, exact);
-    ``naive=False`` skips the re-reading baseline (its fields are then None).
+    ``naive=False`` skips the re-reading baseline (its fields are then None). ``model.device`` and
+    ``model.dtype`` may be ``auto``; the JSON's ``device``, ``dtype`` and ``dtype_reason`` say what ran.
     """
     from tqdm import tqdm
 
@@ -90,8 +91,7 @@ def run_latency_bench(
         "benchmark": "latency",
         "model": model.model,
         "memory_budget_tokens": memory_budget,
-        "dtype": model.dtype,
-        "device": model.device,
+        **precision_of(adapter).to_dict(),  # device, dtype and why (auto resolves per machine)
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,

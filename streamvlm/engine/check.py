@@ -5,20 +5,45 @@ rounding) and the same greedy answer as feeding the identical token sequence to 
 offline forward, where the model numbers positions itself. This proves that frames are read once
 without loss, that positions are built right, and that the cache carries everything. It is what
 ``streamvlm check-model`` runs before a user trusts a new checkpoint.
+
+The tolerance fits the dtype the model runs in (:func:`tolerance_for`). In float32 the two paths
+agree to within float rounding, so the bar is absolute: 1e-4. In bfloat16 and float16 a logit
+carries only 8 or 11 significant bits, and the streamed and offline passes add up the same numbers
+in different orders (one token at a time against one long prefill), so they differ by a few units in
+the last place of the largest logit: the bar is :data:`LOW_PRECISION_ULPS` of those, e.g. about 0.8
+for bfloat16 logits near 25, where one unit is 0.125. :func:`check_dtypes` runs the check for several
+dtypes and also says whether each greedy answer is the float32 one.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import gc
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
-from ..config import SamplingConfig, SessionConfig
+from ..config import ModelConfig, SamplingConfig, SessionConfig
 from ..models.base import ModelAdapter
+from ..models.device import precision_of
 from .session import StreamSession
 
-__all__ = ["CheckReport", "check_exactness", "synthetic_frames"]
+__all__ = ["CheckReport", "check_exactness", "check_dtypes", "synthetic_frames", "tolerance_for", "FLOAT32_TOLERANCE", "LOW_PRECISION_ULPS"]
+
+#: The largest logit difference accepted in float32 (absolute).
+FLOAT32_TOLERANCE = 1e-4
+#: In bfloat16 / float16: this many units in the last place at the largest reference logit's magnitude.
+LOW_PRECISION_ULPS = 4
+
+
+def tolerance_for(dtype: torch.dtype, logit_scale: float) -> float:
+    """The logit difference :func:`check_exactness` accepts for a model in ``dtype`` whose largest
+    reference logit is ``logit_scale`` in magnitude: 1e-4 in float32 (and wider types), else
+    ``LOW_PRECISION_ULPS`` units in the last place at that magnitude (at least at 1.0)."""
+    if torch.finfo(dtype).bits >= 32:
+        return FLOAT32_TOLERANCE
+    return LOW_PRECISION_ULPS * torch.finfo(dtype).eps * max(1.0, float(logit_scale))
 
 
 @dataclass(frozen=True)
@@ -33,6 +58,12 @@ class CheckReport:
     offline_answer_ids: list[int]
     tolerance: float
     ok: bool
+    dtype: str = "float32"
+    device: str = "cpu"
+    #: Why this dtype ran, e.g. "bfloat16: CPU has avx512_bf16" (see streamvlm.models.device).
+    dtype_reason: str = ""
+    #: Whether the streamed greedy answer equals the one of the model in float32 (None: not compared).
+    same_answer_as_float32: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,12 +91,13 @@ def check_exactness(
     *,
     fps: float = 1.0,
     max_new_tokens: int = 8,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
 ) -> CheckReport:
     """Stream ``frames`` and ``question`` through a :class:`StreamSession`, then compare with one offline pass.
 
     Compared: the logits at every question position and at every generated step (max absolute
-    difference), and the greedy answers' token ids.
+    difference), and the greedy answers' token ids. ``tolerance`` None fits the model's dtype
+    (:func:`tolerance_for`). ``ok`` is True when the answers are the same and the difference is within it.
     """
     session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens)))
     for i, frame in enumerate(frames):
@@ -97,6 +129,9 @@ def check_exactness(
     n = min(len(reference), len(stream.logits))
     diff = float((reference[:n] - stream.logits[:n]).abs().max())
     same = list(answer.token_ids) == offline_ids
+    dtype = next(adapter.model.parameters()).dtype
+    if tolerance is None:
+        tolerance = tolerance_for(dtype, float(reference[:n].abs().max()) if n else 0.0)
     return CheckReport(
         model=adapter.source,
         family=adapter.model_type,
@@ -108,4 +143,43 @@ def check_exactness(
         offline_answer_ids=offline_ids,
         tolerance=tolerance,
         ok=bool(same and diff <= tolerance),
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(adapter.device),
+        dtype_reason=precision_of(adapter).dtype_reason,
     )
+
+
+def check_dtypes(
+    model: str,
+    dtypes: Sequence[str],
+    frames: list[np.ndarray],
+    question: str = "What happened in the video?",
+    *,
+    device: str = "auto",
+    max_new_tokens: int = 8,
+    tolerance: float | None = None,
+) -> list[CheckReport]:
+    """Load ``model`` once per dtype and run :func:`check_exactness` in each; float32 always runs first.
+
+    ``dtypes`` may hold ``auto`` (resolved for ``device`` by
+    :func:`~streamvlm.models.device.choose_precision`; duplicates after resolving run once).
+    ``tolerance`` None fits each dtype. Every report after float32's says in
+    ``same_answer_as_float32`` whether its streamed greedy answer is float32's. Each model is released
+    before the next loads. Raises what :func:`~streamvlm.models.load_model` raises.
+    """
+    from ..models import load_model
+    from ..models.device import choose_precision
+
+    resolved = {"float32": "float32"}  # concrete dtype -> the name asked for (so "auto" keeps its reason)
+    for name in dtypes:
+        resolved.setdefault(choose_precision(device, name).dtype, name)
+    reports: list[CheckReport] = []
+    for name in resolved.values():
+        adapter = load_model(ModelConfig(model=model, dtype=name, device=device))
+        report = check_exactness(adapter, frames, question, max_new_tokens=max_new_tokens, tolerance=tolerance)
+        del adapter
+        gc.collect()
+        if reports:
+            report = replace(report, same_answer_as_float32=report.stream_answer_ids == reports[0].stream_answer_ids)
+        reports.append(report)
+    return reports

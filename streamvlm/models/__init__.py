@@ -8,22 +8,21 @@ them; a first download shows the Hub's progress bars.
 from __future__ import annotations
 
 import importlib.util
-
-import torch
+import sys
 
 from ..config import ModelConfig
 from ..errors import ModelError
 from .base import ModelAdapter, PreparedFrame
+from .device import Precision, choose_precision, precision_of
 from .qwen import QwenVLAdapter
 from .resolve import SHAPEWORLD, ModelLocation, locate
 from .smolvlm import SmolVLMAdapter
 from .tiny import PRESETS, ensure_preset
 
 __all__ = ["ModelAdapter", "PreparedFrame", "QwenVLAdapter", "SmolVLMAdapter", "load_model", "PRESETS", "ADAPTERS", "SHAPEWORLD",
-           "ModelLocation", "locate"]
+           "ModelLocation", "locate", "Precision", "choose_precision", "precision_of"]
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (QwenVLAdapter, SmolVLMAdapter)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def _adapter_for(model_type: str) -> type[ModelAdapter]:
@@ -41,12 +40,17 @@ def load_model(spec: ModelConfig | str) -> ModelAdapter:
     preset (built on first use) or ``"shapeworld"``, the trained model that ships with the package. Raises
     :class:`ModelError` when the id or path cannot be found (at once, before any download is tried, with
     the closest known names: see :func:`~streamvlm.models.resolve.locate`), the family is unsupported, or
-    the files are incomplete; the message says which.
+    the files are incomplete; the message says which, and :class:`ConfigError` when the device is not
+    on this machine. ``spec.device`` / ``spec.dtype`` ``auto`` resolve by
+    :func:`~streamvlm.models.device.choose_precision`; the choice and its reason are printed on stderr
+    (one ``streamvlm: ... device ..., dtype ...`` line) and kept as ``adapter.precision``
+    (:func:`precision_of` reads it).
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     cfg = spec if isinstance(spec, ModelConfig) else ModelConfig(model=spec)
     where = locate(cfg.model)  # fails in milliseconds, with suggestions, on a name that cannot load
+    precision = choose_precision(cfg.device, cfg.dtype)  # a missing device fails here too, before any weights load
     source = str(ensure_preset(cfg.model)) if where.kind == "preset" else where.source
     offline = {"local_files_only": True} if where.local_files_only else {}
     try:
@@ -57,7 +61,7 @@ def load_model(spec: ModelConfig | str) -> ModelAdapter:
     adapter_cls = _adapter_for(str(hf_config.model_type))
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            source, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **offline
+            source, revision=cfg.revision, dtype=precision.torch_dtype, attn_implementation=cfg.attn_implementation, **offline
         )
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, **offline)
         # Without torchvision (not installable beside the CPU torch build) ask for the PIL backend directly.
@@ -65,5 +69,8 @@ def load_model(spec: ModelConfig | str) -> ModelAdapter:
         image_processor = AutoImageProcessor.from_pretrained(source, revision=cfg.revision, backend=backend, **offline)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {cfg.model!r}: {exc}") from exc
-    model.to(cfg.device)
-    return adapter_cls(model, tokenizer, image_processor, source=cfg.model)
+    model.to(precision.device)
+    adapter = adapter_cls(model, tokenizer, image_processor, source=cfg.model)
+    adapter.precision = precision  # type: ignore[attr-defined]
+    print(f"streamvlm: {cfg.model}: {precision.describe()}", file=sys.stderr, flush=True)
+    return adapter
