@@ -86,8 +86,15 @@ def _timed_questions(specs: Sequence[str]) -> list[tuple[float, str]]:
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
-    """The ModelConfig of a command's ``--model``, ``--device`` and ``--dtype`` (ConfigError on a bad value)."""
-    return ModelConfig(model=args.model, dtype=args.dtype, device=args.device)
+    """The ModelConfig of a command's ``--model``, ``--device`` and ``--dtype``.
+
+    Raises ConfigError at once on a bad value or a device this machine lacks (before any model loads).
+    """
+    from .models.device import choose_precision
+
+    cfg = ModelConfig(model=args.model, dtype=args.dtype, device=args.device)
+    choose_precision(cfg.device, cfg.dtype)
+    return cfg
 
 
 def _with_precision(result: dict, args: argparse.Namespace) -> dict:
@@ -190,6 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     session_cfg = SessionConfig(sampling=sampling, **({"system_prompt": args.system} if args.system else {}))
     locate(args.model)
+    model_cfg = _model_config(args)
     clip_end = probe_video(args.video).duration_s if args.video is not None else 4.0
     if clip_end is not None:
         for t, q in questions:
@@ -202,7 +210,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             video = str(write_test_clip(Path(tmp) / "demo.mp4", seconds=4.0, fps=10.0, size=(160, 120)))
             print(f"streamvlm: no video given, playing a generated 4 s clip ({video})", file=sys.stderr)
         print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
-        adapter = load_model(_model_config(args))
+        adapter = load_model(model_cfg)
         session = StreamSession(adapter, session_cfg, memory)
         dialogue = _RunDialogue(session, clip_end)
         pending = list(questions)
@@ -368,9 +376,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         session_store_disk_bytes=parse_size(args.store_disk, what="--store-disk"), event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
     )
     locate(args.model)
+    model_cfg = _model_config(args)
     _check_port_free(config.host, config.port)  # a busy port is one line now, not a traceback after the model loaded
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
-    adapter = load_model(_model_config(args))
+    adapter = load_model(model_cfg)
     try:
         asyncio.run(serve_forever(adapter, config))
     except KeyboardInterrupt:
@@ -410,8 +419,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         raise ConfigError("watch needs at least one --alert CONDITION")
     check_source(args.source)  # a file that is not a video fails here, before the model loads
     memory = MemoryConfig(budget_tokens=args.memory_budget, policy=args.policy)  # so do bad memory settings
+    model_cfg = _model_config(args)  # and a device this machine lacks
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
-    adapter = load_model(_model_config(args))
+    adapter = load_model(model_cfg)
     try:
         raised = asyncio.run(run_watch(adapter, args.source, args.alert, event_db=_events_db(args.event_db), webhook=args.webhook,
                                        jsonl=Path(args.log) if args.log else None, memory=memory, duration_s=args.duration,

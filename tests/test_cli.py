@@ -250,3 +250,59 @@ def test_events_since_takes_durations_iso_times_and_unix_times_and_json_stays_ra
     assert future.returncode == 0 and not future.stdout
     bad = run_cli("events", "--db", str(db), "--since", "yesterday", timeout=60)
     assert bad.returncode == 2 and "10m" in bad.stderr
+
+
+# ---- device and precision ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["run"], ["demo"], ["serve"], ["watch", "0"], ["check-model", "tiny-smolvlm"], ["bench", "latency"],
+                                     ["bench", "memory"], ["bench", "live"], ["bench", "quality"]])
+def test_every_command_that_loads_a_model_takes_device_and_dtype_defaulting_to_auto(command):
+    from streamvlm.cli import build_parser
+
+    args = build_parser().parse_args(command)
+    assert args.device == "auto"
+    assert args.dtype == ("float32,auto" if command[0] == "check-model" else "auto")
+
+
+def test_check_model_checks_each_dtype_against_float32():
+    proc = run_cli("check-model", "tiny-smolvlm", "--frames", "2", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32,bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["dtype"] == "float32" and report["max_abs_logit_diff"] <= 1e-4  # float32 stays the top level
+    fp32, bf16 = report["checks"]
+    assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    assert fp32["tolerance"] == 1e-4 < bf16["tolerance"]  # a tolerance that fits bfloat16's 8 significant bits
+    assert bf16["ok"] is True and bf16["same_answer"] is True and isinstance(bf16["same_answer_as_float32"], bool)
+    assert bf16["same_answer_as_float32"] == (bf16["stream_answer_ids"] == fp32["stream_answer_ids"])
+    assert "dtype bfloat16: asked for" in proc.stderr
+
+
+def test_bench_latency_json_says_which_device_and_dtype_ran(tmp_path):
+    out = tmp_path / "lat.json"
+    proc = run_cli("bench", "latency", "--model", "tiny-smolvlm", "--frames", "2", "--repeats", "1", "--no-naive", "--quiet",
+                   "--device", "cpu", "--dtype", "bfloat16", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert (result["device"], result["dtype"]) == ("cpu", "bfloat16")
+    assert result["dtype_reason"].startswith("bfloat16: asked for")
+
+
+def test_bench_latency_auto_dtype_is_resolved_in_the_json(tmp_path):
+    from streamvlm.models.device import choose_precision
+
+    out = tmp_path / "lat.json"
+    proc = run_cli("bench", "latency", "--model", "tiny-smolvlm", "--frames", "1", "--repeats", "1", "--no-naive", "--quiet", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    expected = choose_precision("auto", "auto")
+    assert (result["device"], result["dtype"], result["dtype_reason"]) == (expected.device, expected.dtype, expected.dtype_reason)
+    assert result["dtype"] != "auto"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_fails_before_loading():
+    proc = run_cli("run", "--device", "cuda", "--fast", "--max-new-tokens", "1", timeout=60)
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stderr and "--device cpu" in proc.stderr
+    assert "loading" not in proc.stderr and not proc.stdout
+    proc = run_cli("bench", "latency", "--device", "gpu", "--frames", "1", timeout=60)
+    assert proc.returncode == 2 and "auto, cpu, cuda, cuda:N or mps" in proc.stderr

@@ -108,3 +108,24 @@ def test_frame_larger_than_processor_size_is_resized(smol):
     big = np.random.default_rng(0).integers(0, 255, (720, 1280, 3), dtype=np.uint8)
     frame = smol.prepare_frame(big, 0.0)
     assert frame.pixels["pixel_values"].shape[-2:] == (64, 64)
+
+
+# ---- precision ----------------------------------------------------------------------------------------------
+def test_exactness_tolerance_fits_the_dtype():
+    from streamvlm.engine.check import FLOAT32_TOLERANCE, tolerance_for
+
+    assert tolerance_for(torch.float32, 30.0) == FLOAT32_TOLERANCE == 1e-4
+    # bfloat16 has 8 significant bits: one unit in the last place at 16..32 is 0.125, and 4 of them are allowed
+    assert tolerance_for(torch.bfloat16, 25.0) == pytest.approx(4 * 2**-7 * 25.0)
+    assert tolerance_for(torch.float16, 0.5) == pytest.approx(4 * 2**-10)  # small logits: measured at 1.0 at least
+
+
+def test_a_bfloat16_model_streams_within_its_own_tolerance():
+    from streamvlm.config import ModelConfig
+    from streamvlm.engine.check import check_exactness
+
+    bf16 = load_model(ModelConfig(model="tiny-qwen2.5-vl", dtype="bfloat16", device="cpu"))
+    report = check_exactness(bf16, synthetic_frames(3), max_new_tokens=4)
+    assert report.dtype == "bfloat16" and report.dtype_reason.startswith("bfloat16")
+    assert report.max_abs_logit_diff > 1e-4  # rounding in bf16 is real: the float32 bar would fail it
+    assert report.ok and report.same_answer and report.max_abs_logit_diff <= report.tolerance
