@@ -54,7 +54,7 @@ def run_watch(controller, watch_id, scores, t0=0.0, dt=1.0):
 
 
 def test_threshold_rule_fires_on_rising_edge_with_hysteresis():
-    rule = ThresholdRule(on=0.6, off=0.4, m=2, n=3)
+    rule = ThresholdRule(on=0.6, off=0.4, hold_s=1.5, window_s=3.0)
     #        0    1    2    3    4    5     6    7    8    9
     seq = [0.1, 0.9, 0.8, 0.9, 0.9, 0.5, 0.45, 0.9, 0.3, 0.9]
     # Fires on the 2nd "yes" (t=2); 0.5/0.45 are inside the band so it stays disarmed at t=7; 0.3 re-arms.
@@ -66,7 +66,7 @@ def test_threshold_rule_fires_on_rising_edge_with_hysteresis():
 
 
 def test_threshold_rule_needs_fresh_votes_after_rearm():
-    rule = ThresholdRule(on=0.6, off=0.4, m=2, n=3)
+    rule = ThresholdRule(on=0.6, off=0.4, hold_s=1.5, window_s=3.0)
     # Re-armed at t=2 with an empty window: t=3 alone is not enough; t=3 and t=5 are.
     # (Keeping the old votes would have fired at t=3 on the pre-drop yes at t=1.)
     assert feed(rule, [0.9, 0.9, 0.1, 0.9, 0.1, 0.9, 0.9]) == [1.0, 5.0]
@@ -85,7 +85,7 @@ def test_running_sum_rule_fires_on_sustained_evidence_not_on_flat():
 
 
 def test_zscore_rule_fires_on_a_jump_not_on_flat_or_always_high():
-    rule = ZScoreRule(z=2.5, window=30, min_history=8)
+    rule = ZScoreRule(z=2.5, history_s=30, min_history_s=8)
     base = [0.10, 0.12, 0.09, 0.11, 0.10, 0.12, 0.08, 0.11, 0.10, 0.09]
     assert feed(rule, base + [0.85, 0.9, 0.1, 0.1]) == [10.0]
     assert rule.last_z is not None and rule.last_z < 1.0 and rule.armed  # back to normal: re-armed
@@ -93,17 +93,17 @@ def test_zscore_rule_fires_on_a_jump_not_on_flat_or_always_high():
     assert feed(ZScoreRule(), [0.3] * 40) == []
     assert feed(ZScoreRule(), [0.95] * 40) == []  # always "yes" is not news
     # Not before min_history scores are known, however large the jump.
-    assert feed(ZScoreRule(min_history=8), [0.0] * 5 + [1.0]) == []
+    assert feed(ZScoreRule(min_history_s=8), [0.0] * 5 + [1.0]) == []
 
 
 def test_cooldown_suppresses_a_rapid_refire():
-    rule = ThresholdRule(on=0.6, off=0.4, m=1, n=1, cooldown_s=5.0)
+    rule = ThresholdRule(on=0.6, off=0.4, hold_s=0.5, window_s=1.0, cooldown_s=5.0)
     # t: 0 fire; 1 re-arm; 2 would fire -> suppressed; 3 drop; 4 would fire -> suppressed; 6 fires.
     assert feed(rule, [0.9, 0.1, 0.9, 0.1, 0.9, 0.1, 0.9]) == [0.0, 6.0]
 
 
 def test_cooldown_suppressed_fire_stays_armed_and_fires_when_cooldown_ends():
-    rule = ThresholdRule(on=0.6, off=0.4, m=1, n=1, cooldown_s=5.0)
+    rule = ThresholdRule(on=0.6, off=0.4, hold_s=0.5, window_s=1.0, cooldown_s=5.0)
     # Condition rises again at t=2 and holds: fires at t=5, the first update out of the cooldown.
     assert feed(rule, [0.9, 0.1, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]) == [0.0, 5.0]
 
@@ -144,7 +144,7 @@ def test_rules_validate_inputs_and_time():
         (lambda: TriggerSpec(window=1), "window"),
         (lambda: TriggerSpec(min_history=40), "min_history"),
         (lambda: ThresholdRule(on=0.2, off=0.3), "off"),
-        (lambda: ZScoreRule(window=4, min_history=5), "min_history"),
+        (lambda: ZScoreRule(history_s=4, min_history_s=5), "min_history_s"),
         (lambda: RunningSumRule(cooldown_s=float("nan")), "cooldown_s"),
     ],
 )
@@ -158,7 +158,7 @@ def test_make_rule_builds_each_kind():
     sum_rule = make_rule(TriggerSpec(kind="sum", threshold=2.0, baseline=0.3, cooldown_s=4.0))
     assert isinstance(sum_rule, RunningSumRule) and sum_rule.threshold == 2.0 and sum_rule.cooldown_s == 4.0
     z_rule = make_rule(TriggerSpec(kind="zscore", z=3.0, window=10, min_history=5))
-    assert isinstance(z_rule, ZScoreRule) and (z_rule.z, z_rule.window, z_rule.min_history) == (3.0, 10, 5)
+    assert isinstance(z_rule, ZScoreRule) and (z_rule.z, z_rule.history_s, z_rule.min_history_s) == (3.0, 10.0, 5.0)
     with pytest.raises(ConfigError):
         make_rule("threshold")  # type: ignore[arg-type]
 
@@ -482,3 +482,62 @@ def test_dialogue_imports_no_torch_asyncio_or_clock():
                 names = [node.module or ""]
             for name in names:
                 assert name.split(".")[0] not in ("torch", "asyncio", "time", "datetime"), (path.name, name)
+
+
+# -- rules in stream seconds: the same alerts whatever the probe rate --------------------------------------------
+
+def _feed_at(rule, rate: float, pattern: list[float]) -> list[float]:
+    """Feed ``pattern`` (one score per second of stream) at ``rate`` probes per second; the fire times."""
+    fires, i = [], 0
+    while (t := i / rate) < len(pattern):
+        if rule.update(pattern[int(t)], t):
+            fires.append(t)
+        i += 1
+    return fires
+
+
+# Appears at 3 s, gone at 8 s, back at 11 s; one unsure second (0.5) at 5 s while it holds.
+_SCENE = [0.05, 0.1, 0.0, 0.95, 0.9, 0.5, 0.97, 0.92, 0.1, 0.05, 0.0, 0.9, 0.95, 0.99, 0.9, 0.1, 0.0]
+
+
+# Ten seconds of low, varied scores, then a jump (for the z-score rule, which needs a history).
+_JUMP = [0.1, 0.2, 0.05, 0.15, 0.1, 0.2, 0.05, 0.1, 0.15, 0.1, 0.95, 0.95, 0.9, 0.1, 0.15, 0.05, 0.1]
+
+
+@pytest.mark.parametrize(("spec", "scene"), [(TriggerSpec(), _SCENE), (TriggerSpec(kind="sum"), _SCENE),
+                                             (TriggerSpec(kind="zscore"), _JUMP)], ids=["threshold", "sum", "zscore"])
+def test_rules_raise_the_same_alerts_at_1_2_and_10_probes_per_second(spec, scene):
+    fires = {rate: _feed_at(make_rule(spec), rate, scene) for rate in (1.0, 2.0, 10.0)}
+    assert len(fires[1.0]) >= 1
+    for rate in (2.0, 10.0):
+        assert len(fires[rate]) == len(fires[1.0]), fires
+        assert all(abs(a - b) <= 1.0 for a, b in zip(fires[rate], fires[1.0])), fires
+
+
+def test_threshold_rule_in_seconds_fires_once_per_appearance_at_10_fps():
+    fires = _feed_at(make_rule(TriggerSpec()), 10.0, _SCENE)
+    assert [round(t, 1) for t in fires] == [4.4, 12.4]  # 1.5 s of "yes" after each appearance
+
+
+def test_old_count_fields_convert_to_seconds_and_mean_the_old_rule_at_one_probe_per_second():
+    assert TriggerSpec(m=2, n=3) == TriggerSpec(hold_s=1.5, window_s=3.0) == TriggerSpec()
+    assert TriggerSpec(kind="zscore", window=10, min_history=4) == TriggerSpec(kind="zscore", history_s=10.0, min_history_s=4.0)
+    with pytest.raises(ConfigError, match="^m:"):
+        TriggerSpec(m=2, hold_s=1.0)
+    # m of n at 1/s: fires on the m-th "yes" of the window.
+    rule = make_rule(TriggerSpec(m=3, n=4))
+    assert [rule.update(p, float(t)) for t, p in enumerate([0.9, 0.9, 0.1, 0.9, 0.9])] == [False, False, False, True, False]
+
+
+def test_probe_every_s_polls_at_the_same_stream_times_at_any_frame_rate():
+    def polls(fps: float) -> list[float]:
+        c = DialogueController(ControllerConfig(probe_every_s=1.0))
+        c.add_watch("w", "a ball appears", t=0.0)
+        out = []
+        for i in range(int(5 * fps)):
+            out += [round(a.t, 3) for a in c.frame(i / fps) if isinstance(a, Poll)]
+        return out
+
+    assert polls(1.0) == polls(2.0) == polls(10.0) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ConfigError, match="^probe_every_s:"):
+        ControllerConfig(probe_every_s=-1)

@@ -189,7 +189,10 @@ Action = AnswerNow | Acknowledge | Poll | Alert | CancelGeneration | Narrate | G
 class ControllerConfig:
     """How the controller schedules probes, answers and narration; checked when built (ConfigError)."""
 
-    # Poll the probes on every probe_every_frames-th frame of a source (1 = every frame).
+    # Poll the probes at most every probe_every_s stream seconds per source (0 = every frame): the same
+    # probe rate whatever the input frame rate.
+    probe_every_s: float = 0.0
+    # Deprecated (depends on the frame rate): also skip all but every probe_every_frames-th frame of a source.
     probe_every_frames: int = 1
     # True: a user message cancels the running generation (start of activity interrupts).
     # False: it waits in the queue until the running generation finishes.
@@ -216,6 +219,9 @@ class ControllerConfig:
         require(isinstance(self.probe_every_frames, int) and not isinstance(self.probe_every_frames, bool)
                 and self.probe_every_frames >= 1, "probe_every_frames",
                 f"must be an integer >= 1, got {self.probe_every_frames!r}")
+        require(isinstance(self.probe_every_s, (int, float)) and not isinstance(self.probe_every_s, bool)
+                and 0 <= self.probe_every_s <= 3600, "probe_every_s",
+                f"must be a number of seconds in [0, 3600], got {self.probe_every_s!r}")
         require(isinstance(self.interrupt, bool), "interrupt", f"must be True or False, got {self.interrupt!r}")
         require(positive_or_none(self.deferred_timeout_s), "deferred_timeout_s",
                 f"must be None or a finite number of seconds > 0, got {self.deferred_timeout_s!r}")
@@ -311,6 +317,7 @@ class DialogueController:
         self._generating: str | None = None
         self._queue: list[AnswerNow] = []
         self._frames: dict[str, int] = {}
+        self._last_poll: dict[str, float] = {}
         self._last_narration_t: float | None = None
         self._changed = False
         self._narrations = 0
@@ -456,8 +463,9 @@ class DialogueController:
         """A frame of ``source_id`` at time ``t`` was ingested. Returns, in order:
 
         ``GiveUp`` for deferred questions past ``deferred_timeout_s``; one ``Poll`` of every active
-        probe when this is the source's ``probe_every_frames``-th frame (score them on this frame and
-        call ``scores``); ``Narrate`` when commentary is due. Raises InputError after stream_ended.
+        probe when at least ``probe_every_s`` stream seconds passed since the source's last poll (and
+        this is its ``probe_every_frames``-th frame): score them on this frame and call ``scores``;
+        ``Narrate`` when commentary is due. Raises InputError after stream_ended.
         """
         check_time(t, self._last_t)
         _check_id(source_id, "source_id")
@@ -468,7 +476,10 @@ class DialogueController:
         count = self._frames.get(source_id, 0) + 1
         self._frames[source_id] = count
         probes = self.probes
-        if count % self.config.probe_every_frames == 0 and probes:
+        last_poll = self._last_poll.get(source_id)
+        due = last_poll is None or t - last_poll >= self.config.probe_every_s - 1e-6
+        if count % self.config.probe_every_frames == 0 and probes and due:
+            self._last_poll[source_id] = t
             actions.append(Poll(t, probes, source_id))
         actions.extend(self._maybe_narrate(t))
         return actions

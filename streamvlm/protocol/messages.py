@@ -152,8 +152,11 @@ _SESSION_FIELDS = {"instructions": "instructions", "sampling.max_new_tokens": "m
                    "sampling.temperature": "temperature", "memory.budget_tokens": "budget_tokens",
                    "memory.policy": "policy", "memory.positions": "positions", "interrupt": "interrupt",
                    "probe_every_frames": "probe_every_frames"}
-_TRIGGER_PARAMS = {"on": False, "off": False, "m": True, "n": True, "threshold": False, "baseline": False,
-                   "z": False, "window": True, "min_history": True}
+# Seconds fields are stream seconds; m, n, window and min_history are the deprecated counts (probes at 1/s),
+# still accepted and converted by TriggerSpec.
+_TRIGGER_PARAMS = {"on": False, "off": False, "hold_s": False, "window_s": False, "rearm_s": False,
+                   "threshold": False, "baseline": False, "z": False, "history_s": False, "min_history_s": False,
+                   "m": True, "n": True, "window": True, "min_history": True}
 
 
 # --------------------------------------------------------------------------- field checks
@@ -489,7 +492,7 @@ def _client_dict(event: Any, **body: Any) -> dict[str, Any]:
 
 
 def _trigger_dict(spec: TriggerSpec) -> dict[str, Any]:
-    return {f.name: getattr(spec, f.name) for f in fields(spec) if f.name != "cooldown_s"}
+    return {f.name: getattr(spec, f.name) for f in fields(spec) if f.name != "cooldown_s" and getattr(spec, f.name) is not None}
 
 
 # --------------------------------------------------------------------------- parsing
