@@ -418,6 +418,12 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     if not args.alert:
         raise ConfigError("watch needs at least one --alert CONDITION")
     check_source(args.source)  # a file that is not a video fails here, before the model loads
+    from .dialogue import TriggerSpec
+
+    if args.fps is not None and not 0 < args.fps <= 60:
+        raise ConfigError(f"--fps: frames read per second must be in (0, 60], got {args.fps!r}")
+    if args.cooldown is not None:
+        TriggerSpec(cooldown_s=args.cooldown)  # a bad cooldown fails here too (ConfigError)
     memory = MemoryConfig(budget_tokens=args.memory_budget, policy=args.policy)  # so do bad memory settings
     model_cfg = _model_config(args)  # and a device this machine lacks
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
@@ -425,7 +431,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     try:
         raised = asyncio.run(run_watch(adapter, args.source, args.alert, event_db=_events_db(args.event_db), webhook=args.webhook,
                                        jsonl=Path(args.log) if args.log else None, memory=memory, duration_s=args.duration,
-                                       session_name=args.name))
+                                       session_name=args.name, fps=args.fps,
+                                       trigger=TriggerSpec(cooldown_s=args.cooldown) if args.cooldown else None))
     except KeyboardInterrupt:
         return 130
     print(f"streamvlm: {raised} alert(s) raised", file=sys.stderr)
@@ -722,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     wat.add_argument("--policy", default="merge", help="memory policy (default merge: static cameras cost little)")
     wat.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until the source ends)")
     wat.add_argument("--name", default=None, help="this run's session name in the event log (default: a fresh watch_... id)")
+    wat.add_argument("--fps", type=float, default=None,
+                     help="frames read per second from the source (default: every frame it delivers); alerts do not depend on it")
+    wat.add_argument("--cooldown", type=float, default=None,
+                     help="seconds of stream time between two alerts of the same condition (default 0: none)")
     _add_precision_flags(wat)
     wat.set_defaults(func=_cmd_watch)
 

@@ -60,8 +60,13 @@ async def run_watch(
     session_name: str | None = None,
     trigger: TriggerSpec | None = None,
     source_config: SourceConfig | None = None,
+    fps: float | None = None,
 ) -> int:
     """Run until the source ends, ``duration_s`` passes, or the task is cancelled; returns alerts raised.
+
+    ``fps`` caps the frames read per second of stream time (None: every new frame the source delivers);
+    the trigger rules count stream seconds, so the same scene raises the same alerts at any ``fps``.
+    ``trigger`` (e.g. ``TriggerSpec(cooldown_s=30)``) is the rule of every alert (default: the controller's).
 
     Events are logged under ``session_name`` (default: a fresh ``watch_...`` id, printed on stderr).
     Raises the source's SourceError (e.g. SourceRefusedError for a URL the server keeps refusing) when
@@ -100,12 +105,15 @@ async def run_watch(
     async def feed() -> None:
         loop = asyncio.get_running_loop()
         last = None
+        submitted: float | None = None
         while camera.running or camera.latest(after=last) is not None:
             frame = await loop.run_in_executor(None, camera.wait_frame, 0.5, last)
             log_camera_events()
             if frame is not None:
                 last = frame.pts_s
-                worker.submit_frame(frame)
+                if fps is None or submitted is None or frame.pts_s - submitted >= 1.0 / fps - 1e-6:
+                    submitted = frame.pts_s
+                    worker.submit_frame(frame)
         log_camera_events()  # the reader's last words (why it closed)
 
     async def report() -> None:

@@ -119,3 +119,15 @@ def test_every_watch_run_logs_under_its_own_session_id(smol, tmp_path):
     for session in sessions:  # each run's events are one complete run
         kinds = [e["kind"] for e in events if e["session"] == session]
         assert kinds[0] == "camera.online" and kinds[-1] == "camera.closed"
+
+
+def test_watch_fps_and_cooldown_flags_are_checked_before_the_model_loads(tmp_path, capsys):
+    from streamvlm.cli import build_parser
+
+    args = build_parser().parse_args(["watch", "clip.mp4", "--alert", "x", "--fps", "2", "--cooldown", "30"])
+    assert (args.fps, args.cooldown) == (2.0, 30.0)
+    clip = write_test_clip(tmp_path / "clip.mp4", seconds=0.5, fps=10.0)
+    assert main(["watch", str(clip), "--alert", "x", "--fps", "0", "--model", "no-such-model"]) == 2
+    assert "--fps" in capsys.readouterr().err
+    assert main(["watch", str(clip), "--alert", "x", "--cooldown", "-5", "--model", "no-such-model"]) == 2
+    assert "cooldown_s" in capsys.readouterr().err
