@@ -151,7 +151,7 @@ _MISSING: Any = object()
 _SESSION_FIELDS = {"instructions": "instructions", "sampling.max_new_tokens": "max_new_tokens",
                    "sampling.temperature": "temperature", "memory.budget_tokens": "budget_tokens",
                    "memory.policy": "policy", "memory.positions": "positions", "interrupt": "interrupt",
-                   "probe_every_frames": "probe_every_frames"}
+                   "probe_every_frames": "probe_every_frames", "probe_every_s": "probe_every_s"}
 # Seconds fields are stream seconds; m, n, window and min_history are the deprecated counts (probes at 1/s),
 # still accepted and converted by TriggerSpec.
 _TRIGGER_PARAMS = {"on": False, "off": False, "hold_s": False, "window_s": False, "rearm_s": False,
@@ -280,8 +280,10 @@ class SessionUpdate:
     positions: str | None = None
     # interrupt: a new user message cancels the running answer (True) or waits for it (False).
     interrupt: bool | None = None
-    # probe_every_frames: score watches and deferred questions on every k-th frame.
+    # probe_every_frames: score watches and deferred questions on every k-th frame (deprecated: use probe_every_s).
     probe_every_frames: int | None = None
+    # probe_every_s: score watches and deferred questions at most every this many stream seconds (0: every frame).
+    probe_every_s: float | None = None
     # Dotted paths of the fields the client sent, e.g. {"instructions", "memory.budget_tokens"}.
     fields_set: frozenset[str] = frozenset()
     # The client's event_id, or None.
@@ -573,6 +575,7 @@ def _parse_session_update(obj: dict[str, Any], event_id: str | None, limits: Lim
         take(memory, "session.memory", "positions", _positions)
     take(session, "session", "interrupt", _bool)
     take(session, "session", "probe_every_frames", lambda v, p: _int(v, p, 1))
+    take(session, "session", "probe_every_s", lambda v, p: _number(v, p, 0.0, 3600.0))
     return SessionUpdate(event_id=event_id, fields_set=frozenset(present), **values)
 
 

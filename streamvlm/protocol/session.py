@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 # Settings that shape the context: they cannot change once a frame or a question went in.
-_LOCKED = ("instructions", "memory.budget_tokens", "memory.policy", "memory.positions", "interrupt", "probe_every_frames")
+_LOCKED = ("instructions", "memory.budget_tokens", "memory.policy", "memory.positions", "interrupt", "probe_every_frames",
+           "probe_every_s")
 # What a client that is away keeps for its return (answers and alerts; memory and stats are not kept).
 _MISSED_KEPT = 256
 _DROPPABLE = ("memory.update", "input_frame.stats")
@@ -215,6 +216,7 @@ class RealtimeSession:
                        "positions": self.memory_config.positions},
             "interrupt": self.controller_config.interrupt,
             "probe_every_frames": self.controller_config.probe_every_frames,
+            "probe_every_s": self.controller_config.probe_every_s,
         }
 
     @property
@@ -309,7 +311,8 @@ class RealtimeSession:
         self.memory_config = memory
         cc = self.controller_config
         self.controller_config = replace(cc, interrupt=cc.interrupt if event.interrupt is None else event.interrupt,
-                                         probe_every_frames=event.probe_every_frames or cc.probe_every_frames)
+                                         probe_every_frames=event.probe_every_frames or cc.probe_every_frames,
+                                         probe_every_s=cc.probe_every_s if event.probe_every_s is None else event.probe_every_s)
         out: list[Out] = [UpdateSampling(self.session_config)] if self.worker_started else []
         return out + [m.session_updated(self.id, self.settings())]
 
