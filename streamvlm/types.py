@@ -46,7 +46,7 @@ class Answer:
 
     ``text`` is the decoded answer; ``token_ids`` the generated ids (without the stop token);
     ``asked_at_s`` the stream time of the question; ``evidence`` the frames that were in the model's
-    context when it answered, oldest first; ``finish_reason`` is ``"stop"`` (end of turn),
+    context when it answered (recalled ones included), oldest first, each with its attention ``weight``; ``finish_reason`` is ``"stop"`` (end of turn),
     ``"length"`` (max tokens reached) or ``"cancelled"`` (the caller stopped reading the stream).
     ``ttft_s`` and ``total_s`` are wall-clock seconds to the first token and to the end.
     """

@@ -654,8 +654,9 @@ class AsyncClient:
         """Ask a question and wait for its answer: the ``response`` object of its ``response.done``.
 
         Keys: ``id``, ``status`` (``completed``, ``incomplete``, ``cancelled``, ...), ``trigger``,
-        ``output_text``, ``evidence`` (``[{"pts_s", "source_id"}, ...]``, the frames the answer rests
-        on), ``usage``; and, added by the client, ``text`` (= ``output_text``), ``ttft_s`` (seconds from
+        ``output_text``, ``evidence`` (``[{"pts_s", "source_id", "weight"}, ...]``, the frames in the
+        answer's context, oldest first; the optional ``weight``, summing to 1, marks those it rests on
+        most), ``question``, ``no_video``, ``client_event_id``, ``usage``; and, added by the client, ``text`` (= ``output_text``), ``ttft_s`` (seconds from
         sending the question to the first piece of text, None without text) and ``latency_s`` (to the
         end). ``on_delta`` is called with each piece of text as it streams in. A "tell me when ..."
         question returns when its condition held (or it was given up). ``status`` ``cancelled`` and
