@@ -485,14 +485,14 @@ def _cmd_events(args: argparse.Namespace) -> int:
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from .bench.serve import run_serve_bench
 
-    result = run_serve_bench(args.model, sessions=args.sessions, fps=args.fps, duration=args.duration)
+    result = run_serve_bench(_model_config(args), sessions=args.sessions, fps=args.fps, duration=args.duration)
     return _emit_json(result, args.json)
 
 
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
     from .bench.soak import POSITIONS, run_soak_bench
 
-    result = run_soak_bench(args.model, sessions=args.sessions, frames=args.frames, seed=args.seed,
+    result = run_soak_bench(_model_config(args), sessions=args.sessions, frames=args.frames, seed=args.seed,
                             policies=_split_names(args.policies) or POLICIES, positions=_split_names(args.positions) or POSITIONS,
                             fps=args.fps, budget_tokens=args.budget, drain_timeout_s=args.drain_timeout, progress=not args.quiet)
     _emit_json(result, args.json)
@@ -506,7 +506,7 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
 def _cmd_bench_storm(args: argparse.Namespace) -> int:
     from .bench.storm import run_storm_bench
 
-    result = run_storm_bench(args.model, messages=args.messages, churn=args.churn, watches=args.watches, questions=args.questions,
+    result = run_storm_bench(_model_config(args), messages=args.messages, churn=args.churn, watches=args.watches, questions=args.questions,
                              fps=args.fps, new_sessions=args.new_sessions, seed=args.seed, progress=not args.quiet)
     _emit_json(result, args.json)
     if not result["passed"]:
@@ -663,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--fps", type=float, default=2.0)
     bserve.add_argument("--duration", type=float, default=30.0)
     bserve.add_argument("--json", metavar="OUT", help="write the result to this file")
+    _add_precision_flags(bserve)
     bserve.set_defaults(func=_cmd_bench_serve)
 
     soak = bench_sub.add_parser("soak", help="many sessions, long accelerated streams, random questions, cancels, watches and resumes")
@@ -677,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for the last answers of a session")
     soak.add_argument("--json", metavar="OUT", help="write the result to this file")
     soak.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_precision_flags(soak)
     soak.set_defaults(func=_cmd_bench_soak)
 
     storm = bench_sub.add_parser("storm", help="a live session's answer time and the server's memory while hostile clients attack")
@@ -690,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     storm.add_argument("--seed", type=int, default=0)
     storm.add_argument("--json", metavar="OUT", help="write the result to this file")
     storm.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_precision_flags(storm)
     storm.set_defaults(func=_cmd_bench_storm)
 
     srv = sub.add_parser("serve", help="serve the realtime WebSocket API and the web client")

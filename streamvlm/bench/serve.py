@@ -33,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ServerConfig
+from ..config import ModelConfig, ServerConfig
 from ..engine.check import synthetic_frames
 from ..errors import ConfigError
 from ..models import load_model
+from ..models.device import precision_of
 from ..server.app import StreamServer
 from .memory import rss_bytes
 
@@ -61,7 +62,7 @@ def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def run_serve_bench(model: str = "tiny-smolvlm", sessions: int = 8, fps: float = 2.0, duration: float = 30.0, *,
+def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8, fps: float = 2.0, duration: float = 30.0, *,
                     ask_every: float = 5.0, max_new_tokens: int = 16) -> dict[str, Any]:
     """Run the benchmark (about ``duration`` seconds plus model loading and the last answers) and return
     a JSON-ready dict; see the module docstring for what is measured.
@@ -80,8 +81,10 @@ def run_serve_bench(model: str = "tiny-smolvlm", sessions: int = 8, fps: float =
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name}: must be a finite number > 0, got {value!r}")
     client_module = _client_module()
-    adapter = load_model(model)
-    return asyncio.run(_run(adapter, client_module, model, sessions, float(fps), float(duration), float(ask_every), max_new_tokens))
+    adapter = load_model(model)  # a preset, id or path, or a ModelConfig (device, dtype)
+    result = asyncio.run(_run(adapter, client_module, getattr(model, "model", model), sessions, float(fps), float(duration),
+                              float(ask_every), max_new_tokens))
+    return {**result, **precision_of(adapter).to_dict()}
 
 
 async def _run(adapter: Any, client_module: ModuleType, model: str, sessions: int, fps: float, duration: float,

@@ -51,10 +51,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.protocol import State
 
-from ..config import POLICIES, ServerConfig
+from ..config import ModelConfig, POLICIES, ServerConfig
 from ..engine.check import synthetic_frames
 from ..errors import ConfigError
 from ..models import load_model
+from ..models.device import precision_of
 from ..protocol import Limits, encode_frame
 from ..server.app import StreamServer
 from .memory import rss_bytes
@@ -799,7 +800,7 @@ def _check_args(sessions: int, frames: int, fps: float, budget_tokens: int, poli
         raise ConfigError(f"positions: each must be one of {', '.join(POSITIONS)}, got {list(positions)!r}")
 
 
-def run_soak_bench(model: str = "tiny-smolvlm", sessions: int = 4, frames: int = 3000, *, seed: int = 0,
+def run_soak_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 4, frames: int = 3000, *, seed: int = 0,
                    policies: Iterable[str] = POLICIES, positions: Iterable[str] = POSITIONS, fps: float = 60.0,
                    budget_tokens: int = 256, max_new_tokens: int = 4, drain_timeout_s: float = 120.0,
                    progress: bool = True) -> dict[str, Any]:
@@ -817,7 +818,8 @@ def run_soak_bench(model: str = "tiny-smolvlm", sessions: int = 4, frames: int =
     """
     policies, positions = tuple(policies), tuple(positions)
     _check_args(sessions, frames, fps, budget_tokens, policies, positions)
-    adapter = load_model(model)
+    adapter = load_model(model)  # a preset, id or path, or a ModelConfig (device, dtype)
+    precision = precision_of(adapter).to_dict()
     threads_before = free_threads()
     started = time.monotonic()
     result = asyncio.run(_soak(adapter, sessions, frames, seed, policies, positions, float(fps), budget_tokens,
@@ -829,7 +831,7 @@ def run_soak_bench(model: str = "tiny-smolvlm", sessions: int = 4, frames: int =
     faults = result["engine_faults"] + int(result["engine_faults_metric"] or 0)
     violations = result["lifecycle_violations"]
     return {
-        "benchmark": "soak", "model": model, "sessions": sessions, "frames_per_session": frames, "seed": seed,
+        "benchmark": "soak", "model": getattr(model, "model", model), **precision, "sessions": sessions, "frames_per_session": frames, "seed": seed,
         "policies": list(policies), "positions": list(positions), "fps": float(fps), "budget_tokens": budget_tokens,
         "max_new_tokens": max_new_tokens, "wall_s": round(time.monotonic() - started, 1),
         **result,

@@ -61,10 +61,11 @@ import cv2
 import numpy as np
 from websockets.exceptions import InvalidHandshake
 
-from ..config import ServerConfig
+from ..config import ModelConfig, ServerConfig
 from ..engine.check import synthetic_frames
 from ..errors import ConfigError, StreamVLMError
 from ..models import load_model
+from ..models.device import precision_of
 from ..protocol import Limits, encode_frame
 from ..server.app import StreamServer
 from .soak import QUESTIONS, LifecycleChecker, WireClient, metric_total, scrape_metrics, vm_rss_bytes
@@ -223,7 +224,7 @@ def _huge_trigger(i: int) -> dict[str, Any]:
     return kinds[i % len(kinds)]
 
 
-def run_storm_bench(model: str = "tiny-smolvlm", *, messages: int = 10_000, churn: int = 100, watches: int = 1000,
+def run_storm_bench(model: str | ModelConfig = "tiny-smolvlm", *, messages: int = 10_000, churn: int = 100, watches: int = 1000,
                     questions: int = 8, fps: float = 5.0, new_sessions: int = 3, seed: int = 0,
                     answer_timeout_s: float = 120.0, progress: bool = True) -> dict[str, Any]:
     """Run the storm (see the module docstring) and return a JSON-ready dict.
@@ -254,12 +255,13 @@ def run_storm_bench(model: str = "tiny-smolvlm", *, messages: int = 10_000, chur
             raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 30:
         raise ConfigError(f"fps: must be a number in (0, 30] (the server's default frame-rate limit), got {fps!r}")
-    adapter = load_model(model)
+    adapter = load_model(model)  # a preset, id or path, or a ModelConfig (device, dtype)
+    precision = precision_of(adapter).to_dict()
     started = time.monotonic()
     threads_before = threading.active_count()
     result = asyncio.run(_storm(adapter, messages, churn, watches, questions, float(fps), new_sessions, seed,
                                 answer_timeout_s, progress))
-    return {"benchmark": "storm", "model": model, "messages": messages, "churn": churn, "watches": watches,
+    return {"benchmark": "storm", "model": getattr(model, "model", model), **precision, "messages": messages, "churn": churn, "watches": watches,
             "questions": questions, "fps": float(fps), "seed": seed, "wall_s": round(time.monotonic() - started, 1), **result,
             "threads_before": threads_before, "threads_after": threading.active_count()}
 
