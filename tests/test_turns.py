@@ -107,3 +107,37 @@ def test_a_suspendable_step_yields_to_a_more_urgent_waiter_and_takes_the_model_b
     assert order == ["frame: first layers", "answer", "frame: last layers"]
     assert lock.acquire(blocking=False)  # released fully: depth restored and unwound
     lock.release()
+
+
+def test_among_equals_the_thread_that_held_the_model_least_lately_goes_first():
+    lock = TurnLock()
+    order: list[str] = []
+    held_once = threading.Event()
+    again = threading.Event()
+
+    def hog() -> None:  # one session's flood of questions: it has held the model for a while
+        with lock.priority(ANSWER):
+            with lock:
+                time.sleep(0.2)
+            held_once.set()
+            again.wait(10)
+            with lock:  # and queues again
+                order.append("hog")
+
+    def fresh() -> None:  # another session's first question, queued after the hog's
+        with lock.priority(ANSWER), lock:
+            order.append("fresh")
+
+    flood = threading.Thread(target=hog)
+    flood.start()
+    held_once.wait(10)
+    lock.acquire()  # a third party holds the model while both queue up
+    again.set()
+    wait_until(lambda: lock.waiting == 1)
+    newcomer = threading.Thread(target=fresh)
+    newcomer.start()
+    wait_until(lambda: lock.waiting == 2)
+    lock.release()
+    flood.join(10)
+    newcomer.join(10)
+    assert order == ["fresh", "hog"]

@@ -5,8 +5,10 @@ forward pass at a time. With a plain lock the turn goes to whichever thread the 
 wakes, so a question of one session can wait behind a flood of frame reads and watch probes of
 another. :class:`TurnLock` serves the most urgent waiter first: a thread says how urgent its next
 steps are with :meth:`TurnLock.priority` (lower is sooner; :data:`ANSWER`, :data:`PROBE`,
-:data:`FRAME`), and when the model is released the waiter with the lowest priority (the longest
-waiting among equals) takes it. Since a read or an answer takes the model once per forward pass (per
+:data:`FRAME`), and when the model is released the waiter with the lowest priority takes it; among
+equals, the thread that has held the model least lately (its hold time, halved every
+``half_life_s`` seconds) goes first, then the longest waiting. So a session that floods the model
+with questions does not make another session's question wait behind all of its own. Since a read or an answer takes the model once per forward pass (per
 token, per vision tower call), an answer waits for at most the one forward in progress; a long
 forward that can be suspended (a vision tower, between its layers) calls :meth:`TurnLock.yield_turn`
 to let a more urgent waiter of another session run first.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,14 +35,17 @@ ANSWER, PROBE, FRAME = 0, 1, 2
 class TurnLock:
     """A reentrant lock; waiters get it by priority (lower first), then first come first served."""
 
-    def __init__(self) -> None:
+    def __init__(self, half_life_s: float = 10.0) -> None:
         self._cv = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._owner_level = FRAME
         self._depth = 0
-        self._waiting: list[tuple[int, int, int]] = []  # heap of (priority, arrival, thread id)
+        self._waiting: list[tuple[int, float, int, int]] = []  # heap of (priority, recent use, arrival, thread id)
         self._arrivals = itertools.count()
         self._local = threading.local()
+        self._held_since = 0.0
+        self._use: dict[int, tuple[float, float]] = {}  # thread id -> (seconds held, decayed; when last updated)
+        self.half_life_s = half_life_s
 
     @contextmanager
     def priority(self, level: int) -> Iterator[None]:
@@ -59,7 +65,7 @@ class TurnLock:
                 return True
             level = getattr(self._local, "level", FRAME)
             if self._owner is None and not self._waiting:
-                self._owner, self._owner_level, self._depth = me, level, 1
+                self._take(me, level, 1)
                 return True
             if not blocking:
                 return False
@@ -68,7 +74,7 @@ class TurnLock:
     def _wait_turn(self, level: int, depth: int, timeout: float | None) -> bool:
         """Queue this thread and wait for its turn (call with ``_cv`` held)."""
         me = threading.get_ident()
-        entry = (level, next(self._arrivals), me)
+        entry = (level, self._recent_use(me, time.monotonic()), next(self._arrivals), me)
         heapq.heappush(self._waiting, entry)
         ok = self._cv.wait_for(lambda: self._owner is None and self._waiting[0] == entry, timeout)
         if not ok:
@@ -77,8 +83,28 @@ class TurnLock:
             self._cv.notify_all()
             return False
         heapq.heappop(self._waiting)
-        self._owner, self._owner_level, self._depth = me, level, depth
+        self._take(me, level, depth)
         return True
+
+    def _take(self, me: int, level: int, depth: int) -> None:
+        self._owner, self._owner_level, self._depth = me, level, depth
+        self._held_since = time.monotonic()
+
+    def _recent_use(self, thread: int, now: float) -> float:
+        used, when = self._use.get(thread, (0.0, now))
+        return used * 0.5 ** ((now - when) / self.half_life_s)
+
+    def _give_up(self) -> None:
+        """The owner lets go (call with ``_cv`` held): book its hold time, wake the waiters."""
+        now = time.monotonic()
+        me = self._owner
+        assert me is not None
+        self._use[me] = (self._recent_use(me, now) + now - self._held_since, now)
+        if len(self._use) > 1024:  # threads come and go: forget the ones that used the least
+            for thread, _ in sorted(self._use.items(), key=lambda kv: kv[1][0])[:512]:
+                del self._use[thread]
+        self._owner, self._depth = None, 0
+        self._cv.notify_all()
 
     def more_urgent_waiting(self) -> bool:
         """True when this thread holds the lock and a more urgent thread waits for it."""
@@ -97,8 +123,7 @@ class TurnLock:
             if self._owner != me or not self._waiting or self._waiting[0][0] >= self._owner_level:
                 return False
             level, depth = self._owner_level, self._depth
-            self._owner, self._depth = None, 0
-            self._cv.notify_all()
+            self._give_up()
             self._wait_turn(level, depth, None)
             return True
 
@@ -108,8 +133,7 @@ class TurnLock:
                 raise RuntimeError("release of a TurnLock this thread does not hold")
             self._depth -= 1
             if self._depth == 0:
-                self._owner = None
-                self._cv.notify_all()
+                self._give_up()
 
     def __enter__(self) -> TurnLock:
         self.acquire()
