@@ -296,3 +296,43 @@ def test_any_interleaving_ends_every_request_exactly_once(ops, interrupt):
     for rid in asked:  # nothing about a request after it ended
         last = max(i for i, e in enumerate(events) if e.data.get("request_id") == rid)
         assert events[last].kind in TERMINAL
+
+
+class _RecordingTurns:
+    """Stands in for the model's TurnLock: records the priority each step of the worker waits with."""
+
+    def __init__(self) -> None:
+        self.levels: list[int] = []
+
+    def priority(self, level: int):
+        import contextlib
+
+        self.levels.append(level)
+        return contextlib.nullcontext()
+
+
+def test_a_frame_read_that_a_waiting_answer_needs_inherits_the_answers_priority():
+    from streamvlm.models.turns import ANSWER, FRAME
+
+    session = FakeSession(read_s=0.3)
+    turns = _RecordingTurns()
+    session.adapter = type("Adapter", (), {"lock": turns})()
+    frame_levels: list[int] = []
+    real_encode = session.encode_frame
+
+    def encode(frame, t, pause=None):
+        frame_levels.append(turns.levels[-1])
+        return real_encode(frame, t, pause)
+
+    session.encode_frame = encode
+
+    async def script(worker):
+        worker.submit_frame(Frame(image(0), 0.0, "cam"))  # read at once, nobody waits for it
+        await asyncio.sleep(0.1)
+        worker.submit_frame(Frame(image(1), 1.0, "cam"))  # waits for the first read...
+        return [worker.ask("what now?", request_id="q")]  # ...and the question waits for it
+
+    events, _ = drive(session, script)
+    assert frame_levels == [FRAME, ANSWER]
+    done = next(e for e in events if e.kind == "answer.done")
+    assert [e.pts_s for e in done.data["answer"].evidence] == [0.0, 1.0]

@@ -360,11 +360,15 @@ class LiveWorker:
         """Run one job; an exception ends what the job was for (a request, a watch, a frame), not the thread.
 
         The job waits for the shared model with its priority (answers and control before probes before
-        frames, across every session on the model; see models/turns.py).
+        frames, across every session on the model; see models/turns.py). A frame read that a waiting
+        answer needs (the answer was asked after the frame arrived) inherits the answer's priority.
         """
         kind, item = job
+        level = _PRIORITY[kind]
+        if kind == "frame" and self._answers:  # the answers wait only for frames in flight: this one
+            level = ANSWER
         try:
-            with self._turns.priority(_PRIORITY[kind]):
+            with self._turns.priority(level):
                 getattr(self, f"_do_{kind}")(item)
         except _Stopped:
             raise
