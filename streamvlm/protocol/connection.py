@@ -162,7 +162,7 @@ class Connection:
         self._now = now
         if not self._messages.allow(now):
             raise ProtocolError("rate_limited", f"more than {self.limits.max_messages_per_s:g} messages per second; "
-                                "message dropped")
+                                "message dropped", "message")
 
     def _refuse(self, exc: ProtocolError) -> None:
         if not self._errors.allow(self._now):

@@ -263,7 +263,7 @@ class StreamServer:
                 events = conn.receive_bytes(message, now) if isinstance(message, bytes) else conn.receive_text(message, now)
                 for text in conn.data_to_send():
                     error = json.loads(text)
-                    if error["error"]["code"] == "rate_limited":
+                    if error["error"]["code"] == "rate_limited" and error["error"]["param"] != "message":  # a frame
                         self.metrics.frame_received()
                         self.metrics.frame_dropped("rate_limited")
                     self._count(error)
