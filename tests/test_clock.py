@@ -249,3 +249,12 @@ def test_bad_times_and_policies_are_refused():
             ClockPolicy(**bad)
     with pytest.raises(ConfigError):
         SourceClock("rtp")
+
+
+def test_a_clock_with_an_origin_runs_from_the_sessions_opening():
+    # The page's clock starts when its session opens; a WebRTC track whose first frame arrives 1.5 s later
+    # (before any socket frame) must land near 1.5 s, not at 0, or the page cannot match its evidence.
+    clock = SessionClock(origin_s=100.0)
+    assert clock.now(101.5) == pytest.approx(1.5)
+    assert clock.stamp_rtp("webrtc", 123_456, 90_000, 101.5) == pytest.approx(1.5)
+    assert SessionClock().stamp_rtp("webrtc", 123_456, 90_000, 101.5) == 0.0  # without an origin: at start_t

@@ -87,12 +87,15 @@ class SessionClock:
     Get a source's clock with :meth:`source` (or stamp through :meth:`stamp` / :meth:`stamp_rtp`,
     which do that for you), put the returned time on the frame, and hand the frame on. ``start_t``
     is the stream time before the first frame (0 for a new session; a restored session's latest time
-    when it continues from a snapshot).
+    when it continues from a snapshot). ``origin_s``, when given, is the receive time at which the
+    stream time was ``start_t`` (the session opened): the clock then runs from there, so a first frame
+    without a time of its own (or a WebRTC track's first frame) lands at the time elapsed since the
+    session opened, as a client's own clock started then would say.
     """
 
-    def __init__(self, start_t: float = 0.0) -> None:
+    def __init__(self, start_t: float = 0.0, origin_s: float | None = None) -> None:
         self._last_t = _finite("start_t", start_t)
-        self._last_received: float | None = None
+        self._last_received: float | None = None if origin_s is None else _finite("origin_s", origin_s)
         self._sources: dict[str, SourceClock] = {}
 
     @property

@@ -233,6 +233,7 @@ class RealtimeSession:
     def opened(self, now: float) -> list[Out]:
         """A client connected and got this new session: the first events to send."""
         self.opened_at, self.attached = now, True
+        self.clock = SessionClock(origin_s=now)  # stream time runs from the session's opening
         return [m.session_created(self.id, self.model, self.limits, self.settings()), self._resumption()]
 
     def detached(self, now: float) -> list[Out]:
