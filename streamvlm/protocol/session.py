@@ -276,8 +276,9 @@ class RealtimeSession:
         handler = getattr(self, "_on_" + type(event).__name__)
         return handler(event, now)
 
-    def _start(self) -> list[Out]:
-        self.started = True
+    def _start(self, *, lock: bool = True) -> list[Out]:
+        """The worker's StartWorker command, the first time; ``lock``: context-shaping settings lock now."""
+        self.started = self.started or lock
         if self.worker_started:
             return []
         self.worker_started = True
@@ -368,9 +369,7 @@ class RealtimeSession:
                                   "delete one first", "watch.id", cid)]
         self.watches[event.watch_id] = event.condition
         spec = event.spec(self.controller_config.default_trigger)
-        out = [] if self.worker_started else [StartWorker(self.session_config, self.memory_config, self.controller_config)]
-        self.worker_started = True
-        return out + [Watch(event.watch_id, event.condition, spec), m.watch_created(event.watch_id, event.condition, spec)]
+        return self._start(lock=False) + [Watch(event.watch_id, event.condition, spec), m.watch_created(event.watch_id, event.condition, spec)]
 
     def _on_WatchDelete(self, event: m.WatchDelete, now: float) -> list[Out]:
         if self.watches.pop(event.watch_id, None) is None:
