@@ -89,16 +89,22 @@ QUESTIONS = ("What is happening in the video?", "What colour is the square?", "W
 CONDITIONS = ("a red square is visible", "the square touches the left edge", "the background turns white")
 
 
-def vm_rss_bytes() -> int:
-    """This process's resident set size in bytes, from ``VmRSS`` in /proc/self/status (statm or peak RSS elsewhere)."""
+def proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes, or None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return rss_bytes()
+    return None
+
+
+def vm_rss_bytes() -> int:
+    """This process's resident set size in bytes (``VmRSS``; the memory bench's reading where /proc has none)."""
+    rss = proc_status_bytes("VmRSS")
+    return rss if rss is not None else rss_bytes()
 
 
 def free_threads() -> int:

@@ -68,7 +68,7 @@ from ..models import load_model
 from ..models.device import precision_of
 from ..protocol import Limits, encode_frame
 from ..server.app import StreamServer
-from .soak import QUESTIONS, LifecycleChecker, WireClient, metric_total, scrape_metrics, vm_rss_bytes
+from .soak import QUESTIONS, LifecycleChecker, WireClient, metric_total, proc_status_bytes, scrape_metrics, vm_rss_bytes
 
 __all__ = ["run_storm_bench"]
 
@@ -123,14 +123,7 @@ def _reset_hwm() -> bool:
 
 
 def _hwm() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_status_bytes("VmHWM") or 0
 
 
 class _Hostile:
