@@ -62,7 +62,7 @@ _LOCKED = ("instructions", "memory.budget_tokens", "memory.policy", "memory.posi
            "probe_every_s")
 # What a client that is away keeps for its return (answers and alerts; memory and stats are not kept).
 _MISSED_KEPT = 256
-_DROPPABLE = ("memory.update", "input_frame.stats")
+DROPPABLE_EVENTS = ("memory.update", "input_frame.stats")
 _STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}
 
 
@@ -198,7 +198,6 @@ class RealtimeSession:
         self.worker_started = False
         self.closed: str | None = None  # why the session ended, once it has
         self.attached = False
-        self.opened_at: float | None = None
         self.watches: dict[str, str] = {}
         self._user_text: str | None = None
         self._responses: dict[str, _Response] = {}
@@ -232,7 +231,7 @@ class RealtimeSession:
     # ---- connection ----------------------------------------------------------------------------------
     def opened(self, now: float) -> list[Out]:
         """A client connected and got this new session: the first events to send."""
-        self.opened_at, self.attached = now, True
+        self.attached = True
         self.clock = SessionClock(origin_s=now)  # stream time runs from the session's opening
         return [m.session_created(self.id, self.model, self.limits, self.settings()), self._resumption()]
 
@@ -245,7 +244,7 @@ class RealtimeSession:
     def keep_missed(self, events: Iterable[dict]) -> None:
         """Events that were queued for the client but not written when it left: kept for its return."""
         for event in events:
-            if event["type"] not in _DROPPABLE:
+            if event["type"] not in DROPPABLE_EVENTS:
                 self._missed.append(event)
 
     def resumed(self, now: float) -> list[Out]:
@@ -473,7 +472,7 @@ class RealtimeSession:
         kept: list[Out] = []
         for item in out:
             if isinstance(item, dict):
-                if item["type"] not in _DROPPABLE:
+                if item["type"] not in DROPPABLE_EVENTS:
                     self._missed.append(item)
             else:
                 kept.append(item)

@@ -49,7 +49,6 @@ __all__ = ["StreamServer"]
 # the client is too slow to serve and its connection is closed (the session stays resumable).
 _OUTBOX_SOFT = 64
 _OUTBOX_HARD = 1024
-_DROPPABLE = ("memory.update", "input_frame.stats")
 
 
 class _Outbox:
@@ -67,7 +66,7 @@ class _Outbox:
         self.ready.set()
 
     def put(self, event: dict) -> None:
-        if len(self.items) >= _OUTBOX_SOFT and event["type"] in _DROPPABLE:
+        if len(self.items) >= _OUTBOX_SOFT and event["type"] in core.DROPPABLE_EVENTS:
             self.dropped += 1
             return
         if len(self.items) >= _OUTBOX_HARD:
