@@ -44,6 +44,7 @@ from .ids import new_id
 __all__ = [
     "RealtimeSession",
     "SessionPolicy",
+    "DROPPABLE_EVENTS",
     "Command",
     "StartWorker",
     "SubmitFrame",
