@@ -104,6 +104,26 @@ def test_latest_frame_wins_and_duplicates_are_skipped(smol):
     assert (counters.received, counters.dropped, counters.skipped, counters.ingested) == (7, 5, 1, 1) and balanced(counters)
     assert [e.pts_s for e in s.frames] == [5.0]  # only the newest frame reached the model
     assert len(counters.lag_s) == 1 and counters.lag_s[0] >= 0 and counters.ingested_pts == [5.0]
+    (read,) = counters.reads_since(0)
+    assert read.pts_s == 5.0 and read.model_s > 0  # the model time of the one read is measured
+
+
+def test_counters_keep_only_recent_reads_and_report_each_once():
+    """An hours-long stream must not grow the worker's memory: reads are counted, and only the last are kept."""
+    from streamvlm.engine.worker import RECENT_READS, FrameRead, WorkerCounters
+
+    c = WorkerCounters()
+    seen, reported = 0, []
+    for i in range(RECENT_READS * 3):
+        c.recent.append(FrameRead(float(i), 0.0, 0.1))
+        c.ingested += 1
+        if i % 7 == 0 or i < 10:  # a reporter that looks now and then reports each read once, in order
+            reported += [r.pts_s for r in c.reads_since(seen)]
+            seen = c.ingested
+    assert len(c.recent) == RECENT_READS and len(c.lag_s) == RECENT_READS
+    assert reported == [float(i) for i in range(len(reported))]
+    assert [r.pts_s for r in c.reads_since(c.ingested - 3)] == [float(RECENT_READS * 3 - k) for k in (3, 2, 1)]
+    assert len(c.reads_since(0)) == RECENT_READS  # a reporter far behind gets what is kept, no more
 
 
 def test_watch_alerts_and_deferred_questions_are_answered(smol):

@@ -111,17 +111,49 @@ class WorkerEvent:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FrameRead:
+    """One frame read into the model: its stream time, how long it waited, and the model time it cost."""
+
+    pts_s: float  # the stream time it was read at
+    lag_s: float  # its arrival (submit) to the start of its read
+    model_s: float  # seconds of model time: its vision encode plus its prefill (time spent serving others excluded)
+
+
+#: How many recent reads :class:`WorkerCounters` keeps (older ones are counted, not kept: a stream of hours
+#: must not grow the worker's memory).
+RECENT_READS = 4096
+
+
 @dataclass
 class WorkerCounters:
     received: int = 0
     skipped: int = 0  # near-duplicates, never encoded
     dropped: int = 0  # replaced by a newer frame before the model was free, refused by the model, or discarded at stop
     ingested: int = 0
-    lag_s: list[float] = field(default_factory=list)  # capture (submit) to start of the read (vision step), per ingested frame
-    ingested_pts: list[float] = field(default_factory=list)  # the timestamps of the ingested frames, same order
+    recent: deque[FrameRead] = field(default_factory=lambda: deque(maxlen=RECENT_READS))  # the last reads, oldest first
     busy_s: float = 0.0  # seconds the model thread spent working
     paused: int = 0  # times a frame encode was suspended to serve control or answers first
     restarted: int = 0  # frame prefills abandoned for a message or an answer and run again after it
+
+    def reads_since(self, seen: int) -> list[FrameRead]:
+        """The reads after the first ``seen`` ones (as many as are still kept), oldest first.
+
+        A caller that reports reads keeps ``seen = counters.ingested`` after each call; if it falls more
+        than :data:`RECENT_READS` behind, the oldest it missed are gone (their count is still in ``ingested``).
+        """
+        new = min(max(self.ingested - seen, 0), len(self.recent))
+        return list(self.recent)[len(self.recent) - new:] if new else []
+
+    @property
+    def lag_s(self) -> list[float]:
+        """Arrival-to-read seconds of the kept reads, oldest first."""
+        return [r.lag_s for r in self.recent]
+
+    @property
+    def ingested_pts(self) -> list[float]:
+        """Stream times of the kept reads, same order as :attr:`lag_s`."""
+        return [r.pts_s for r in self.recent]
 
 
 # Priority of each kind of job for a turn on the shared model (lower first).
@@ -474,10 +506,14 @@ class LiveWorker:
             # A skipped near-duplicate or a question may have moved the stream clock past this frame while
             # it waited; it is read at the current time rather than refused, so time never runs backwards.
             encoded = self.session.encode_frame(frame, max(frame.pts_s, self._now()), pause=self._pause)
+            runner = getattr(self.session, "runner", None)
+            model_s = float(getattr(runner, "last_vision_s", 0.0) or 0.0)
             while True:
                 t = max(encoded.pts_s, self._now())  # an answer served meanwhile may have moved the clock on
                 try:
+                    t0 = time.perf_counter()
                     self.session.commit_frame(encoded, t, preempt=self._answer_waiting)
+                    model_s += time.perf_counter() - t0
                     break
                 except Preempted:
                     self.counters.restarted += 1
@@ -489,8 +525,7 @@ class LiveWorker:
             with self._cv:  # one step, so the counters always add up
                 self._reading, self._reading_covers = False, None
                 if committed:
-                    self.counters.lag_s.append(lag)
-                    self.counters.ingested_pts.append(t)
+                    self.counters.recent.append(FrameRead(t, lag, model_s))
                     self.counters.ingested += 1
                 else:  # refused by the model (an error event follows) or discarded at stop
                     self.counters.dropped += 1
