@@ -136,3 +136,42 @@ def test_a_logged_answer_reads_as_question_answer_and_evidence_range():
     alert = summarize({"wall_time": 1.0, "session": "w", "kind": "alert", "stream_t": 4.0,
                        "payload": {"watch_id": "door", "condition": "the door is open", "t": 4.0}})
     assert (alert.kind, alert.question, alert.evidence_span) == ("alert", "the door is open", (4.0, 4.0))
+
+
+def test_an_event_key_is_logged_once_and_its_webhook_fires_once(tmp_path, receiver):
+    log = EventLog(tmp_path / "events.db")
+    sender = WebhookSender(receiver.url, log, backoff_s=0.0)
+    first, new = log.record("door", "alert", {"t": 4.0}, stream_t=4.0, sinks=(sender.sink,), key="door/alert1/4.000")
+    again, new_again = log.record("door", "alert", {"t": 4.0}, stream_t=4.0, sinks=(sender.sink,), key="door/alert1/4.000")
+    other, _ = log.record("door", "alert", {"t": 9.0}, stream_t=9.0, sinks=(sender.sink,), key="door/alert1/9.000")
+    assert (new, new_again, again) == (True, False, first) and other != first
+    assert [e["key"] for e in log.list()] == ["door/alert1/4.000", "door/alert1/9.000"]
+    assert sender.deliver_due() == 2 and [b["payload"]["t"] for b in receiver.bodies] == [4.0, 9.0]
+    log.append("door", "camera.online", {})  # events without a key are never merged
+    log.append("door", "camera.online", {})
+    assert len(log.list(kinds=("camera.online",))) == 2
+
+
+def test_a_database_from_before_keys_is_migrated_when_opened(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, wall_time REAL NOT NULL, session TEXT NOT NULL,
+                             kind TEXT NOT NULL, stream_t REAL, payload TEXT NOT NULL);
+        CREATE TABLE deliveries (event_id INTEGER NOT NULL REFERENCES events(id), sink TEXT NOT NULL,
+                                 attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0,
+                                 delivered_at REAL, last_error TEXT, PRIMARY KEY (event_id, sink));
+        INSERT INTO events (wall_time, session, kind, stream_t, payload) VALUES (1.0, 'old', 'alert', 2.0, '{"t": 2.0}');
+    """)
+    db.commit()
+    db.close()
+    log = EventLog(path)
+    assert [(e["session"], e["payload"], e["key"]) for e in log.list()] == [("old", {"t": 2.0}, None)]
+    _, new = log.record("cam", "alert", {}, key="k")
+    assert new and log.record("cam", "alert", {}, key="k")[1] is False
+    log.close()
+    log = EventLog(path)  # opening a migrated database again changes nothing
+    assert len(log.list()) == 2
+    log.close()

@@ -3,6 +3,11 @@
 One table of events (what happened, for whom, when, as JSON) and one of deliveries (which sink still
 owes which event: a webhook that is down keeps its backlog here, across restarts). The database runs
 in WAL mode so readers (``streamvlm events``) never block the writer.
+
+An event may carry a ``key`` that is unique in the log (:meth:`EventLog.record`): writing the same
+key again is ignored and returns the first event's id, so a producer that repeats itself after a
+restart (a camera actor re-raising an alert from frames it reads again) logs each event once and its
+webhook fires once. A database made before keys existed gains the column when it is opened.
 """
 
 from __future__ import annotations
@@ -54,32 +59,63 @@ class EventLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_keys()
+
+    def _add_keys(self) -> None:
+        """Give a database from before event keys its ``key`` column and unique index (idempotent, race-safe)."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in cur.execute("PRAGMA table_info(events)")}
+            if "key" not in columns:
+                cur.execute("ALTER TABLE events ADD COLUMN key TEXT")
+            cur.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events (key)")
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
 
     def append(self, session: str, kind: str, payload: dict[str, Any], *, stream_t: float | None = None, sinks: tuple[str, ...] = ()) -> int:
         """Write one event (and a pending delivery for each sink) durably; returns its id.
 
         Returns only after the transaction committed: report the event as delivered after this call.
         """
+        return self.record(session, kind, payload, stream_t=stream_t, sinks=sinks)[0]
+
+    def record(self, session: str, kind: str, payload: dict[str, Any], *, stream_t: float | None = None,
+               sinks: tuple[str, ...] = (), key: str | None = None) -> tuple[int, bool]:
+        """Write one event once: ``(id, True)`` when it is new, ``(id of the first, False)`` when ``key`` is logged already.
+
+        A repeated key changes nothing (no second row, no second delivery). ``key=None`` always writes
+        a new event. Returns only after the transaction committed, as :meth:`append` does.
+        """
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
                 cur.execute(
-                    "INSERT INTO events (wall_time, session, kind, stream_t, payload) VALUES (?, ?, ?, ?, ?)",
-                    (time.time(), session, kind, stream_t, json.dumps(payload, default=str)),
+                    "INSERT OR IGNORE INTO events (wall_time, session, kind, stream_t, payload, key) VALUES (?, ?, ?, ?, ?, ?)",
+                    (time.time(), session, kind, stream_t, json.dumps(payload, default=str), key),
                 )
+                if cur.rowcount == 0:  # the key is logged already
+                    event_id = int(cur.execute("SELECT id FROM events WHERE key = ?", (key,)).fetchone()[0])
+                    cur.execute("COMMIT")
+                    return event_id, False
                 event_id = int(cur.lastrowid)
                 cur.executemany("INSERT INTO deliveries (event_id, sink) VALUES (?, ?)", [(event_id, s) for s in sinks])
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
-        return event_id
+        return event_id, True
 
     def list(self, *, since: float | None = None, session: str | None = None, kinds: tuple[str, ...] = (), limit: int = 1000,
              newest_first: bool = False) -> list[dict[str, Any]]:
-        """Events, oldest first (``newest_first``: the latest ``limit`` events, latest first); ``since`` is a wall-clock Unix time."""
-        sql, args = "SELECT id, wall_time, session, kind, stream_t, payload FROM events WHERE 1=1", []
+        """Events, oldest first (``newest_first``: the latest ``limit`` events, latest first); ``since`` is a wall-clock Unix time.
+
+        Each is a dict: ``id``, ``wall_time``, ``session``, ``kind``, ``stream_t``, ``payload``, ``key`` (None if it has none).
+        """
+        sql, args = "SELECT id, wall_time, session, kind, stream_t, payload, key FROM events WHERE 1=1", []
         if since is not None:
             sql += " AND wall_time >= ?"
             args.append(since)
@@ -93,7 +129,8 @@ class EventLog:
         args.append(limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [{"id": r[0], "wall_time": r[1], "session": r[2], "kind": r[3], "stream_t": r[4], "payload": json.loads(r[5])} for r in rows]
+        return [{"id": r[0], "wall_time": r[1], "session": r[2], "kind": r[3], "stream_t": r[4], "payload": json.loads(r[5]), "key": r[6]}
+                for r in rows]
 
     # ---- deliveries ----------------------------------------------------------------------------------
     def due(self, sink: str, now: float, limit: int = 100) -> list[tuple[int, int, dict[str, Any]]]:
