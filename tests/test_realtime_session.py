@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -47,6 +48,8 @@ class Lifecycle(RuleBasedStateMachine):
         self.asked: dict[str, str] = {}  # request id the worker was asked -> client event id
         self.creates = 0
         self.now = 0.0
+        self.submitted = 0  # SubmitFrame commands
+        self.compute_drops = 0  # FrameDropped("compute") commands
         self.deliver(self.core.opened(self.now))
 
     def deliver(self, outs) -> None:
@@ -55,6 +58,11 @@ class Lifecycle(RuleBasedStateMachine):
                 self.sent.append(out)
             elif isinstance(out, core.Ask):
                 self.asked[out.request_id] = ""
+            elif isinstance(out, core.SubmitFrame):
+                self.submitted += 1
+            elif isinstance(out, core.FrameDropped):
+                assert out.reason == "compute"
+                self.compute_drops += 1
 
     def client(self, event) -> None:
         self.now += 0.1
@@ -91,6 +99,16 @@ class Lifecycle(RuleBasedStateMachine):
     @rule()
     def frame(self):
         self.client(m.FrameAppend(np.zeros((32, 32, 3), np.uint8), None, "cam", event_id=None))
+
+    @rule(fps=st.sampled_from([None, 0.5, 2.0, 30.0]))
+    def read_rate(self, fps):  # the server's admission by compute moves this session's cap
+        self.deliver(self.core.set_read_rate(fps))
+
+    @rule(n=st.integers(1, 5))
+    def frame_burst(self, n):
+        for _ in range(n):
+            self.now += 0.01
+            self.deliver(self.core.client_event(m.FrameAppend(np.zeros((32, 32, 3), np.uint8), None, "cam", event_id=None), self.now))
 
     @rule()
     def leave_and_return(self):
@@ -161,6 +179,18 @@ class Lifecycle(RuleBasedStateMachine):
         bound = [e["response"]["client_event_id"] for e in self.sent
                  if e["type"] == "response.created" and e["response"]["client_event_id"] is not None]
         assert bound == [f"c{i}" for i in range(1, len(bound) + 1)]
+
+    @invariant()
+    def frames_above_the_compute_cap_are_counted_not_refused_and_the_client_knows_the_cap(self):
+        if self.core.closed is None:  # every valid frame was either offered to the worker or dropped for compute
+            assert self.core.frames_offered == self.submitted + self.compute_drops
+            assert self.core.frames_dropped_compute == self.compute_drops
+        assert not any(e["type"] == "error" and e["error"]["code"] == "rate_limited" for e in self.sent)
+        told = [e for e in self.sent if e["type"] == core.READ_RATE_EVENT]
+        if self.core.attached and self.core.closed is None and (told or self.core.read_rate is not None):
+            last = told[-1]
+            assert last["limited"] == (self.core.read_rate is not None)
+            assert last["fps"] == (None if self.core.read_rate is None else pytest.approx(self.core.read_rate, abs=1e-4))
 
     def teardown(self) -> None:
         # closing ends every response still open: created == done for all
@@ -235,3 +265,41 @@ def test_what_a_client_missed_while_away_is_delivered_on_resume_with_a_new_handl
     back = s.resumed(3.0)
     assert [e["type"] for e in back] == ["session.created", "response.done", "session.resumption_update"]
     assert back[1]["response"]["client_event_id"] == "e1" and back[-1]["new_handle"] not in (None, first)
+
+
+def frame(core_: core.RealtimeSession, now: float) -> list:
+    return core_.client_event(m.FrameAppend(np.zeros((32, 32, 3), np.uint8), None, "cam", event_id=None), now)
+
+
+def test_a_compute_cap_drops_frames_above_it_quietly_and_is_announced_set_and_lifted():
+    s = core.RealtimeSession("test-model")
+    s.opened(0.0)
+    assert s.set_read_rate(None) == []  # nothing changes: nothing to say
+    [event] = s.set_read_rate(1.0)
+    assert event["type"] == "input_frame.rate" and (event["limited"], event["fps"], event["reason"]) == (True, 1.0, "compute")
+    assert s.set_read_rate(1.0) == []
+    outs = [out for k in range(50) for out in frame(s, 0.1 * (k + 1))]  # 10 frames/s for 5 s
+    submitted = [o for o in outs if isinstance(o, core.SubmitFrame)]
+    assert 5 <= len(submitted) <= 6  # one a second (the first at once)
+    assert [o for o in outs if isinstance(o, core.FrameDropped)] == [core.FrameDropped("compute")] * (50 - len(submitted))
+    assert not [o for o in outs if isinstance(o, dict)]  # no error per dropped frame
+    assert (s.frames_offered, s.frames_dropped_compute) == (50, 50 - len(submitted))
+    [lifted] = s.set_read_rate(None)
+    assert (lifted["limited"], lifted["fps"]) == (False, None)
+    after = [o for k in range(10) for o in frame(s, 6 + 0.1 * k)]
+    assert sum(isinstance(o, core.SubmitFrame) for o in after) == 10
+
+
+def test_a_cap_set_while_the_client_is_away_is_announced_on_its_return():
+    s = core.RealtimeSession("test-model")
+    s.opened(0.0)
+    s.detached(1.0)
+    assert s.set_read_rate(0.25) == []
+    back = s.resumed(2.0)
+    [rate] = [e for e in back if isinstance(e, dict) and e["type"] == "input_frame.rate"]
+    assert rate["fps"] == 0.25 and back[-1]["type"] == "session.resumption_update"
+    s.detached(3.0)
+    s.set_read_rate(None)
+    [lifted] = [e for e in s.resumed(4.0) if isinstance(e, dict) and e["type"] == "input_frame.rate"]
+    assert lifted["limited"] is False
+    assert not [e for e in s.resumed(5.0) if isinstance(e, dict) and e["type"] == "input_frame.rate"]  # nothing new

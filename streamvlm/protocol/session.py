@@ -13,6 +13,8 @@ what a client that was away missed. It reads no clock (``now`` is passed in) and
             else: execute(out)                        # a command for the worker (Ask, Cancel, ...)
     for kind, data in worker_outcomes:                # what the model thread reported
         handle(core.worker_event(kind, data, now))
+    send(core.set_read_rate(0.5))                     # admission by compute: input_frame.rate; frames above
+                                                      # it come out as FrameDropped("compute"), not errors
 
 The invariant every transport relies on: every ``response.create`` yields exactly one
 ``response.created`` (at once) and exactly one ``response.done`` (``completed | cancelled |
@@ -24,6 +26,7 @@ that stops ends every open response ``failed``.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -56,6 +59,8 @@ __all__ = [
     "AcceptOffer",
     "Close",
     "Observe",
+    "FrameDropped",
+    "READ_RATE_EVENT",
 ]
 
 # Settings that shape the context: they cannot change once a frame or a question went in.
@@ -64,6 +69,8 @@ _LOCKED = ("instructions", "memory.budget_tokens", "memory.policy", "memory.posi
 # What a client that is away keeps for its return (answers and alerts; memory and stats are not kept).
 _MISSED_KEPT = 256
 DROPPABLE_EVENTS = ("memory.update", "input_frame.stats")
+#: The server event that announces a cap on the frames the server reads from this session, or its lifting.
+READ_RATE_EVENT = "input_frame.rate"
 _STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}
 
 
@@ -164,7 +171,15 @@ class Observe:
     value: float
 
 
-Command = Union[StartWorker, SubmitFrame, Ask, Cancel, Watch, Unwatch, UpdateSampling, AcceptOffer, Close, Observe]
+@dataclass(frozen=True)
+class FrameDropped:
+    """A frame was dropped by the core without an error event: count it under ``reason`` (``compute``:
+    above the read rate the server set with :meth:`RealtimeSession.set_read_rate`)."""
+
+    reason: str
+
+
+Command = Union[StartWorker, SubmitFrame, Ask, Cancel, Watch, Unwatch, UpdateSampling, AcceptOffer, Close, Observe, FrameDropped]
 Out = Union[dict, Command]
 
 
@@ -205,6 +220,13 @@ class RealtimeSession:
         self._missed: deque[dict] = deque(maxlen=_MISSED_KEPT)
         self.clock = SessionClock()  # every source's frames on one monotonic stream time (docs/clocks.md)
         self._track_limiter = FrameRateLimiter(self.policy.max_frames_per_s)
+        # Admission by compute (set by the server): frames per second read from this session, None: no cap.
+        self.read_rate: float | None = None
+        self._read_limiter: FrameRateLimiter | None = None
+        self._rate_told: float | None = None  # the cap the client was last told about (None: none)
+        self._read_reason = "compute"
+        self.frames_offered = 0  # valid frames that reached the core, before the compute cap
+        self.frames_dropped_compute = 0  # of those, dropped by the compute cap
 
     # ---- settings -------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -255,7 +277,8 @@ class RealtimeSession:
             return [m.error_event("session_closed", f"the session has ended: {self.closed}"),
                     m.session_resumption_update(None, False)]
         missed, self._missed = list(self._missed), deque(maxlen=_MISSED_KEPT)
-        return [m.session_created(self.id, self.model, self.limits, self.settings()), *missed, self._resumption()]
+        rate = [self._rate_event()] if self.read_rate is not None or self._rate_told is not None else []
+        return [m.session_created(self.id, self.model, self.limits, self.settings()), *missed, *rate, self._resumption()]
 
     def close(self, reason: str, code: str = "session_closed", close_code: int | None = None) -> list[Out]:
         """End the session for good (server stopping, eviction, a fault): every open response ends
@@ -348,9 +371,12 @@ class RealtimeSession:
     def track_frame(self, image: Any, timestamp: int | None, clock_rate: int | None, now: float,
                     source_id: str = "webrtc") -> list[Out]:
         """A frame of a WebRTC track (RTP ``timestamp`` at ``clock_rate`` Hz) received at ``now``:
-        rate-limited like any frame ([] if dropped), stamped with RTP time rebased at the first frame."""
+        rate-limited like any frame ([] if dropped; a ``FrameDropped`` above the compute cap),
+        stamped with RTP time rebased at the first frame."""
         if self.closed is not None or not self._track_limiter.allow(now):
             return []
+        if not self._read_allows(now):
+            return [FrameDropped("compute")]
         return self._start() + [SubmitFrame(image, self.clock.stamp_rtp(source_id, timestamp, clock_rate, now), source_id)]
 
     def _frame(self, image: Any, pts_s: float | None, source_id: str, now: float) -> list[Out]:
@@ -358,7 +384,53 @@ class RealtimeSession:
             t = self.clock.stamp(source_id, pts_s, now)
         except TimestampError as exc:
             return [m.error_event("invalid_value", str(exc), "pts_s")]
+        if not self._read_allows(now):
+            return [FrameDropped("compute")]
         return self._start() + [SubmitFrame(image, t, source_id)]
+
+    # ---- admission by compute ------------------------------------------------------------------------
+    def set_read_rate(self, fps: float | None, reason: str = "compute") -> list[Out]:
+        """The server reads at most ``fps`` frames per second from this session from now on (None: no cap).
+
+        Frames above the cap are dropped without an error event (the client is not at fault): each is a
+        ``FrameDropped(reason)`` command for the transport's metrics. Returns the ``input_frame.rate``
+        event that tells the client (to send), or [] when nothing changed; while the client is away the
+        new cap is kept and announced on its return. Raises ValueError for a rate that is not a finite
+        number > 0 (a server bug, not client input).
+        """
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0):
+            raise ValueError(f"read rate: must be a finite number > 0 or None, got {fps!r}")
+        if self.closed is not None or fps == self.read_rate:
+            return []
+        self.read_rate, self._read_reason = (None if fps is None else float(fps)), reason
+        if fps is None:
+            self._read_limiter = None
+        elif self._read_limiter is None:
+            self._read_limiter = FrameRateLimiter(fps)  # full: the first frame after the change passes
+        else:
+            self._read_limiter.rate = float(fps)
+            self._read_limiter.capacity = max(1.0, float(fps))
+        return [self._rate_event()] if self.attached else []
+
+    def _read_allows(self, now: float) -> bool:
+        """Count a valid frame as offered and take it from the compute cap; False: drop it (counted)."""
+        self.frames_offered += 1
+        if self._read_limiter is None or self._read_limiter.allow(now):
+            return True
+        self.frames_dropped_compute += 1
+        return False
+
+    def _rate_event(self) -> dict:
+        """``input_frame.rate`` for the cap in force (and remember that the client was told)."""
+        self._rate_told = self.read_rate
+        reason = self._read_reason
+        if self.read_rate is None:
+            message = "the server reads every frame this session sends again (up to limits.max_frames_per_s)"
+        else:
+            message = (f"the server reads at most {self.read_rate:.3g} frames per second from this session ({reason}: "
+                       "its share of the model); frames beyond are dropped without an error")
+        return {"type": READ_RATE_EVENT, "event_id": m.next_event_id(), "limited": self.read_rate is not None,
+                "fps": None if self.read_rate is None else round(self.read_rate, 4), "reason": reason, "message": message}
 
     def _on_WatchCreate(self, event: m.WatchCreate, now: float) -> list[Out]:
         cid = event.event_id

@@ -1,0 +1,109 @@
+"""Admission by compute (engine/admission.py): the read rates a server grants when frames outrun the model.
+
+Properties a user relies on: the model is never promised more frames than it reads, nobody is given more
+than it sends, sessions that all send more than their share get the same rate (nobody starves), and
+nobody is limited while there is room.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamvlm.config import ServerConfig
+from streamvlm.engine.admission import ComputeAdmission, fair_shares
+from streamvlm.errors import ConfigError
+
+EPS = 1e-9
+offers = st.dictionaries(st.sampled_from("abcdefgh"), st.floats(0, 30, allow_nan=False), min_size=1, max_size=8)
+seconds = st.floats(0.01, 5.0)
+
+
+def fresh(seconds_per_frame: float, share: float = 0.8) -> ComputeAdmission:
+    return ComputeAdmission(share, seconds_per_frame=seconds_per_frame)
+
+
+@given(offered=offers, spf=seconds)
+def test_a_fresh_plan_is_max_min_fair_within_capacity(offered, spf):
+    plan = fresh(spf).plan(offered)
+    capacity = 0.8 / spf
+    assert plan.capacity_fps == pytest.approx(capacity)
+    assert sum(plan.allowed.values()) <= capacity + EPS
+    for key, offer in offered.items():
+        assert plan.allowed[key] <= offer + EPS
+    if sum(offered.values()) <= capacity:
+        assert plan.limited == 0 and plan.allowed == offered
+    else:
+        capped = [plan.allowed[k] for k, cap in plan.caps.items() if cap is not None]
+        assert capped and max(capped) - min(capped) <= EPS  # everyone above the share gets the same rate
+        assert sum(plan.allowed.values()) == pytest.approx(capacity)  # and nothing is left unused
+        for key, cap in plan.caps.items():  # a session below the share keeps all it offers
+            if cap is None:
+                assert plan.allowed[key] == offered[key] <= min(capped) + EPS
+
+
+@settings(max_examples=60)
+@given(steps=st.lists(st.tuples(offers, st.floats(0.01, 5.0), st.floats(0.01, 5.0)), min_size=1, max_size=12))
+def test_over_any_history_the_guarantees_hold_and_caps_stay_within_hysteresis(steps):
+    admission = ComputeAdmission(0.8, hysteresis=0.15, smoothing=1.0)
+    for offered, measured, _ in steps:
+        admission.frame_read(measured)
+        plan = admission.plan(offered)
+        capacity = plan.capacity_fps
+        assert sum(plan.allowed.values()) <= capacity + EPS
+        assert all(plan.allowed[k] <= offered[k] + EPS for k in offered)
+        if sum(offered.values()) <= 0.85 * capacity:
+            assert plan.limited == 0
+        over = [k for k, share in fair_shares(capacity, offered).items() if share < offered[k] - EPS]
+        rates = [plan.allowed[k] for k in over]
+        if rates and min(rates) > 0:
+            assert max(rates) / min(rates) <= 1.15 / 0.85 + EPS
+        assert set(plan.changes) <= set(offered)
+
+
+@given(offered=st.dictionaries(st.sampled_from("abcd"), st.floats(2, 10), min_size=2, max_size=4),
+       jitter=st.lists(st.floats(0.95, 1.05), min_size=4, max_size=4), noise=st.floats(0.95, 1.05))
+def test_caps_do_not_flap_with_measurement_noise(offered, jitter, noise):
+    admission = fresh(1.0)  # 0.8 frames/s for everyone, far below what each offers
+    first = admission.plan(offered)
+    assert set(first.changes) == set(offered) and first.limited == len(offered)
+    admission.frame_read(1.0 * noise)
+    again = admission.plan({k: v * j for (k, v), j in zip(offered.items(), jitter)})
+    assert again.changes == {}
+
+
+def test_a_session_that_leaves_gives_its_share_to_the_others_and_room_lifts_every_cap():
+    admission = fresh(0.5)  # 1.6 frames/s
+    plan = admission.plan({"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.1})
+    assert plan.caps == {"a": pytest.approx(0.5), "b": pytest.approx(0.5), "c": pytest.approx(0.5), "d": None}
+    plan = admission.plan({"a": 1.0, "d": 0.1})  # b and c ended
+    assert plan.caps == {"a": None, "d": None} and plan.changes == {"a": None}
+    assert admission.cap_of("b") is None
+
+
+def test_nothing_is_limited_before_the_first_frame_is_measured():
+    admission = ComputeAdmission(0.8)
+    plan = admission.plan({"a": 30.0, "b": 30.0})
+    assert plan.capacity_fps is None and plan.limited == 0 and plan.changes == {}
+
+
+def test_seconds_per_frame_is_a_smoothed_average():
+    admission = ComputeAdmission(0.5, smoothing=0.5)
+    admission.frame_read(1.0)
+    admission.frame_read(2.0)
+    assert admission.seconds_per_frame == pytest.approx(1.5)
+    assert admission.capacity_fps == pytest.approx(0.5 / 1.5)
+    admission.frame_read(0.0)  # unmeasurable: ignored
+    assert admission.seconds_per_frame == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("kwargs", [{"frame_time_share": 0}, {"frame_time_share": 1.5}, {"hysteresis": 1.0},
+                                    {"smoothing": 0}])
+def test_bad_settings_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        ComputeAdmission(**kwargs)
+    with pytest.raises(ConfigError):
+        ComputeAdmission(0.8).frame_read(float("nan"))
+    with pytest.raises(ConfigError):
+        ComputeAdmission(0.8).plan({"a": -1.0})
