@@ -4,7 +4,7 @@
 ``streamvlm check-model MODEL``    prove streamed == offline logits for a checkpoint, print JSON
 ``streamvlm bench latency|memory|retrieval|live|serve``   benchmarks
 ``streamvlm serve``                the realtime WebSocket API and the web client on one port
-``streamvlm watch SOURCE``         monitor a camera and raise alerts (SQLite log, webhook, JSONL)
+``streamvlm watch SOURCE...``      monitor cameras with one model and raise alerts (SQLite log, webhook, JSONL)
 ``streamvlm events``               list logged answers and alerts
 ``streamvlm bench memory ...``     working memory, store and RSS over a long stream under a token budget
 
@@ -413,30 +413,73 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     import asyncio
 
     from .models import load_model
-    from .watch import check_source, run_watch
+    from .watch import CameraWatch, check_source
 
+    plan = _watch_plan(args)  # every setting checked before the model loads
+    labelled = len(plan.cameras) > 1 or bool(args.config)
+    for camera in plan.cameras:
+        check_source(camera.source, camera.name if labelled else None)  # a file that is not a video fails here
+    args.model = args.model or plan.model or "tiny-smolvlm"
+    args.device = plan.device if args.device == "auto" and plan.device else args.device
+    args.dtype = plan.dtype if args.dtype == "auto" and plan.dtype else args.dtype
+    model_cfg = _model_config(args)  # and a device this machine lacks
+    print(f"streamvlm: loading {args.model}{_random_label(args.model)} once for {len(plan.cameras)} camera(s)", file=sys.stderr)
+    adapter = load_model(model_cfg)
+    log = args.log or plan.log
+    watch = CameraWatch(adapter, plan.cameras, event_db=Path(args.event_db) if args.event_db else (plan.event_db or _events_db(None)),
+                        webhook=args.webhook or plan.webhook, jsonl=Path(log) if log else None,
+                        duration_s=args.duration if args.duration is not None else plan.duration_s, session_name=args.name,
+                        labelled=labelled)
+    code = 0
+    try:
+        asyncio.run(watch.run())
+    except KeyboardInterrupt:
+        code = 130
+    for line in watch.summary_lines():
+        print(line, file=sys.stderr)
+    print(f"streamvlm: {sum(r.alerts for r in watch.reports)} alert(s) raised", file=sys.stderr)
+    failed = [r for r in watch.reports if r.failure]
+    if code == 0 and failed:
+        single = watch.failures()[0] if len(plan.cameras) == 1 else None
+        if single is not None:
+            raise single
+        from .errors import SourceError
+
+        raise SourceError(f"{len(failed)} of {len(plan.cameras)} camera(s) failed: "
+                          + "; ".join(f"camera {r.name!r}: {r.failure}" for r in failed))
+    return code
+
+
+def _watch_plan(args: argparse.Namespace) -> Any:
+    """The cameras of ``watch`` (a WatchPlan): SOURCE arguments and --source with the --alert/--fps/... flags, or
+    --config FILE. Raises ConfigError naming the flag, or the file, camera and key; loads and opens nothing."""
+    from .cameras import WatchPlan, cameras_from_sources, load_plan
+
+    sources = list(args.source or ()) + list(args.more_sources or ())
+    if args.config:
+        if sources:
+            raise ConfigError("watch: give cameras as SOURCE arguments (or --source) or in --config FILE, not both")
+        for flag, value in (("--alert", args.alert), ("--fps", args.fps), ("--cooldown", args.cooldown),
+                            ("--memory-budget", args.memory_budget), ("--policy", args.policy)):
+            if value is not None:
+                raise ConfigError(f"{flag} does not combine with --config: set it in {args.config} "
+                                  "(at the top for every camera, or in a [[camera]] table)")
+        return load_plan(args.config)
+    if not sources:
+        raise ConfigError("watch needs a camera: SOURCE [SOURCE ...], --source SOURCE (repeatable) or --config cameras.toml")
     if not args.alert:
         raise ConfigError("watch needs at least one --alert CONDITION")
-    check_source(args.source)  # a file that is not a video fails here, before the model loads
-    from .dialogue import TriggerSpec
-
     if args.fps is not None and not 0 < args.fps <= 60:
         raise ConfigError(f"--fps: frames read per second must be in (0, 60], got {args.fps!r}")
     if args.cooldown is not None:
+        from .dialogue import TriggerSpec
+
         TriggerSpec(cooldown_s=args.cooldown)  # a bad cooldown fails here too (ConfigError)
-    memory = MemoryConfig(budget_tokens=args.memory_budget, policy=args.policy)  # so do bad memory settings
-    model_cfg = _model_config(args)  # and a device this machine lacks
-    print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
-    adapter = load_model(model_cfg)
-    try:
-        raised = asyncio.run(run_watch(adapter, args.source, args.alert, event_db=_events_db(args.event_db), webhook=args.webhook,
-                                       jsonl=Path(args.log) if args.log else None, memory=memory, duration_s=args.duration,
-                                       session_name=args.name, fps=args.fps,
-                                       trigger=TriggerSpec(cooldown_s=args.cooldown) if args.cooldown else None))
-    except KeyboardInterrupt:
-        return 130
-    print(f"streamvlm: {raised} alert(s) raised", file=sys.stderr)
-    return 0
+    budget = 4096 if args.memory_budget is None else args.memory_budget
+    _check_memory_budget(budget)
+    MemoryConfig(budget_tokens=budget, policy=args.policy or "merge")  # so do bad memory settings
+    return WatchPlan(cameras_from_sources(sources, args.alert, fps=args.fps, cooldown_s=args.cooldown, budget_tokens=budget,
+                                  policy=args.policy or "merge"))
 
 
 def _short(text: str, width: int) -> str:
@@ -721,22 +764,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_flags(srv)
     srv.set_defaults(func=_cmd_serve)
 
-    wat = sub.add_parser("watch", help="monitor a camera (RTSP/HTTP/file/webcam index) and raise alerts")
-    wat.add_argument("source", help="rtsp://..., http://..., a file, or a webcam index like 0")
-    wat.add_argument("--alert", action="append", metavar="CONDITION", help='a condition to alert on, e.g. "a person falls" (repeatable)')
-    wat.add_argument("--model", default="tiny-smolvlm")
+    wat = sub.add_parser("watch", help="monitor one camera or many (RTSP/HTTP/file/webcam index) with one model and raise alerts")
+    wat.add_argument("source", nargs="*", help="rtsp://..., http://..., a file, or a webcam index like 0; several: one model reads them all")
+    wat.add_argument("--source", dest="more_sources", action="append", metavar="SOURCE", help="one more camera (repeatable)")
+    wat.add_argument("--config", default=None, metavar="TOML", help="cameras from a file: per-camera name, source, alerts, "
+                                                                     "questions, fps, cooldown, budget, policy (see demos/cameras.toml)")
+    wat.add_argument("--alert", action="append", metavar="CONDITION", help='a condition to alert on, e.g. "a person falls" (repeatable; every camera)')
+    wat.add_argument("--model", default=None, help="preset, Hub id or local path (default: the --config file's model, else tiny-smolvlm)")
     wat.add_argument("--webhook", default=None, help="POST every alert here (retried; the backlog survives restarts)")
     wat.add_argument("--log", default=None, metavar="JSONL", help="append every event to this JSON-lines file")
     wat.add_argument("--event-db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
-    wat.add_argument("--memory-budget", type=int, default=4096)
-    wat.add_argument("--policy", default="merge", help="memory policy (default merge: static cameras cost little)")
-    wat.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until the source ends)")
+    wat.add_argument("--memory-budget", type=int, default=None, help="working-memory tokens per camera (default 4096)")
+    wat.add_argument("--policy", default=None, help="memory policy (default merge: static cameras cost little)")
+    wat.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until every source ends)")
     wat.add_argument("--name", default=None, help="this run's session name in the event log (default: a fresh watch_... id)")
     wat.add_argument("--fps", type=float, default=None,
-                     help="frames read per second from the source (default: every frame it delivers); alerts do not depend on it")
+                     help="frames read per second from each source (default: every frame it delivers); alerts do not depend on it")
     wat.add_argument("--cooldown", type=float, default=None,
                      help="seconds of stream time between two alerts of the same condition (default 0: none)")
-    _add_precision_flags(wat)
+    _add_precision_flags(wat)  # with --config: the file's device and dtype apply where these are left at auto
     wat.set_defaults(func=_cmd_watch)
 
     evs = sub.add_parser("events", help="list logged answers and alerts, newest first")
