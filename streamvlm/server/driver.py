@@ -162,6 +162,7 @@ class SessionHost:
         if handoff is not None:
             handoff.attach(self)
         self._tasks: list[asyncio.Task] = []
+        self._closed = False
 
     def _working_tokens(self) -> int:
         total = 0
@@ -187,6 +188,9 @@ class SessionHost:
 
         With a handoff, live sessions are snapshotted first and their clients told to resume (close
         1001, no ``session_closed``): another replica takes them up. The transport closes its port after."""
+        if self._closed:
+            return
+        self._closed = True
         for task in self._tasks:
             task.cancel()
         self._tasks = []
