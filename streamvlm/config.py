@@ -244,6 +244,12 @@ class ServerConfig:
     ``global_budget_tokens``; a session left by its client can be resumed for ``resume_window_s``.
     ``max_session_s`` (None: unlimited) ends sessions after that long, with a ``session.go_away``
     ``go_away_notice_s`` before. Events (answers, alerts) are logged to SQLite at ``event_db``.
+
+    ``engine`` picks how sessions share the model: ``scheduler`` (the default: batched reads across
+    sessions, and admission by compute, which caps each session's frame read rate evenly once the
+    sessions offer more frames than the model reads in ``frame_time_share`` of its time, leaving the
+    rest to answers and probes) or ``lock`` (the previous mode: sessions take turns on one lock, no
+    batching, no admission; kept to compare against).
     """
 
     host: str = "127.0.0.1"
@@ -265,6 +271,8 @@ class ServerConfig:
     event_db: str | None = None
     stats_every_s: float = 2.0
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for WebRTC peers beyond this machine (none needed on localhost)
+    engine: str = "scheduler"  # "scheduler" (batched reads, admission by compute) or "lock" (turns on one lock), see above
+    frame_time_share: float = 0.8  # share of the model's time frames may take under admission by compute, (0, 1]
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
@@ -285,3 +293,7 @@ class ServerConfig:
         _require(self.resume_window_s >= 0, "resume_window_s", "must be >= 0")
         _require(self.max_session_s is None or self.max_session_s > 0, "max_session_s", "must be > 0 or None")
         _require(self.stats_every_s > 0, "stats_every_s", "must be > 0")
+        _require(self.engine in ("lock", "scheduler"), "engine", f"must be 'scheduler' or 'lock', got {self.engine!r}")
+        _require(isinstance(self.frame_time_share, (int, float)) and not isinstance(self.frame_time_share, bool)
+                 and math.isfinite(self.frame_time_share) and 0 < self.frame_time_share <= 1, "frame_time_share",
+                 f"must be a number in (0, 1] (the share of the model's time frames may take), got {self.frame_time_share!r}")

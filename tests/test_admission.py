@@ -107,3 +107,108 @@ def test_bad_settings_are_config_errors(kwargs):
         ComputeAdmission(0.8).frame_read(float("nan"))
     with pytest.raises(ConfigError):
         ComputeAdmission(0.8).plan({"a": -1.0})
+
+
+# ---- the server's governor: real session cores, a fake clock, a fake model cost ----------------------
+
+import numpy as np  # noqa: E402
+
+from streamvlm.protocol import messages as m  # noqa: E402
+from streamvlm.protocol import session as core  # noqa: E402
+from streamvlm.server.compute import ComputeGovernor  # noqa: E402
+from streamvlm.server.metrics import ServerMetrics  # noqa: E402
+
+
+def _frame(s: core.RealtimeSession, now: float) -> list:
+    return s.client_event(m.FrameAppend(np.zeros((16, 16, 3), np.uint8), None, "cam", event_id=None), now)
+
+
+def _run(governor: ComputeGovernor, sessions: list[core.RealtimeSession], start: float, seconds: int, fps: int,
+         model_s: float) -> tuple[dict[str, int], dict[str, list[dict]]]:
+    """Every session sends ``fps`` frames a second; every frame submitted is read at ``model_s`` model
+    seconds; the governor ticks every second. Returns frames submitted and events sent per session."""
+    submitted = {s.id: 0 for s in sessions}
+    told: dict[str, list[dict]] = {s.id: [] for s in sessions}
+    for step in range(seconds * fps):
+        now = start + step / fps
+        for s in sessions:
+            for out in _frame(s, now):
+                if isinstance(out, core.SubmitFrame):
+                    submitted[s.id] += 1
+                    governor.on_frame_read(s.id, model_s)
+                else:
+                    assert isinstance(out, (core.StartWorker, core.FrameDropped)), out  # never an error event
+        if step % fps == fps - 1:
+            for sid, events in governor.tick(now).items():
+                told[sid] += events
+    return submitted, told
+
+
+def test_the_governor_shares_the_model_evenly_and_says_so_then_lifts_the_caps():
+    metrics = ServerMetrics()
+    governor = ComputeGovernor(0.8, metrics=metrics)
+    sessions = [core.RealtimeSession("m") for _ in range(4)]
+    for s in sessions:
+        s.opened(0.0)
+        governor.on_session_open(s, 0.0)
+    # 4 sessions x 2 frames/s; a read costs 1.6 s of model time: 0.5 frames/s fit in 80 % of it.
+    first, told = _run(governor, sessions, 0.0, 10, 2, 1.6)
+    for s in sessions:
+        [event] = told[s.id]  # one announcement each, no flapping
+        assert event["type"] == "input_frame.rate" and event["limited"] and event["reason"] == "compute"
+        assert event["fps"] == pytest.approx(0.125, rel=0.01)
+    later, told = _run(governor, sessions, 10.0, 40, 2, 1.6)
+    counts = list(later.values())
+    assert max(counts) - min(counts) <= 1 and sum(counts) <= 0.5 * 40 + 4  # even shares within capacity
+    assert all(not events for events in told.values())
+    assert sum(s.frames_dropped_compute for s in sessions) > 0
+    assert metrics.sessions_read_limited._value.get() == 4
+
+    for s in sessions[1:]:  # three leave: the last one gets the whole capacity
+        s.close("bye")
+        governor.on_session_close(s.id)
+    _, told = _run(governor, sessions[:1], 50.0, 8, 2, 1.6)
+    assert [e["fps"] for e in told[sessions[0].id]] == [pytest.approx(0.5, rel=0.01)]
+
+    _, told = _run(governor, sessions[:1], 58.0, 30, 2, 0.1)  # a faster model (or batching): room for all
+    events = told[sessions[0].id]
+    assert events[-1]["limited"] is False and events[-1]["fps"] is None  # lifted, once the average caught up
+    rising = [e["fps"] for e in events[:-1]]
+    assert all(b > 1.15 * a for a, b in zip([0.5, *rising], rising))  # on the way, only moves worth announcing
+    assert metrics.sessions_read_limited._value.get() == 0
+
+
+def test_with_the_lock_engine_nobody_is_limited():
+    governor = ComputeGovernor.from_config(ServerConfig(engine="lock"))
+    sessions = [core.RealtimeSession("m") for _ in range(3)]
+    for s in sessions:
+        s.opened(0.0)
+        governor.on_session_open(s, 0.0)
+    submitted, told = _run(governor, sessions, 0.0, 5, 2, 2.0)
+    assert all(n == 10 for n in submitted.values()) and not any(told.values())
+
+
+def test_a_quiet_session_keeps_its_frames_and_the_busy_ones_split_the_rest():
+    governor = ComputeGovernor(0.8)
+    busy, quiet = core.RealtimeSession("m"), core.RealtimeSession("m")
+    for s in (busy, quiet):
+        s.opened(0.0)
+        governor.on_session_open(s, 0.0)
+    governor.on_frame_read(busy.id, 1.0)  # 0.8 frames/s in all
+    for step in range(40):  # 10 s: busy sends 4 frames/s, quiet one frame every 5 s
+        now = step / 4
+        _frame(busy, now)
+        if step % 20 == 0:
+            _frame(quiet, now)
+        if step % 4 == 3:
+            governor.tick(now)
+    assert quiet.read_rate is None and quiet.frames_dropped_compute == 0
+    assert busy.read_rate == pytest.approx(0.8 - 0.2, rel=0.2)
+
+
+@pytest.mark.parametrize("kwargs", [{"engine": "batch"}, {"frame_time_share": 0}, {"frame_time_share": 1.5},
+                                    {"frame_time_share": float("nan")}])
+def test_server_config_refuses_an_unknown_engine_or_share(kwargs):
+    with pytest.raises(ConfigError):
+        ServerConfig(**kwargs)
+    assert (ServerConfig().engine, ServerConfig().frame_time_share) == ("scheduler", 0.8)

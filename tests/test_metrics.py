@@ -144,3 +144,20 @@ def test_openmetrics_when_the_scraper_asks_for_it():
     assert content_type.startswith("application/openmetrics-text")
     assert body.decode().rstrip().endswith("# EOF")
     assert "streamvlm_alerts_total 1.0" in body.decode()
+
+
+def test_admission_by_compute_is_visible_before_and_while_it_limits():
+    m = ServerMetrics()
+    samples = scrape(m)
+    assert samples[("streamvlm_frames_dropped_total", (("reason", "compute"),))] == 0  # rate() works from the start
+    assert samples[("streamvlm_sessions_read_limited", ())] == 0 and samples[("streamvlm_read_capacity_fps", ())] == 0
+    m.read_admission(3, 1.6)
+    m.frame_dropped("compute", 4)
+    samples = scrape(m)
+    assert samples[("streamvlm_sessions_read_limited", ())] == 3
+    assert samples[("streamvlm_read_capacity_fps", ())] == 1.6
+    assert samples[("streamvlm_frames_dropped_total", (("reason", "compute"),))] == 4
+    m.read_admission(0, None)  # the load went away: the gauge says so, the counter keeps its count
+    samples = scrape(m)
+    assert samples[("streamvlm_sessions_read_limited", ())] == 0
+    assert samples[("streamvlm_frames_dropped_total", (("reason", "compute"),))] == 4

@@ -16,7 +16,8 @@ Exported (``# TYPE`` in brackets; counters carry the ``_total`` suffix on the wi
                                                        ``engine_fault``, ``slow_consumer``, ``server_stopping``, ...
 ``streamvlm_frames_received_total`` (counter)          frames that reached the server (any transport)
 ``streamvlm_frames_dropped_total{reason}``             frames not read: ``rate_limited``, ``replaced`` (latest wins),
-                                                       ``skipped_duplicate``, ``refused``, ...
+                                                       ``skipped_duplicate``, ``refused``, ``compute`` (above the
+                                                       session's read rate under admission by compute), ...
 ``streamvlm_frames_read_total`` (counter)              frames the model read into memory (encoded and prefilled)
 ``streamvlm_responses_total{status,trigger}``          responses ended, by ``response.done`` status and trigger
 ``streamvlm_alerts_total`` (counter)                   watch alerts raised
@@ -29,12 +30,16 @@ Exported (``# TYPE`` in brackets; counters carry the ``_total`` suffix on the wi
 ``streamvlm_sessions_live`` (gauge)                    sessions with a connected client
 ``streamvlm_sessions_parked`` (gauge)                  sessions waiting to be resumed
 ``streamvlm_working_memory_tokens`` (gauge)            working-memory tokens held, all sessions together
+``streamvlm_sessions_read_limited`` (gauge)            sessions whose frame read rate is capped now (admission by
+                                                       compute: the sessions offer more frames than the model reads)
+``streamvlm_read_capacity_fps`` (gauge)                frames per second the model reads within the frames' share of
+                                                       its time, as measured (0 before the first read)
 ``streamvlm_time_to_first_token_seconds`` (histogram)  ``response.create`` to the first text delta
 ``streamvlm_frame_lag_seconds`` (histogram)            a frame's arrival to the end of its prefill
 ====================================================  =======================================================
 
-Every metric has HELP text. Responses for every status and trigger, and both kinds of engine fault,
-exist from the start (value 0), so ``rate()`` and alert rules work before the first event. Label
+Every metric has HELP text. Responses for every status and trigger, both kinds of engine fault, and
+frames dropped for ``compute`` exist from the start (value 0), so ``rate()`` and alert rules work before the first event. Label
 values are the server's own codes, never client input, which keeps the number of series bounded.
 """
 
@@ -84,6 +89,10 @@ class ServerMetrics:
         self.sessions_live = Gauge("streamvlm_sessions_live", "Sessions with a connected client.", registry=r)
         self.sessions_parked = Gauge("streamvlm_sessions_parked", "Sessions waiting to be resumed.", registry=r)
         self.working_memory_tokens = Gauge("streamvlm_working_memory_tokens", "Working-memory tokens held, all sessions.", registry=r)
+        self.sessions_read_limited = Gauge("streamvlm_sessions_read_limited",
+                                           "Sessions whose frame read rate is capped for compute now.", registry=r)
+        self.read_capacity_fps = Gauge("streamvlm_read_capacity_fps",
+                                       "Frames per second the model reads within the frames' share of its time.", registry=r)
         self.time_to_first_token = Histogram("streamvlm_time_to_first_token_seconds", "Seconds from response.create to the first text delta.",
                                              buckets=TTFT_BUCKETS, registry=r)
         self.frame_lag = Histogram("streamvlm_frame_lag_seconds", "Seconds from a frame's arrival to the end of its prefill.",
@@ -93,6 +102,7 @@ class ServerMetrics:
                 self.responses.labels(status=status, trigger=trigger)
         for kind in ("request", "session"):
             self.engine_faults.labels(kind=kind)
+        self.frames_dropped.labels(reason="compute")
 
     # ---- outcomes: one call where each happens --------------------------------------------------------
     def session_opened(self) -> None:
@@ -123,6 +133,13 @@ class ServerMetrics:
         self.frames_read.inc()
         if lag_s is not None:
             self.frame_lag.observe(max(0.0, lag_s))
+
+    def read_admission(self, limited: int, capacity_fps: float | None) -> None:
+        """Admission by compute planned again: ``limited`` sessions are capped now; the model reads
+        ``capacity_fps`` frames per second within the frames' share (None: not measured yet, shown as 0).
+        Frames dropped above a cap are counted with :meth:`frame_dropped` (``compute``)."""
+        self.sessions_read_limited.set(limited)
+        self.read_capacity_fps.set(capacity_fps or 0.0)
 
     def first_token(self, seconds: float) -> None:
         """The first delta of a response went out ``seconds`` after its ``response.create``."""

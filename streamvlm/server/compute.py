@@ -1,0 +1,128 @@
+"""Admission by compute on a live server: the one place that turns model timings into per-session read rates.
+
+:class:`ComputeGovernor` sits between the session host (whatever transport) and the pure
+:class:`~streamvlm.engine.admission.ComputeAdmission`. The host tells it four things and carries out
+what it returns; it starts no task, reads no clock and touches no socket::
+
+    governor = ComputeGovernor.from_config(config, metrics)
+    governor.on_session_open(session.core, now)              # a new session (not a resume: same core)
+    governor.on_frame_read(session.id, read.model_s)         # each frame read (worker FrameRead.model_s)
+    for session_id, outs in governor.tick(now).items():      # every ``interval_s`` on a host-wide loop
+        execute(session_id, outs)                             # input_frame.rate events to send
+    governor.on_session_close(session.id)                    # the session ended for good
+
+Each tick measures every open session's offered frame rate (frames that reached its core, counted by
+``RealtimeSession.frames_offered``, over the last ``window_s``), asks the admission for a plan, applies
+the changed caps with ``RealtimeSession.set_read_rate`` and updates the metrics (sessions limited, read
+capacity). Frames above a cap come out of the core as ``FrameDropped("compute")`` commands, which the
+host counts with ``metrics.frame_dropped("compute")``. With ``engine="lock"`` (the previous mode) the
+governor is disabled: it plans nothing and caps nobody.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..config import ServerConfig
+from ..engine.admission import ComputeAdmission, ReadPlan
+from ..protocol.session import Out, RealtimeSession
+from .metrics import ServerMetrics
+
+__all__ = ["ComputeGovernor"]
+
+
+@dataclass
+class _Tracked:
+    core: RealtimeSession
+    # (time, frames_offered) samples of the last window, oldest first.
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+
+class ComputeGovernor:
+    """Caps each session's frame read rate evenly when the sessions offer more than the model reads.
+
+    See the module docstring for the calls a host makes. ``interval_s`` is how often the host should
+    call :meth:`tick`; ``window_s`` is how far back offered rates are measured.
+    """
+
+    def __init__(self, frame_time_share: float = 0.8, *, enabled: bool = True, metrics: ServerMetrics | None = None,
+                 interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15) -> None:
+        self.admission = ComputeAdmission(frame_time_share, hysteresis=hysteresis)
+        self.enabled = enabled
+        self.metrics = metrics
+        # Seconds between two ticks (the host's loop sleeps this long).
+        self.interval_s = float(interval_s)
+        # Seconds of history an offered rate is measured over.
+        self.window_s = float(window_s)
+        self._sessions: dict[str, _Tracked] = {}
+        self.last_plan: ReadPlan | None = None
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> ComputeGovernor:
+        """The governor a server with this config runs: enabled for ``engine="scheduler"``, not for ``lock``."""
+        return cls(config.frame_time_share, enabled=config.engine == "scheduler", metrics=metrics)
+
+    # ---- what the host reports ------------------------------------------------------------------------
+    def on_session_open(self, core: RealtimeSession, now: float) -> None:
+        """A new session: its offered rate is measured from ``now``."""
+        tracked = _Tracked(core)
+        tracked.samples.append((now, core.frames_offered))
+        self._sessions[core.id] = tracked
+
+    def on_session_close(self, session_id: str) -> None:
+        """The session ended for good: its share goes to the others at the next tick."""
+        self._sessions.pop(session_id, None)
+        self.admission.forget(session_id)
+
+    def on_frame_read(self, session_id: str, model_seconds: float) -> None:
+        """A frame of this session was read in ``model_seconds`` of model time (vision + prefill; a
+        batched read's share). Feeds the average the capacity is planned from."""
+        self.admission.frame_read(model_seconds)
+
+    def on_frames_read(self, session_id: str, model_seconds: Iterable[float]) -> None:
+        """:meth:`on_frame_read` for each of several reads (e.g. ``r.model_s for r in counters.reads_since(seen)``)."""
+        for seconds in model_seconds:
+            self.on_frame_read(session_id, seconds)
+
+    # ---- the plan --------------------------------------------------------------------------------------
+    def offered_fps(self, session_id: str, now: float) -> float:
+        """Frames per second this session offered over the last ``window_s`` up to ``now`` (0 for an unknown session)."""
+        tracked = self._sessions.get(session_id)
+        return 0.0 if tracked is None else self._rate(tracked, now, tracked.core.frames_offered)
+
+    def _rate(self, tracked: _Tracked, now: float, count: int) -> float:
+        t0, n0 = tracked.samples[0]
+        span = max(now - t0, self.interval_s)  # a session younger than one tick is measured over one tick
+        return max(0, count - n0) / span
+
+    def _measure(self, tracked: _Tracked, now: float) -> float:
+        """The offered rate at ``now``, keeping this tick's sample (and one at or before the window's start)."""
+        count = tracked.core.frames_offered
+        rate = self._rate(tracked, now, count)
+        samples = tracked.samples
+        samples.append((now, count))
+        while len(samples) > 2 and samples[1][0] <= now - self.window_s:
+            samples.popleft()
+        return rate
+
+    def tick(self, now: float) -> dict[str, list[Out]]:
+        """Plan again from the offered rates at ``now``: ``{session_id: events}`` for the sessions whose
+        cap changed (send each session its events: one ``input_frame.rate``; [] while its client is
+        away, which hears on its return). Ended sessions (core closed) are dropped from the books."""
+        for sid in [sid for sid, t in self._sessions.items() if t.core.closed is not None]:
+            self.on_session_close(sid)
+        if not self.enabled:
+            return {}
+        offered = {sid: self._measure(tracked, now) for sid, tracked in self._sessions.items()}
+        plan = self.admission.plan(offered)
+        self.last_plan = plan
+        if self.metrics is not None:
+            self.metrics.read_admission(plan.limited, plan.capacity_fps)
+        out: dict[str, list[Out]] = {}
+        for sid, cap in plan.changes.items():
+            events = self._sessions[sid].core.set_read_rate(cap, "compute")
+            if events:
+                out[sid] = events
+        return out
