@@ -141,33 +141,14 @@ class Runner:
         it runs (a question, say) runs with this encode suspended, and the encode then goes on exactly
         as if it had not stopped (the vision tower reads nothing that other steps change). Time spent
         inside ``pause`` is not counted as vision time. If ``pause`` raises, the encode is abandoned.
+
+        Frames of other sessions on the same model that wait at the same moment are encoded in the same
+        forward (``adapter.batcher``, :mod:`.batcher`; off with ``adapter.vision_batching = False``):
+        the result is this frame's alone, and its vision time is its share of that forward. While the
+        frame waits in another session's batch, ``pause`` is still called now and then, so this
+        session's answers are not held up by the batch; the batch yields the model to them.
         """
-        t0 = time.perf_counter()
-        paused = 0.0
-        hooks: list[Hook] = []
-        if pause is not None:
-            owner = threading.get_ident()
-            busy = False
-
-            def hook(module: Any, args: Any) -> None:
-                nonlocal paused, busy
-                if busy or threading.get_ident() != owner:
-                    return
-                busy = True
-                p0 = time.perf_counter()
-                try:
-                    pause()
-                    # Another session's answer waits for the model: let it run between these layers (the
-                    # vision tower of this frame shares nothing with it; this step's hooks come off meanwhile).
-                    self.adapter.yield_turn()
-                finally:
-                    paused += time.perf_counter() - p0
-                    busy = False
-
-            hooks = [Hook(m, hook, pre=True) for m in self._pause_points()]
-        with self.adapter.hold(hooks):
-            out = self.adapter.encode(frame)
-        self.last_vision_s = time.perf_counter() - t0 - paused
+        out, self.last_vision_s = self.adapter.batcher.encode(frame, pause=pause, points=self._pause_points())
         self.times.vision_s += self.last_vision_s
         self.times.calls["encode"] += 1
         return out

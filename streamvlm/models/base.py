@@ -12,12 +12,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from .turns import TurnLock
+
+if TYPE_CHECKING:
+    from ..engine.batcher import VisionBatcher
 
 __all__ = ["PreparedFrame", "ModelAdapter", "Hook"]
 
@@ -83,6 +86,30 @@ class ModelAdapter(ABC):
         self.lock = TurnLock()
         # The hooks attached now, by the thread holding the lock (a stack: holds nest in one thread).
         self._attached: list[tuple[Hook, Any]] = []
+        self._batcher: VisionBatcher | None = None
+
+    # ---- vision encodes of every session, batched ---------------------------------------------------
+    @property
+    def batcher(self) -> VisionBatcher:
+        """The one place frames of every session sharing this model are encoded (see
+        :mod:`streamvlm.engine.batcher`): frames waiting at the same moment go through the vision tower
+        in one forward. Its ``stats()`` counts batches and frames."""
+        if self._batcher is None:
+            from ..engine.batcher import VisionBatcher  # the engine builds on the models, not the other way
+
+            self._batcher = VisionBatcher(self)
+        return self._batcher
+
+    @property
+    def vision_batching(self) -> bool:
+        """True (default): frames of different sessions waiting together are encoded in one vision forward.
+        Set False for the previous mode, one frame per forward in each session's own turn (``--engine
+        lock`` in ``bench serve``); the results are the same either way, only the throughput differs."""
+        return self.batcher.enabled
+
+    @vision_batching.setter
+    def vision_batching(self, on: bool) -> None:
+        self.batcher.enabled = bool(on)
 
     # ---- owning the model for one step ------------------------------------------------------------
     @contextmanager
@@ -113,7 +140,8 @@ class ModelAdapter(ABC):
 
         So a hook is never on the model while another session's forward runs, even across a yield.
         """
-        if not self.lock.more_urgent_waiting():
+        more_urgent = getattr(self.lock, "more_urgent_waiting", None)  # a stand-in lock (tests) may not rank waiters
+        if more_urgent is None or not more_urgent():
             return False
         mine, self._attached[:] = list(self._attached), []
         for _, handle in reversed(mine):
@@ -193,6 +221,20 @@ class ModelAdapter(ABC):
     @abstractmethod
     def encode(self, frame: PreparedFrame) -> Any:
         """Run the vision tower on one prepared frame; the result goes to :meth:`forward_kwargs`."""
+
+    def encode_batch(self, frames: list[PreparedFrame]) -> list[Any]:
+        """Run the vision tower on several frames (of any sessions) and return one result per frame, in order.
+
+        Each result is what :meth:`encode` returns for that frame alone (equal up to floating-point
+        summation order). The default encodes one by one; families override it with one forward. Call
+        it inside :meth:`hold`. If it raises, the caller cannot tell which frame was at fault: encode
+        them one by one to find out (:class:`~streamvlm.engine.batcher.VisionBatcher` does).
+        """
+        return [self.encode(frame) for frame in frames]
+
+    def batch_cost(self, frame: PreparedFrame) -> int:
+        """What a frame adds to a batch, in visual tokens, for the batch's cap (the vision tower's cost grows with it)."""
+        return frame.num_visual_tokens
 
     @abstractmethod
     def offline_kwargs(self, input_ids: torch.Tensor, frames: list[PreparedFrame]) -> dict[str, Any]:

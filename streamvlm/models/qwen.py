@@ -76,6 +76,31 @@ class QwenVLAdapter(ModelAdapter):
             frame.pixels["pixel_values"].to(device), frame.pixels["image_grid_thw"].to(device), return_dict=True
         )
 
+    def encode_batch(self, frames: list[PreparedFrame]) -> list[Any]:
+        """All frames in one vision forward: their patches concatenated, with the list of their grids.
+
+        The vision tower attends within each image only (its sequence boundaries come from the grids),
+        so each frame's output equals its own encode; the outputs are split back by each image's
+        patch count and merged token count.
+        """
+        if len(frames) == 1:
+            return [self.encode(frames[0])]
+        device = self.device
+        grids = torch.cat([f.pixels["image_grid_thw"] for f in frames])
+        out = self.model.model.get_image_features(
+            torch.cat([f.pixels["pixel_values"] for f in frames]).to(device), grids.to(device), return_dict=True
+        )
+        patches = [int(n) for n in grids.prod(-1)]
+        hidden = torch.split(out.last_hidden_state, patches) if out.last_hidden_state.shape[0] == sum(patches) else None
+        deepstack = getattr(out, "deepstack_features", None)
+        results = []
+        for i, pooled in enumerate(out.pooler_output):
+            fields: dict[str, Any] = {"last_hidden_state": None if hidden is None else hidden[i], "pooler_output": (pooled,)}
+            if deepstack is not None:
+                fields["deepstack_features"] = [(layer[i],) for layer in deepstack]
+            results.append(type(out)(**fields))
+        return results
+
     def offline_kwargs(self, input_ids: torch.Tensor, frames: list[PreparedFrame]) -> dict[str, Any]:
         if not frames:
             return {}

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from .base import ModelAdapter, PreparedFrame
 from .qwen import _token_id
 
@@ -73,6 +75,32 @@ class SmolVLMAdapter(ModelAdapter):
         return self.model.model.get_image_features(
             frame.pixels["pixel_values"].to(device), None if mask is None else mask.to(device), return_dict=True
         )
+
+    def encode_batch(self, frames: list[PreparedFrame]) -> list[Any]:
+        """Frames of one size share one vision forward (stacked on the batch dimension); others go apart.
+
+        A frame whose pixels are all zero goes alone: the model would take it for batch padding.
+        """
+        results: list[Any] = [None] * len(frames)
+        groups: dict[tuple, list[int]] = {}
+        for i, frame in enumerate(frames):
+            pixels = frame.pixels["pixel_values"]
+            key = (tuple(pixels.shape), "pixel_attention_mask" in frame.pixels, i if not bool(pixels.any()) else -1)
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            if len(members) == 1:
+                results[members[0]] = self.encode(frames[members[0]])
+                continue
+            device = self.device
+            pixels = torch.cat([frames[i].pixels["pixel_values"] for i in members]).to(device)
+            masks = [frames[i].pixels.get("pixel_attention_mask") for i in members]
+            mask = None if masks[0] is None else torch.cat(masks).to(device)
+            out = self.model.model.get_image_features(pixels, mask, return_dict=True)
+            hidden = out.last_hidden_state
+            per_image = hidden.shape[0] // len(members)
+            for k, (i, pooled) in enumerate(zip(members, out.pooler_output)):
+                results[i] = BaseModelOutputWithPooling(last_hidden_state=hidden[k * per_image : (k + 1) * per_image], pooler_output=[pooled])
+        return results
 
     def offline_kwargs(self, input_ids: torch.Tensor, frames: list[PreparedFrame]) -> dict[str, Any]:
         if not frames:

@@ -13,8 +13,18 @@ token, per vision tower call), an answer waits for at most the one forward in pr
 forward that can be suspended (a vision tower, between its layers) calls :meth:`TurnLock.yield_turn`
 to let a more urgent waiter of another session run first.
 
+The books of model time are per thread (one model thread per session). A step that runs work of
+several threads in one forward (a batch of vision encodes, :mod:`streamvlm.engine.batcher`) moves
+each one's share of the time to it with :meth:`TurnLock.charge`, so the thread that happened to lead
+the batch is not billed for the others. Ordering equals by least recent (decayed) model time is a
+fair queue on model time, in the spirit of deficit round-robin (Shreedhar & Varghese) but without
+its per-round quantum: a step's cost is known only after it ran, so it is billed afterwards, and
+sessions that keep the model busy get equal shares of its time whatever their steps cost; one that
+was idle comes back first and catches up.
+
 Pure threading; it knows nothing about models or sessions. Reentrant: a thread that holds the lock
-may take it again (a question served while that thread's own frame encode is paused).
+may take it again (a question served while that thread's own frame encode is paused). Time comes
+from ``clock`` (``time.monotonic`` by default; tests pass a fake one).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 __all__ = ["TurnLock", "ANSWER", "PROBE", "FRAME"]
@@ -35,7 +45,7 @@ ANSWER, PROBE, FRAME = 0, 1, 2
 class TurnLock:
     """A reentrant lock; waiters get it by priority (lower first), then first come first served."""
 
-    def __init__(self, half_life_s: float = 10.0) -> None:
+    def __init__(self, half_life_s: float = 10.0, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._cv = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._owner_level = FRAME
@@ -46,6 +56,7 @@ class TurnLock:
         self._held_since = 0.0
         self._use: dict[int, tuple[float, float]] = {}  # thread id -> (seconds held, decayed; when last updated)
         self.half_life_s = half_life_s
+        self._clock = clock
 
     @contextmanager
     def priority(self, level: int) -> Iterator[None]:
@@ -57,7 +68,14 @@ class TurnLock:
         finally:
             self._local.level = before
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+    def current_level(self) -> int:
+        """The priority this thread's acquisitions wait with now (set by :meth:`priority`)."""
+        return int(getattr(self._local, "level", FRAME))
+
+    def acquire(self, blocking: bool = True, timeout: float = -1, *, until: Callable[[], bool] | None = None) -> bool:
+        """Take the lock (reentrant). False when ``timeout`` passed first, or when ``until`` (asked on
+        every :meth:`wake` and release, with the lock's internal mutex held: keep it cheap and lock-free)
+        turned true while waiting: the caller no longer needs the model (its work was done by another)."""
         me = threading.get_ident()
         with self._cv:
             if self._owner == me:
@@ -67,20 +85,29 @@ class TurnLock:
             if self._owner is None and not self._waiting:
                 self._take(me, level, 1)
                 return True
-            if not blocking:
+            if not blocking or (until is not None and until()):
                 return False
-            return self._wait_turn(level, 1, None if timeout < 0 else timeout)
+            return self._wait_turn(level, 1, None if timeout < 0 else timeout, until)
 
-    def _wait_turn(self, level: int, depth: int, timeout: float | None) -> bool:
+    def _wait_turn(self, level: int, depth: int, timeout: float | None, until: Callable[[], bool] | None = None) -> bool:
         """Queue this thread and wait for its turn (call with ``_cv`` held)."""
         me = threading.get_ident()
-        entry = (level, self._recent_use(me, time.monotonic()), next(self._arrivals), me)
+        entry = (level, self._recent_use(me, self._clock()), next(self._arrivals), me)
         heapq.heappush(self._waiting, entry)
-        ok = self._cv.wait_for(lambda: self._owner is None and self._waiting[0] == entry, timeout)
+
+        def turn() -> bool:
+            return self._owner is None and self._waiting[0] == entry
+
+        if until is None:
+            ok = self._cv.wait_for(turn, timeout)
+        else:
+            ok = self._cv.wait_for(lambda: turn() or until(), timeout) and turn()
         if not ok:
+            was_first = self._waiting[0] == entry
             self._waiting.remove(entry)
             heapq.heapify(self._waiting)
-            self._cv.notify_all()
+            if was_first:  # the next in line may take the model now
+                self._cv.notify_all()
             return False
         heapq.heappop(self._waiting)
         self._take(me, level, depth)
@@ -88,7 +115,7 @@ class TurnLock:
 
     def _take(self, me: int, level: int, depth: int) -> None:
         self._owner, self._owner_level, self._depth = me, level, depth
-        self._held_since = time.monotonic()
+        self._held_since = self._clock()
 
     def _recent_use(self, thread: int, now: float) -> float:
         used, when = self._use.get(thread, (0.0, now))
@@ -96,7 +123,7 @@ class TurnLock:
 
     def _give_up(self) -> None:
         """The owner lets go (call with ``_cv`` held): book its hold time, wake the waiters."""
-        now = time.monotonic()
+        now = self._clock()
         me = self._owner
         assert me is not None
         self._use[me] = (self._recent_use(me, now) + now - self._held_since, now)
@@ -105,6 +132,37 @@ class TurnLock:
                 del self._use[thread]
         self._owner, self._depth = None, 0
         self._cv.notify_all()
+
+    def usage(self, thread: int) -> float:
+        """Recent (decayed) model seconds booked to ``thread``; lower goes first among equals."""
+        with self._cv:
+            return self._recent_use(thread, self._clock())
+
+    def charge(self, shares: Mapping[int, float]) -> None:
+        """Held by this thread: book ``shares`` (thread id -> seconds) of this hold to those threads instead.
+
+        For a step that ran work of several threads at once (a batch of vision encodes): each gets its
+        share of the model time, and the holder is billed only for its own. Seconds are taken off the
+        holder's books now and its whole hold is booked when it lets go, so they even out.
+        """
+        me = threading.get_ident()
+        with self._cv:
+            if self._owner != me:
+                raise RuntimeError("charge() of a TurnLock this thread does not hold")
+            now = self._clock()
+            moved = 0.0
+            for thread, seconds in shares.items():
+                if thread == me or seconds <= 0:
+                    continue
+                self._use[thread] = (self._recent_use(thread, now) + seconds, now)
+                moved += seconds
+            if moved:
+                self._use[me] = (self._recent_use(me, now) - moved, now)
+
+    def wake(self) -> None:
+        """Wake every waiter to ask its ``until`` again (call after making one of them true)."""
+        with self._cv:
+            self._cv.notify_all()
 
     def more_urgent_waiting(self) -> bool:
         """True when this thread holds the lock and a more urgent thread waits for it."""
