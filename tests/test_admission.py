@@ -162,7 +162,7 @@ def test_the_governor_shares_the_model_evenly_and_says_so_then_lifts_the_caps():
     assert max(counts) - min(counts) <= 1 and sum(counts) <= 0.5 * 40 + 4  # even shares within capacity
     assert all(not events for events in told.values())
     assert sum(s.frames_dropped_compute for s in sessions) > 0
-    assert metrics.sessions_read_limited._value.get() == 4
+    assert metrics.registry.get_sample_value("streamvlm_sessions_read_limited") == 4
 
     for s in sessions[1:]:  # three leave: the last one gets the whole capacity
         s.close("bye")
@@ -175,7 +175,7 @@ def test_the_governor_shares_the_model_evenly_and_says_so_then_lifts_the_caps():
     assert events[-1]["limited"] is False and events[-1]["fps"] is None  # lifted, once the average caught up
     rising = [e["fps"] for e in events[:-1]]
     assert all(b > 1.15 * a for a, b in zip([0.5, *rising], rising))  # on the way, only moves worth announcing
-    assert metrics.sessions_read_limited._value.get() == 0
+    assert metrics.registry.get_sample_value("streamvlm_sessions_read_limited") == 0
 
 
 def test_with_the_lock_engine_nobody_is_limited():

@@ -303,3 +303,18 @@ def test_a_cap_set_while_the_client_is_away_is_announced_on_its_return():
     [lifted] = [e for e in s.resumed(4.0) if isinstance(e, dict) and e["type"] == "input_frame.rate"]
     assert lifted["limited"] is False
     assert not [e for e in s.resumed(5.0) if isinstance(e, dict) and e["type"] == "input_frame.rate"]  # nothing new
+
+
+def test_the_python_client_exposes_the_cap_the_core_announces():
+    from streamvlm_client import AsyncClient
+
+    s = core.RealtimeSession("test-model")
+    s.opened(0.0)
+    client = AsyncClient(event_buffer=0)
+    assert client.read_rate is None
+    for event in s.set_read_rate(0.4):
+        client._dispatch(event)
+    assert client.read_rate == 0.4
+    for event in s.set_read_rate(None):
+        client._dispatch(event)
+    assert client.read_rate is None

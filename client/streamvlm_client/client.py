@@ -178,7 +178,8 @@ class AsyncClient:
     Open it with ``await AsyncClient.connect(url)`` (or ``async with AsyncClient.connect(url) as c``).
     State kept up to date from the server's events: :attr:`session_id`, :attr:`handle` (the latest
     resumption handle), :attr:`session` (the settings in force), :attr:`limits`, :attr:`frame_stats`
-    (the latest ``input_frame.stats``) and :attr:`go_away` (the ``session.go_away`` event, if one came).
+    (the latest ``input_frame.stats``), :attr:`read_rate` (the frames per second the server reads from
+    this session, when it caps them) and :attr:`go_away` (the ``session.go_away`` event, if one came).
 
     Every server event is also kept, in order, for :meth:`events` / :meth:`next_event` (at most
     ``event_buffer`` unread ones; beyond that the oldest are dropped and counted in
@@ -210,6 +211,9 @@ class AsyncClient:
         self.limits: Limits = Limits()
         #: The latest ``input_frame.stats`` counters: received, skipped, dropped, ingested.
         self.frame_stats: dict[str, int] = dict.fromkeys(_STATS_KEYS, 0)
+        #: Frames per second the server reads from this session (``input_frame.rate``: admission by
+        #: compute); None while it reads everything sent. Frames above it are dropped without an error.
+        self.read_rate: float | None = None
         #: The ``session.go_away`` event, once the server announced it will close the connection.
         self.go_away: dict[str, Any] | None = None
         #: Frames sent on this client (all connections).
@@ -456,6 +460,9 @@ class AsyncClient:
                 _settle(waiting_d[1], str(event.get("watch_id")))
         elif kind == "input_frame.stats":
             self.frame_stats = {k: int(event.get(k, 0)) for k in _STATS_KEYS}
+        elif kind == "input_frame.rate":
+            fps = event.get("fps") if event.get("limited") else None
+            self.read_rate = float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) else None
         elif kind == "session.go_away":
             self.go_away = event
         elif kind == "error":
@@ -984,6 +991,11 @@ class Client:
     def frame_stats(self) -> dict[str, int]:
         """The latest ``input_frame.stats`` counters."""
         return dict(self._client.frame_stats)
+
+    @property
+    def read_rate(self) -> float | None:
+        """Frames per second the server reads from this session, when it caps them (see :attr:`AsyncClient.read_rate`)."""
+        return self._client.read_rate
 
     @property
     def connected(self) -> bool:
