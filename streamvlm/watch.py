@@ -81,7 +81,7 @@ class CameraReport:
     alerts: int = 0
     answers: int = 0
     failure: str | None = None  # why the camera ended early; None while it runs or after it ended normally
-    ended: bool = False
+    ended: bool = False  # the source ended (a file's end, or a failure) and the model finished its work; False if stopped
 
 
 class _Camera:
@@ -120,6 +120,7 @@ class _Camera:
         try:
             await self._feed()
             await self._settle()  # the source ended: let the model read what it was given and answer
+            self.report.ended = True
         finally:
             self.source.stop()
             self.log_source_events()
@@ -140,7 +141,6 @@ class _Camera:
             if self.fatal:  # a source's failure is logged already, as its camera.closed event with the reason
                 self.record("camera.failed", {"message": reason})
             self.say(f"camera FAILED: {reason} (the other cameras go on)", err=True)
-        self.report.ended = True
 
     async def _feed(self) -> None:
         loop = asyncio.get_running_loop()
