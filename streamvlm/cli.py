@@ -526,9 +526,19 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from .bench.serve import run_serve_bench
+    from .bench.serve import run_serve_bench, run_serve_sweep
 
-    result = run_serve_bench(_model_config(args), sessions=args.sessions, fps=args.fps, duration=args.duration)
+    try:  # "8" or "1,2,4,8"
+        counts = [int(part) for part in args.sessions.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--sessions {args.sessions!r}: expected positive integers separated by commas, e.g. 1,2,4,8")
+    engines = list(_split_names(args.engine)) or ["scheduler"]
+    if len(counts) == 1 and len(engines) == 1:  # one run: the flat result, as before
+        result = run_serve_bench(_model_config(args), sessions=counts[0], fps=args.fps, duration=args.duration, engine=engines[0])
+    else:
+        result = run_serve_sweep(_model_config(args), sessions=counts, engines=engines, fps=args.fps, duration=args.duration)
     return _emit_json(result, args.json)
 
 
@@ -702,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bserve = bench_sub.add_parser("serve", help="concurrent realtime sessions against one server")
     bserve.add_argument("--model", default="tiny-smolvlm")
-    bserve.add_argument("--sessions", type=int, default=8)
+    bserve.add_argument("--sessions", default="8", help="session count, or several to compare: 1,2,4,8 (default: 8)")
+    bserve.add_argument("--engine", default="scheduler", help="scheduler, lock (the previous mode: turns on one lock), "
+                                                             "or both to compare: lock,scheduler (default: scheduler)")
     bserve.add_argument("--fps", type=float, default=2.0)
     bserve.add_argument("--duration", type=float, default=30.0)
     bserve.add_argument("--json", metavar="OUT", help="write the result to this file")

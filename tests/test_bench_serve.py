@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from streamvlm.bench.serve import run_serve_bench
+from streamvlm.bench.serve import run_serve_bench, run_serve_sweep
+from streamvlm.cli import main
 from streamvlm.errors import ConfigError
 
 
@@ -29,9 +30,40 @@ def test_serve_bench_reports_latency_frames_and_memory():
     assert result["rss_growth_ratio"] == pytest.approx(result["rss_end_bytes"] / result["rss_at_10pct_bytes"])
     assert 0.5 < result["rss_growth_ratio"] < 3
     assert len(result["memory_per_session_bytes"]) == 2 and all(b > 0 for b in result["memory_per_session_bytes"])
+    # the server's side: frames read, how evenly, how late; admission by compute; the precision it ran in
+    assert result["engine"] == "scheduler"
+    per_session = result["frames_read_per_session"]
+    assert len(per_session) == 2 and sum(per_session) == pytest.approx(result["frames_read_per_s"] * 4)
+    assert result["share_max_min"] == pytest.approx(max(per_session) / min(per_session))
+    assert 0 <= result["lag_p50_s"] <= result["lag_p95_s"]
+    assert result["sessions_rate_limited"] >= 0 and result["frames_dropped_compute"] >= 0
+    assert {"device", "dtype"} <= set(result)
 
 
 def test_serve_bench_rejects_bad_arguments():
-    for kwargs in ({"sessions": 0}, {"fps": 0}, {"duration": -1.0}, {"fps": float("nan")}):
+    for kwargs in ({"sessions": 0}, {"fps": 0}, {"duration": -1.0}, {"fps": float("nan")}, {"engine": "turbo"}):
         with pytest.raises(ConfigError):
             run_serve_bench("tiny-smolvlm", **kwargs)
+    with pytest.raises(ConfigError):
+        run_serve_sweep("tiny-smolvlm", sessions=[1, 0])
+    assert main(["bench", "serve", "--sessions", "1,two"]) == 2  # a clear error, before any model loads
+    assert main(["bench", "serve", "--engine", "lock,turbo", "--sessions", "1,2"]) == 2
+
+
+def test_one_invocation_compares_engines_across_session_counts(tmp_path):
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--model", "tiny-smolvlm", "--sessions", "2,1", "--engine", "lock,scheduler",
+                 "--fps", "2", "--duration", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["benchmark"], result["sessions"], result["engines"]) == ("serve", [1, 2], ["lock", "scheduler"])
+    assert {"device", "dtype"} <= set(result)
+    runs = [(r["engine"], r["sessions"]) for r in result["runs"]]
+    assert runs == [("lock", 1), ("lock", 2), ("scheduler", 1), ("scheduler", 2)]
+    assert all(r["frames_read_per_s"] > 0 and len(r["frames_read_per_session"]) == r["sessions"] for r in result["runs"])
+    rows = {(row["engine"], row["sessions"]): row for row in result["comparison"]}
+    assert rows[("lock", 1)]["frames_read_per_s_vs_single"] == 1.0 and rows[("lock", 2)]["frames_read_per_s_vs_lock"] == 1.0
+    by_run = {(r["engine"], r["sessions"]): r for r in result["runs"]}
+    assert rows[("scheduler", 2)]["frames_read_per_s_vs_lock"] == pytest.approx(
+        by_run[("scheduler", 2)]["frames_read_per_s"] / by_run[("lock", 2)]["frames_read_per_s"])
+    assert rows[("scheduler", 2)]["frames_read_per_s_vs_single"] == pytest.approx(
+        by_run[("scheduler", 2)]["frames_read_per_s"] / by_run[("scheduler", 1)]["frames_read_per_s"])

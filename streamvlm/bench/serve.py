@@ -16,6 +16,16 @@ Meanwhile the process's RSS is sampled every second (more often for runs under 1
 event latency and TTFT p50/p95, the sessions' frame counters from their last ``input_frame.stats``
 (summed, plus dropped frames per session), RSS at the start, at 10 % of the run and at the end with
 ``rss_growth_ratio`` = end / 10 %, and each session's working memory (``working_bytes``) at the end.
+From the server side: frames read per second in all, each session's frames read and the share
+``max/min`` between sessions (1.0 = perfectly even; None when a session read nothing), frame lag
+(arrival to the start of its read) p50/p95, sessions capped by admission by compute at the end and the
+frames dropped for it, and the mean vision batch size when the engine reports one.
+
+:func:`run_serve_sweep` runs several session counts and engines (``ServerConfig.engine``: ``lock``,
+the previous mode where sessions take turns on one lock, and ``scheduler``) against one loaded model
+in one invocation, and compares them: each run's TTFT p95 and frames read per second against the
+single-session run of its engine, and each engine against ``lock`` at the same session count, so a
+gain is a ratio measured in one run on one machine.
 
 Server and clients share one event loop and one process (as they would not in production), so the
 figures include the clients' own JPEG encoding; with random-weight presets the answers are noise and
@@ -29,6 +39,7 @@ import math
 import os
 import time
 from types import ModuleType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +52,7 @@ from ..models.device import precision_of
 from ..server.app import StreamServer
 from .memory import rss_bytes
 
-__all__ = ["run_serve_bench", "QUESTION"]
+__all__ = ["run_serve_bench", "run_serve_sweep", "QUESTION"]
 
 #: The question every session asks.
 QUESTION = "What is happening in the video?"
@@ -49,6 +60,8 @@ _BASE_FRAMES = 32
 _FRAME_SIZE = (240, 320)
 _STATS_EVERY_S = 1.0
 _ANSWER_GRACE_S = 60.0
+#: The engines ``ServerConfig.engine`` accepts (see its docstring).
+ENGINES = ("lock", "scheduler")
 
 
 def _client_module() -> ModuleType:
@@ -62,35 +75,99 @@ def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8, fps: float = 2.0, duration: float = 30.0, *,
-                    ask_every: float = 5.0, max_new_tokens: int = 16) -> dict[str, Any]:
-    """Run the benchmark (about ``duration`` seconds plus model loading and the last answers) and return
-    a JSON-ready dict; see the module docstring for what is measured.
-
-    Keys: ``benchmark`` ("serve"), ``model``, ``sessions``, ``fps``, ``duration_s``,
-    ``event_latency_p50_s``/``_p95_s``, ``ttft_p50_s``/``_p95_s`` (None when no answer streamed),
-    ``frames`` (sent, received, skipped, dropped, ingested: summed over sessions),
-    ``frames_dropped_per_session``, ``rss_start_bytes``, ``rss_at_10pct_bytes``, ``rss_end_bytes``,
-    ``rss_growth_ratio``, ``memory_per_session_bytes`` (working-memory bytes of each session at the
-    end), and the sample counts ``event_latency_samples``, ``questions``, ``answers``.
-    Raises ConfigError for a non-positive ``sessions``, ``fps``, ``duration`` or ``ask_every``.
-    """
-    if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
-        raise ConfigError(f"sessions: must be an integer >= 1, got {sessions!r}")
+def _check(sessions: Sequence[int], engines: Sequence[str], fps: float, duration: float, ask_every: float) -> None:
+    if not sessions or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sessions):
+        raise ConfigError(f"sessions: must be integers >= 1, got {list(sessions)!r}")
+    if not engines or any(e not in ENGINES for e in engines):
+        raise ConfigError(f"engine: must be among {', '.join(ENGINES)}, got {list(engines)!r}")
     for name, value in (("fps", fps), ("duration", duration), ("ask_every", ask_every)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name}: must be a finite number > 0, got {value!r}")
+
+
+def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8, fps: float = 2.0, duration: float = 30.0, *,
+                    ask_every: float = 5.0, max_new_tokens: int = 16, engine: str = "scheduler") -> dict[str, Any]:
+    """Run the benchmark once (about ``duration`` seconds plus model loading and the last answers) and
+    return a JSON-ready dict; see the module docstring for what is measured.
+
+    Keys: ``benchmark`` ("serve"), ``model``, ``engine``, ``sessions``, ``fps``, ``duration_s``,
+    ``event_latency_p50_s``/``_p95_s``, ``ttft_p50_s``/``_p95_s`` (None when no answer streamed),
+    ``frames`` (sent, received, skipped, dropped, ingested: summed over sessions),
+    ``frames_dropped_per_session``, ``frames_read_per_s``, ``frames_read_per_session``,
+    ``share_max_min``, ``lag_p50_s``/``lag_p95_s``, ``sessions_rate_limited``,
+    ``frames_dropped_compute``, ``vision_batch_mean`` (None unless the engine reports batches),
+    ``rss_start_bytes``, ``rss_at_10pct_bytes``, ``rss_end_bytes``, ``rss_growth_ratio``,
+    ``memory_per_session_bytes`` (working-memory bytes of each session at the end), the sample counts
+    ``event_latency_samples``, ``questions``, ``answers``, and the device/dtype the model ran in.
+    Raises ConfigError for a non-positive ``sessions``, ``fps``, ``duration`` or ``ask_every``, or an
+    unknown ``engine``.
+    """
+    if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
+        raise ConfigError(f"sessions: must be an integer >= 1, got {sessions!r}")
+    _check([sessions], [engine], fps, duration, ask_every)
     client_module = _client_module()
     adapter = load_model(model)  # a preset, id or path, or a ModelConfig (device, dtype)
     result = asyncio.run(_run(adapter, client_module, getattr(model, "model", model), sessions, float(fps), float(duration),
-                              float(ask_every), max_new_tokens))
+                              float(ask_every), max_new_tokens, engine))
     return {**result, **precision_of(adapter).to_dict()}
 
 
+def run_serve_sweep(model: str | ModelConfig = "tiny-smolvlm", sessions: Sequence[int] = (1, 2, 4, 8),
+                    engines: Sequence[str] = ("lock", "scheduler"), fps: float = 1.0, duration: float = 30.0, *,
+                    ask_every: float = 5.0, max_new_tokens: int = 16) -> dict[str, Any]:
+    """Run :func:`run_serve_bench` for every engine at every session count, on one loaded model, and
+    compare them. Takes about ``len(engines) * len(sessions) * duration`` seconds plus the last answers.
+
+    Returns ``benchmark`` ("serve"), ``model``, ``fps``, ``duration_s``, ``sessions`` and ``engines``
+    (as run), ``runs`` (one :func:`run_serve_bench` result each, engines in the order given, session
+    counts ascending), ``comparison`` (one row per run: ``ttft_p95_vs_single`` and
+    ``frames_read_per_s_vs_single``, against the smallest session count of the same engine, and
+    ``ttft_p95_vs_lock`` / ``frames_read_per_s_vs_lock`` against ``lock`` at the same count when it
+    ran; None where a figure is missing), and the device/dtype fields. Raises ConfigError as
+    :func:`run_serve_bench` does.
+    """
+    counts = sorted(set(sessions)) if not isinstance(sessions, int) else [sessions]
+    engines = list(dict.fromkeys(engines))
+    _check(counts, engines, fps, duration, ask_every)
+    client_module = _client_module()
+    adapter = load_model(model)
+    name = getattr(model, "model", model)
+    runs: list[dict[str, Any]] = []
+    for engine in engines:
+        for n in counts:
+            runs.append(asyncio.run(_run(adapter, client_module, name, n, float(fps), float(duration), float(ask_every),
+                                         max_new_tokens, engine)))
+    return {"benchmark": "serve", "model": name, "fps": float(fps), "duration_s": float(duration), "sessions": counts,
+            "engines": engines, "runs": runs, "comparison": compare_runs(runs), **precision_of(adapter).to_dict()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def compare_runs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Ratios between runs (see :func:`run_serve_sweep`): for each run, its TTFT p95 and frames read per
+    second over the single-session (smallest count) run of its engine, and over ``lock`` at its count."""
+    rows = []
+    for run in runs:
+        same = [r for r in runs if r["engine"] == run["engine"]]
+        single = min(same, key=lambda r: r["sessions"])
+        lock = next((r for r in runs if r["engine"] == "lock" and r["sessions"] == run["sessions"]), None)
+        rows.append({
+            "engine": run["engine"], "sessions": run["sessions"],
+            "ttft_p95_vs_single": _ratio(run["ttft_p95_s"], single["ttft_p95_s"]),
+            "frames_read_per_s_vs_single": _ratio(run["frames_read_per_s"], single["frames_read_per_s"]),
+            "ttft_p95_vs_lock": _ratio(run["ttft_p95_s"], lock["ttft_p95_s"]) if lock is not None else None,
+            "frames_read_per_s_vs_lock": _ratio(run["frames_read_per_s"], lock["frames_read_per_s"]) if lock is not None else None,
+            "share_max_min": run["share_max_min"],
+        })
+    return rows
+
+
 async def _run(adapter: Any, client_module: ModuleType, model: str, sessions: int, fps: float, duration: float,
-               ask_every: float, max_new_tokens: int) -> dict[str, Any]:
+               ask_every: float, max_new_tokens: int, engine: str = "scheduler") -> dict[str, Any]:
     defaults = ServerConfig()
-    config = ServerConfig(host="127.0.0.1", port=0, max_sessions=sessions, stats_every_s=_STATS_EVERY_S,
+    config = ServerConfig(host="127.0.0.1", port=0, max_sessions=sessions, stats_every_s=_STATS_EVERY_S, engine=engine,
                           global_budget_tokens=max(defaults.global_budget_tokens, sessions * defaults.session_budget_tokens))
     server = StreamServer(adapter, config)
     host, port = await server.start()
@@ -107,7 +184,8 @@ async def _run(adapter: Any, client_module: ModuleType, model: str, sessions: in
         for client in clients:
             await client.close()
         await server.stop()
-    return {"benchmark": "serve", "model": model, "sessions": sessions, "fps": fps, "duration_s": duration, **result}
+    return {"benchmark": "serve", "model": model, "engine": engine, "sessions": sessions, "fps": fps, "duration_s": duration,
+            **result}
 
 
 async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarray], sessions: int, fps: float,
@@ -196,6 +274,7 @@ async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarr
     while time.monotonic() < deadline and not all(w.idle for w in live):
         await asyncio.sleep(0.05)
     memory = [int(w.session.stats()["working_bytes"]) for w in live]
+    reads = _server_side(server, duration)
     rss_end = rss_bytes()
     rss.append((time.monotonic() - t0, rss_end))
     at_10 = next((b for t, b in rss if t >= 0.1 * duration), rss[-1][1])
@@ -217,6 +296,29 @@ async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarr
         "rss_end_bytes": rss_end,
         "rss_growth_ratio": rss_end / at_10 if at_10 else None,
         "memory_per_session_bytes": memory,
+        **reads,
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _server_side(server: StreamServer, duration: float) -> dict[str, Any]:
+    """Frames read (in all, per session, the share between sessions), lag, admission by compute and
+    vision batch sizes, from the server's own books at the end of a run."""
+    hosted = list(server.sessions.values())
+    counters = [s.worker.counters for s in hosted if s.worker is not None]
+    per_session = sorted(int(c.ingested) for c in counters)
+    per_session += [0] * (len(hosted) - len(per_session))  # sessions whose worker never started read nothing
+    lags = [float(r.lag_s) for c in counters for r in c.recent]
+    batches = [float(b) for c in counters for r in c.recent if (b := getattr(r, "batch_size", None)) is not None]
+    return {
+        "frames_read_per_s": sum(per_session) / duration,
+        "frames_read_per_session": per_session,
+        "share_max_min": (max(per_session) / min(per_session)) if per_session and min(per_session) > 0 else None,
+        "lag_p50_s": _percentile(lags, 50),
+        "lag_p95_s": _percentile(lags, 95),
+        "sessions_rate_limited": sum(s.core.read_rate is not None for s in hosted),
+        "frames_dropped_compute": sum(int(s.core.frames_dropped_compute) for s in hosted),
+        "admission": getattr(server, "governor", None) is not None,
+        "vision_batch_mean": (sum(batches) / len(batches)) if batches else None,
     }
