@@ -13,8 +13,9 @@ that is new for every run (``watch_...``), so ``streamvlm events --session ID`` 
 Cameras that fail: a network camera that drops mid-stream is reopened by its reader with exponential
 back-off, forever (each outage is logged as ``camera.offline``, each failed try as ``camera.error``, the
 return as ``camera.online``). A camera that cannot be read at all (a file that is not a video, a server
-that keeps refusing with HTTP/RTSP 401, 403, 404, ...) or whose model session breaks ends alone: a
-``camera.failed`` event and a console line name it and say why, and the other cameras go on.
+that keeps refusing with HTTP/RTSP 401, 403, 404, ...) ends alone with a ``camera.closed`` event that says
+why; one whose model session breaks ends with a ``camera.failed`` event; either way a console line names
+it, its summary line says ``FAILED`` and why, and the other cameras go on.
 :meth:`CameraWatch.run` returns when every camera ended (files at their end), after ``duration_s``, or
 when cancelled (Ctrl-C); :meth:`CameraWatch.summary_lines` then says per camera what was read and raised.
 :func:`run_watch` is the one-camera form, which raises the camera's SourceError.

@@ -204,3 +204,17 @@ def test_ctrl_c_stops_every_camera_and_prints_a_summary_per_camera(tmp_path):
         assert re.search(rf"camera {name} \({name}\.mp4\): \d+ frame\(s\) taken, \d+ read by the model, \d+ alert\(s\), "
                          r"0 answer\(s\); stopped", err)
     assert "Traceback" not in err
+
+
+def test_a_camera_whose_model_session_breaks_ends_named_and_the_others_go_on(smol, tmp_path, capsys):
+    clips = [write_test_clip(tmp_path / f"{name}.mp4", seconds=1.0, fps=10.0) for name in ("bad", "good")]
+    cameras = [CameraConfig(name=clip.stem, source=str(clip), alerts=("a ball is visible",)) for clip in clips]
+    watch = CameraWatch(smol, cameras, event_db=tmp_path / "events.db", trigger=ALWAYS)
+    watch._cameras[0].worker.session.broken = "an injected fault"  # as the engine marks a session it cannot restore
+    bad, good = asyncio.run(watch.run())
+    assert bad.failure and "an injected fault" in bad.failure
+    assert good.failure is None and good.ended and good.frames_read > 0
+    assert "streamvlm: bad: camera FAILED: the model session stopped" in capsys.readouterr().err
+    failed = [e for e in EventLog(tmp_path / "events.db").list() if e["kind"] == "camera.failed"]
+    assert [e["payload"]["camera"] for e in failed] == ["bad"] and "an injected fault" in failed[0]["payload"]["message"]
+    assert any("bad" in line and "FAILED" in line for line in watch.summary_lines())
