@@ -194,6 +194,8 @@ class SessionHost:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        if self.handoff is not None:
+            await self.handoff.drain()  # snapshots of parked sessions still being written
         for session in list(self.sessions.values()):
             session.send(p.session_go_away(0))
             if self.handoff is not None and await self.handoff.save(session):
@@ -257,6 +259,8 @@ class SessionHost:
         elsewhere. The client's connection closes with ``close_code`` and it resumes with its handle."""
         if self.sessions.pop(session.id, None) is None:
             return
+        if self.handoff is not None:
+            self.handoff.released(session)
         if session.ws is not None:
             session.outbox.close_after(close_code, reason[:120])
         self.metrics.session_closed(metric)
@@ -405,6 +409,8 @@ class SessionHost:
                 self._count(out)
                 if self.log is not None and out["type"] == "response.done":
                     self.log.append(session.id, out["type"], out, stream_t=(out["response"].get("alert") or {}).get("t"))
+                if self.handoff is not None and out["type"] == "session.resumption_update" and out.get("new_handle"):
+                    self.handoff.handle_changed(session)  # the new handle resumes on any replica
                 session.send(out)
             elif isinstance(out, core.StartWorker):
                 await self._start_worker(session, out)
