@@ -43,15 +43,28 @@ def namespace_of(config: FleetConfig) -> str:
 class _Recorder:
     """Writes every camera's events to the event log (once per key) and keeps their last status."""
 
-    def __init__(self, event_db: str) -> None:
+    def __init__(self, event_db: str, webhook: str | None = None) -> None:
         from ..server.eventlog import EventLog
+        from ..server.webhook import WebhookSender
 
         self.log = EventLog(event_db)
         self.statuses: dict[str, dict[str, Any]] = {}
+        self.sender = WebhookSender(webhook, self.log) if webhook else None
+        if self.sender is not None:
+            self.sender.start()  # its backlog is in the log: a restarted recorder goes on delivering it
 
     def record(self, events: list[dict[str, Any]]) -> list[bool]:
-        """Log ``events`` (FleetEvent fields) durably; for each, whether it was new. Returns after the commit."""
-        return [self.log.record(e["camera_id"], e["kind"], e["payload"], stream_t=e["stream_t"], key=e["key"])[1] for e in events]
+        """Log ``events`` (FleetEvent fields) durably; for each, whether it was new. Returns after the commit.
+
+        Alerts and answers are also queued for the webhook, once per key.
+        """
+        new = []
+        for e in events:
+            sinks = (self.sender.sink,) if self.sender is not None and e["kind"] in ("alert", "answer") else ()
+            new.append(self.log.record(e["camera_id"], e["kind"], e["payload"], stream_t=e["stream_t"], key=e["key"], sinks=sinks)[1])
+        if self.sender is not None and any(new):
+            self.sender.notify()
+        return new
 
     def report(self, status: dict[str, Any]) -> None:
         self.statuses[status["camera"]] = {**status, "reported_wall": time.time()}
@@ -61,8 +74,7 @@ class _Recorder:
 
     def events(self, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Logged events with an id above ``after_id``, oldest first."""
-        rows = self.log.list(limit=1_000_000)
-        return [r for r in rows if r["id"] > after_id][:limit]
+        return self.log.list(after_id=after_id, limit=limit)
 
 
 class _CameraActor:
@@ -133,7 +145,7 @@ class Fleet:
         self.recorder = recorder_cls.options(
             name=RECORDER, namespace=self.namespace, num_cpus=0, max_restarts=-1, max_task_retries=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-        ).remote(str(self.config.event_db))
+        ).remote(str(self.config.event_db), self.config.webhook)
         ray.get(self.recorder.all_statuses.remote())  # up before any camera needs it
         camera_cls = ray.remote(_CameraActor)
         home = os.environ.get("STREAMVLM_HOME")

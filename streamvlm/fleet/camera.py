@@ -67,10 +67,11 @@ class CameraJob:
                  trigger: TriggerSpec | None = None, max_new_tokens: int = 24) -> None:
         self.camera = camera
         self.session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens)),
-                                     memory or MemoryConfig(budget_tokens=4096))
+                                     memory or camera.memory())
         self.controller = DialogueController()
         for i, condition in enumerate(camera.alerts):
-            self.controller.add_watch(f"alert{i + 1}", condition, 0.0, trigger)
+            self.controller.add_watch(f"alert{i + 1}", condition, 0.0, trigger or camera.trigger())
+        self.questions_asked = 0  # the camera's timed questions (in time order) asked so far
         self.frames_read = 0
         self.last_pts: float | None = None  # stream time of the newest frame read
         self.alerts = 0
@@ -98,6 +99,17 @@ class CameraJob:
                         events.append(self._alert(fired))
         return events
 
+    def due_questions(self, t: float) -> list[tuple[str, str]]:
+        """The camera's timed questions due at stream time ``t`` not asked yet, as ``(request_id, question)``;
+        they count as asked once returned (the caller asks them now, before the next frame)."""
+        ordered = sorted(enumerate(self.camera.questions), key=lambda item: (item[1][0], item[0]))
+        due = []
+        while self.questions_asked < len(ordered) and ordered[self.questions_asked][1][0] <= t + 1e-9:
+            index, (_, question) = ordered[self.questions_asked]
+            due.append((f"q{index + 1}", question))
+            self.questions_asked += 1
+        return due
+
     def ask(self, question: str, request_id: str) -> FleetEvent:
         """Answer ``question`` now from memory (working and long-term); the event's key comes from ``request_id``."""
         t = self.last_pts if self.last_pts is not None else 0.0
@@ -117,7 +129,7 @@ class CameraJob:
     def state(self) -> dict[str, Any]:
         """The job's books (no tensors): what a snapshot stores beside the session."""
         return {"camera": self.camera.id, "source": self.camera.source, "alerts_watched": list(self.camera.alerts),
-                "frames_read": self.frames_read, "last_pts": self.last_pts, "alerts": self.alerts,
+                "frames_read": self.frames_read, "last_pts": self.last_pts, "alerts": self.alerts, "questions_asked": self.questions_asked,
                 "last_alert": self.last_alert, "started_wall": self.started_wall, "offset_s": self.offset_s}
 
     # ---- snapshots -----------------------------------------------------------------------------------
@@ -159,6 +171,7 @@ class CameraJob:
         job = cls.__new__(cls)
         job.camera, job.session, job.controller = camera, session, controller
         job.frames_read, job.last_pts, job.alerts = int(state["frames_read"]), state["last_pts"], int(state["alerts"])
+        job.questions_asked = int(state["questions_asked"])
         job.last_alert, job.started_wall, job.offset_s = state["last_alert"], float(state["started_wall"]), float(state["offset_s"])
         return job, state
 

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from ..config import MemoryConfig
 from ..errors import StreamVLMError
 from ..types import Frame
 from .camera import CameraJob, FleetEvent, SnapshotStore
@@ -106,16 +105,13 @@ class CameraLoop:
         self._fail_questions(StreamVLMError(f"camera {self.camera.id} stopped"))
 
     def _start(self) -> None:
-        from ..models import load_model
-
         model = self.fleet.group_of(self.camera).model or self.fleet.model
-        adapter = (self._load_adapter or load_model)(model)
+        adapter = (self._load_adapter or self._default_loader)(model)
         self._set(restarts=self._count_start())
-        memory = MemoryConfig(budget_tokens=self.fleet.memory_budget)
         job, state, problems = self.store.load(adapter, self.camera)
         payload: dict[str, Any] = {"node": self.node, "restarts": self._status["restarts"], "problems": problems}
         if job is None:
-            job = CameraJob(adapter, self.camera, memory=memory)
+            job = CameraJob(adapter, self.camera)
             payload["resumed"] = False
         else:
             payload.update(resumed=True, snapshot=self.store.latest_generation(), resumed_after=job.last_pts,
@@ -128,6 +124,12 @@ class CameraLoop:
                   snapshot_pts=job.last_pts if payload["resumed"] else None)
         self.sink([self._event("camera.started", payload)])
 
+    def _default_loader(self, model: str) -> Any:
+        from ..config import ModelConfig
+        from ..models import load_model
+
+        return load_model(ModelConfig(model=model, device=self.fleet.device, dtype=self.fleet.dtype))
+
     def _read_source(self) -> None:
         job = self.job
         assert job is not None
@@ -137,6 +139,8 @@ class CameraLoop:
             first = self._status["first_frame_wall"] or time.time()
             self._set(frames_read=job.frames_read, frames_this_start=self._status["frames_this_start"] + 1,
                       last_pts=job.last_pts, alerts=job.alerts, last_alert=job.last_alert, first_frame_wall=first)
+            for request_id, question in job.due_questions(frame.pts_s):
+                events.append(job.ask(question, request_id))
             if events:
                 self.sink(events)  # durable before any snapshot that covers this frame
             self._serve_questions()

@@ -1,0 +1,128 @@
+"""The camera fleet: config, resume from snapshots with an idempotent event log, and real local Ray clusters.
+
+The Ray tests start ``ray.cluster_utils.Cluster`` with two nodes on this machine (dashboard and usage
+stats off, a few logical CPUs each), run the shipped ShapeWorld model on a ShapeWorld clip, and stop
+every Ray process at the end. An uninterrupted camera on the same clip is the reference: the camera
+that is killed (or whose node is removed) must log exactly its alerts and answer as it does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from streamvlm.errors import ConfigError
+from streamvlm.fleet import CameraLoop, load_fleet_config, parse_fleet_config
+from streamvlm.fleet.loop import events_to_log
+from streamvlm.server.eventlog import EventLog
+
+CONDITION = "a yellow circle appears"  # seed 7: a yellow circle enters at 4 s of a 30 s clip
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    from streamvlm.demo import write_episode_clip
+
+    path = tmp_path_factory.mktemp("fleet-clip") / "clip.mkv"
+    write_episode_clip(path, seed=7, duration_s=30.0)
+    return path
+
+
+def _toml(tmp: Path, clip: Path, cameras: tuple[str, ...], every_s: float = 12.0, extra: str = "") -> str:
+    text = (f'model = "shapeworld"\nfps = 1\nevent_db = "{tmp / "events.db"}"\n{extra}\n'
+            f'[fleet]\nname = "test"\nsnapshot_dir = "{tmp / "snapshots"}"\nsnapshot_every_s = {every_s}\n')
+    for name in cameras:
+        text += f'\n[[camera]]\nname = "{name}"\nsource = "{clip}"\nalerts = ["{CONDITION}"]\n'
+    return text
+
+
+def _alerts(log: EventLog, camera: str) -> list[tuple[str, float]]:
+    return [(e["payload"]["watch_id"], e["stream_t"]) for e in log.list(session=camera, kinds=("alert",))]
+
+
+# ---- the file -----------------------------------------------------------------------------------------
+def test_the_fleet_file_is_the_watch_cameras_file_plus_placement(tmp_path):
+    path = tmp_path / "cameras.toml"
+    path.write_text(_toml(tmp_path, Path("clip.mkv"), ("door",)) + 'group = "gpu"\n'
+                    + '[groups.gpu]\nnum_gpus = 0.25\nresources = { rack-a = 1 }\n')
+    config = load_fleet_config(path)
+    (camera,) = config.cameras
+    assert (camera.id, camera.alerts, camera.fps, camera.source) == ("door", (CONDITION,), 1.0, str(tmp_path / "clip.mkv"))
+    assert config.group_of(camera).num_gpus == 0.25 and config.group_of(camera).resources == {"rack-a": 1.0}
+    assert config.snapshot_dir == tmp_path / "snapshots" and config.snapshot_every_s == 12.0
+    bad = {
+        'snapshot_every_s = 12.0\n': 'snapshot_every_s = -1\n',  # [fleet]
+        'group = "gpu"': 'group = "nope"',  # an undefined group
+        'alerts = [': 'colour = "red"\nalerts = [',  # a key the watch's camera does not take
+    }
+    for old, new in bad.items():
+        with pytest.raises(ConfigError, match="snapshot_every_s|group|colour"):
+            parse_fleet_config(path.read_text().replace(old, new, 1), base=tmp_path)
+    with pytest.raises(ConfigError, match="snapshot_dir"):
+        parse_fleet_config('[[camera]]\nname = "a"\nsource = "x.mkv"\nalerts = ["b"]\n[fleet]\nname = "x"\n')
+
+
+# ---- resume and the event log, without Ray ------------------------------------------------------------
+class _Crash(BaseException):
+    """Stands for the process dying: nothing after it runs (no final snapshot, no end event)."""
+
+
+def _run_loop(config, camera, log, *, crash_after: int | None = None) -> CameraLoop:
+    """Run one camera's loop on a thread until its source ended (or it "died" after ``crash_after`` frames)."""
+    loop = CameraLoop(config, camera, lambda events: events_to_log(log, events), run_id="run-1")
+    died: list[BaseException] = []
+
+    def run():
+        from unittest import mock
+
+        from streamvlm.fleet.camera import CameraJob
+
+        read = CameraJob.read
+
+        def read_or_die(job, frame):
+            if crash_after is not None and job.frames_read >= crash_after:
+                raise _Crash
+            return read(job, frame)
+
+        try:
+            with mock.patch.object(CameraJob, "read", read_or_die):
+                loop.run()
+        except _Crash as exc:
+            died.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while thread.is_alive() and loop.status()["state"] not in ("ended", "failed"):
+        time.sleep(0.05)
+    assert bool(died) == (crash_after is not None) and loop.status()["state"] != "failed", loop.status()
+    return loop
+
+
+def test_a_camera_that_dies_resumes_from_its_snapshot_and_logs_each_alert_once(tmp_path, clip):
+    config = parse_fleet_config(_toml(tmp_path, clip, ("steady", "victim")), base=tmp_path)
+    steady, victim = config.cameras
+    log = EventLog(config.event_db)
+    reference = _run_loop(config, steady, log)
+    assert _alerts(log, "steady") == [("alert1", 4.0)]
+
+    _run_loop(config, victim, log, crash_after=9)  # snapshot at 0 s, the alert at 4 s logged, dies after 8 s
+    assert _alerts(log, "victim") == [("alert1", 4.0)]
+    resumed = _run_loop(config, victim, log)  # what Ray does: a new process, the same camera
+    status = resumed.status()
+    assert (status["state"], status["restarts"], status["resumed_after"], status["frames_read"]) == ("ended", 1, 0.0, 30)
+    assert status["frames_this_start"] == 29  # frames 1..29: those after the snapshot, read again
+    assert _alerts(log, "victim") == _alerts(log, "steady")  # raised again at 4 s, logged once
+    started = log.list(session="victim", kinds=("camera.started",))
+    assert [e["payload"]["resumed"] for e in started] == [False, True]
+
+    question = "What colour was the first shape?"  # about the first frames, read before the crash
+    answers = [loop.ask(question, "q-color")["payload"] for loop in (reference, resumed)]
+    assert answers[0]["text"] == answers[1]["text"] and answers[1]["evidence"][0]["pts_s"] == 0.0
+    assert [e["pts_s"] for e in answers[0]["evidence"]] == [e["pts_s"] for e in answers[1]["evidence"]]
+    resumed.ask(question, "q-color")  # a retried request: answered again, logged once
+    assert len(log.list(session="victim", kinds=("answer",))) == 1
+    reference.stop(), resumed.stop()
