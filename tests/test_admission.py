@@ -212,3 +212,83 @@ def test_server_config_refuses_an_unknown_engine_or_share(kwargs):
     with pytest.raises(ConfigError):
         ServerConfig(**kwargs)
     assert (ServerConfig().engine, ServerConfig().frame_time_share) == ("scheduler", 0.8)
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.ingested = 0
+        self.model_s: list[float] = []
+
+    def reads_since(self, seen: int):
+        return [type("Read", (), {"model_s": s})() for s in self.model_s[seen:]]
+
+
+class _Hosted:
+    def __init__(self) -> None:
+        self.core = core.RealtimeSession("m")
+        self.core.opened(0.0)
+        self.worker = type("Worker", (), {"counters": _Counters()})()
+
+
+class _Host:
+    """What govern() uses of a SessionHost: sessions (core, worker counters) and _execute."""
+
+    def __init__(self, n: int) -> None:
+        self.sessions = {h.core.id: h for h in (_Hosted() for _ in range(n))}
+        self.executed: list[tuple[str, list]] = []
+
+    async def _execute(self, session, outs) -> None:
+        self.executed.append((session.core.id, outs))
+
+
+def test_govern_feeds_the_workers_reads_and_sends_the_caps_through_the_host():
+    import asyncio
+
+    from streamvlm.server.compute import govern
+
+    host = _Host(2)
+    clock = [0.0]
+    governor = ComputeGovernor(0.8, interval_s=0.001)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(govern(host, governor, clock=lambda: clock[0]))
+        for second in range(1, 6):  # each session sends 2 frames/s; each read cost 1 s (0.8 frames/s in all)
+            for hosted in host.sessions.values():
+                for k in range(2):
+                    _frame(hosted.core, second - 1 + k / 2)
+                c = hosted.worker.counters
+                c.model_s.append(1.0)
+                c.ingested += 1
+            clock[0] = float(second)
+            await asyncio.sleep(0.02)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert governor.admission.seconds_per_frame == pytest.approx(1.0)
+    told = [(sid, out) for sid, outs in host.executed for out in outs]
+    assert sorted(sid for sid, _ in told) == sorted(host.sessions)  # one announcement each
+    assert all(out["type"] == "input_frame.rate" and out["fps"] == pytest.approx(0.4, rel=0.01) for _, out in told)
+    assert all(h.core.read_rate == pytest.approx(0.4) for h in host.sessions.values())
+
+
+def test_a_fault_in_the_governor_lifts_every_cap_and_is_not_silent():
+    import asyncio
+
+    from streamvlm.server.compute import govern
+
+    host = _Host(1)
+    [hosted] = host.sessions.values()
+    governor = ComputeGovernor(0.8, interval_s=0.001)
+    governor.on_session_open(hosted.core, 0.0)
+    hosted.core.set_read_rate(0.5)
+    governor.admission.plan = None  # the plan breaks: calling it raises TypeError
+
+    async def scenario() -> BaseException | None:
+        task = asyncio.create_task(govern(host, governor, clock=lambda: 1.0))
+        await asyncio.wait([task], timeout=5)
+        return task.exception()
+
+    assert isinstance(asyncio.run(scenario()), TypeError)
+    assert governor.fault is not None and "TypeError" in governor.fault and not governor.enabled
+    assert hosted.core.read_rate is None
+    assert [out["limited"] for _, outs in host.executed for out in outs] == [False]

@@ -11,6 +11,9 @@ what it returns; it starts no task, reads no clock and touches no socket::
         execute(session_id, outs)                             # input_frame.rate events to send
     governor.on_session_close(session.id)                    # the session ended for good
 
+or, with no calls spread over the host, one task on its loop: ``asyncio.create_task(govern(host, governor))``
+(:func:`govern` feeds the workers' reads, ticks with the host's sessions and executes the events).
+
 Each tick measures every open session's offered frame rate (frames that reached its core, counted by
 ``RealtimeSession.frames_offered``, over the last ``window_s``), asks the admission for a plan, applies
 the changed caps with ``RealtimeSession.set_read_rate`` and updates the metrics (sessions limited, read
@@ -21,16 +24,19 @@ governor is disabled: it plans nothing and caps nobody.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import ServerConfig
 from ..engine.admission import ComputeAdmission, ReadPlan
 from ..protocol.session import Out, RealtimeSession
 from .metrics import ServerMetrics
 
-__all__ = ["ComputeGovernor"]
+__all__ = ["ComputeGovernor", "govern"]
 
 
 @dataclass
@@ -58,6 +64,7 @@ class ComputeGovernor:
         self.window_s = float(window_s)
         self._sessions: dict[str, _Tracked] = {}
         self.last_plan: ReadPlan | None = None
+        self.fault: str | None = None  # why the governor stopped (see disable), None while it works
 
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> ComputeGovernor:
@@ -86,6 +93,20 @@ class ComputeGovernor:
         for seconds in model_seconds:
             self.on_frame_read(session_id, seconds)
 
+    def disable(self, reason: str) -> dict[str, list[Out]]:
+        """Stop governing (a fault): every cap is lifted and :attr:`fault` says why; returns the events
+        that tell the capped sessions, as :meth:`tick` does."""
+        self.enabled, self.fault = False, reason
+        out: dict[str, list[Out]] = {}
+        for sid, tracked in self._sessions.items():
+            events = tracked.core.set_read_rate(None, "compute")
+            if events:
+                out[sid] = events
+            self.admission.forget(sid)
+        if self.metrics is not None:
+            self.metrics.read_admission(0, self.admission.capacity_fps)
+        return out
+
     # ---- the plan --------------------------------------------------------------------------------------
     def offered_fps(self, session_id: str, now: float) -> float:
         """Frames per second this session offered over the last ``window_s`` up to ``now`` (0 for an unknown session)."""
@@ -107,10 +128,20 @@ class ComputeGovernor:
             samples.popleft()
         return rate
 
-    def tick(self, now: float) -> dict[str, list[Out]]:
+    def tick(self, now: float, sessions: Mapping[str, RealtimeSession] | None = None) -> dict[str, list[Out]]:
         """Plan again from the offered rates at ``now``: ``{session_id: events}`` for the sessions whose
         cap changed (send each session its events: one ``input_frame.rate``; [] while its client is
-        away, which hears on its return). Ended sessions (core closed) are dropped from the books."""
+        away, which hears on its return). Ended sessions (core closed) are dropped from the books.
+
+        ``sessions`` (optional): every session the host holds now, by id; the governor then tracks
+        exactly these (new ones from now, missing ones forgotten), so the host need not report opens
+        and closes itself."""
+        if sessions is not None:
+            for sid in [sid for sid in self._sessions if sid not in sessions]:
+                self.on_session_close(sid)
+            for sid, state in sessions.items():
+                if sid not in self._sessions:
+                    self.on_session_open(state, now)
         for sid in [sid for sid, t in self._sessions.items() if t.core.closed is not None]:
             self.on_session_close(sid)
         if not self.enabled:
@@ -126,3 +157,44 @@ class ComputeGovernor:
             if events:
                 out[sid] = events
         return out
+
+
+async def govern(host: Any, governor: ComputeGovernor, clock: Callable[[], float] = time.monotonic) -> None:
+    """Run ``governor`` for a session host until cancelled (start it with the host's loops).
+
+    Every ``governor.interval_s``: the frames each session's worker read since the last round go to
+    :meth:`ComputeGovernor.on_frame_read` (``FrameRead.model_s`` from ``counters.reads_since``), then
+    :meth:`ComputeGovernor.tick` with the host's sessions, and the events it returns go through
+    ``host._execute`` (so they are counted and sent like any other). ``host`` is a
+    :class:`~streamvlm.server.driver.SessionHost` (its ``sessions``: id -> hosted session with ``core`` and
+    ``worker``). The host's ``_execute`` counts ``FrameDropped`` commands with ``metrics.frame_dropped``.
+    A fault in a round is not silent: every cap is lifted (a broken governor never throttles anyone),
+    the governor is disabled with :attr:`ComputeGovernor.fault` naming the exception, and the exception
+    ends this task (the host sees it in ``task.exception()``).
+    """
+    seen: dict[str, tuple[Any, int]] = {}  # session id -> (its worker, reads already fed)
+    while True:
+        await asyncio.sleep(governor.interval_s)
+        hosted = dict(host.sessions)
+        for sid in [sid for sid in seen if sid not in hosted]:
+            del seen[sid]
+        for sid, session in hosted.items():
+            worker = getattr(session, "worker", None)
+            if worker is None:
+                continue
+            fed = seen[sid][1] if sid in seen and seen[sid][0] is worker else 0  # a new worker counts from 0
+            counters = worker.counters
+            governor.on_frames_read(sid, (read.model_s for read in counters.reads_since(fed)))
+            seen[sid] = (worker, counters.ingested)
+        try:
+            changes = governor.tick(clock(), {sid: s.core for sid, s in hosted.items()})
+        except Exception as exc:
+            changes = governor.disable(f"{type(exc).__name__}: {exc}")
+            for sid, outs in changes.items():
+                if sid in host.sessions:
+                    await host._execute(host.sessions[sid], outs)
+            raise
+        for sid, outs in changes.items():
+            session = host.sessions.get(sid)
+            if session is not None:
+                await host._execute(session, outs)
