@@ -20,7 +20,7 @@ from streamvlm.fleet import CameraLoop, load_fleet_config, parse_fleet_config
 from streamvlm.fleet.loop import events_to_log
 from streamvlm.server.eventlog import EventLog
 
-CONDITION = "a yellow circle appears"  # seed 7: a yellow circle enters at 4 s of a 30 s clip
+CONDITION = "a yellow circle appears"  # seed 7: the model sees a yellow circle at 3 s of this 16 s clip
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,11 @@ def clip(tmp_path_factory) -> Path:
     from streamvlm.demo import write_episode_clip
 
     path = tmp_path_factory.mktemp("fleet-clip") / "clip.mkv"
-    write_episode_clip(path, seed=7, duration_s=30.0)
+    write_episode_clip(path, seed=7, duration_s=16.0)
     return path
 
 
-def _toml(tmp: Path, clip: Path, cameras: tuple[str, ...], every_s: float = 12.0, extra: str = "") -> str:
+def _toml(tmp: Path, clip: Path, cameras: tuple[str, ...], every_s: float = 10.0, extra: str = "") -> str:
     text = (f'model = "shapeworld"\nfps = 1\nevent_db = "{tmp / "events.db"}"\n{extra}\n'
             f'[fleet]\nname = "test"\nsnapshot_dir = "{tmp / "snapshots"}"\nsnapshot_every_s = {every_s}\n')
     for name in cameras:
@@ -53,9 +53,9 @@ def test_the_fleet_file_is_the_watch_cameras_file_plus_placement(tmp_path):
     (camera,) = config.cameras
     assert (camera.id, camera.alerts, camera.fps, camera.source) == ("door", (CONDITION,), 1.0, str(tmp_path / "clip.mkv"))
     assert config.group_of(camera).num_gpus == 0.25 and config.group_of(camera).resources == {"rack-a": 1.0}
-    assert config.snapshot_dir == tmp_path / "snapshots" and config.snapshot_every_s == 12.0
+    assert config.snapshot_dir == tmp_path / "snapshots" and config.snapshot_every_s == 10.0
     bad = {
-        'snapshot_every_s = 12.0\n': 'snapshot_every_s = -1\n',  # [fleet]
+        'snapshot_every_s = 10.0\n': 'snapshot_every_s = -1\n',  # [fleet]
         'group = "gpu"': 'group = "nope"',  # an undefined group
         'alerts = [': 'colour = "red"\nalerts = [',  # a key the watch's camera does not take
     }
@@ -73,7 +73,9 @@ class _Crash(BaseException):
 
 def _run_loop(config, camera, log, *, crash_after: int | None = None) -> CameraLoop:
     """Run one camera's loop on a thread until its source ended (or it "died" after ``crash_after`` frames)."""
-    loop = CameraLoop(config, camera, lambda events: events_to_log(log, events), run_id="run-1")
+    from conftest import load
+
+    loop = CameraLoop(config, camera, lambda events: events_to_log(log, events), run_id="run-1", load_adapter=load)
     died: list[BaseException] = []
 
     def run():
@@ -107,14 +109,14 @@ def test_a_camera_that_dies_resumes_from_its_snapshot_and_logs_each_alert_once(t
     steady, victim = config.cameras
     log = EventLog(config.event_db)
     reference = _run_loop(config, steady, log)
-    assert _alerts(log, "steady") == [("alert1", 4.0)]
+    assert _alerts(log, "steady") == [("alert1", 3.0)]
 
-    _run_loop(config, victim, log, crash_after=9)  # snapshot at 0 s, the alert at 4 s logged, dies after 8 s
-    assert _alerts(log, "victim") == [("alert1", 4.0)]
+    _run_loop(config, victim, log, crash_after=7)  # snapshot at 0 s, the alert at 3 s logged, dies after 6 s
+    assert _alerts(log, "victim") == [("alert1", 3.0)]
     resumed = _run_loop(config, victim, log)  # what Ray does: a new process, the same camera
     status = resumed.status()
-    assert (status["state"], status["restarts"], status["resumed_after"], status["frames_read"]) == ("ended", 1, 0.0, 30)
-    assert status["frames_this_start"] == 29  # frames 1..29: those after the snapshot, read again
+    assert (status["state"], status["restarts"], status["resumed_after"], status["frames_read"]) == ("ended", 1, 0.0, 16)
+    assert status["frames_this_start"] == 15  # frames 1..15: those after the snapshot, read again
     assert _alerts(log, "victim") == _alerts(log, "steady")  # raised again at 4 s, logged once
     started = log.list(session="victim", kinds=("camera.started",))
     assert [e["payload"]["resumed"] for e in started] == [False, True]
@@ -126,3 +128,69 @@ def test_a_camera_that_dies_resumes_from_its_snapshot_and_logs_each_alert_once(t
     resumed.ask(question, "q-color")  # a retried request: answered again, logged once
     assert len(log.list(session="victim", kinds=("answer",))) == 1
     reference.stop(), resumed.stop()
+
+
+# ---- a real local Ray cluster -------------------------------------------------------------------------
+@pytest.fixture
+def cluster(monkeypatch):
+    """Two Ray nodes on 127.0.0.1: the head (2 CPUs) and a second node (1 CPU); every Ray process stops after."""
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        yield cluster, second
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _wait_for(fleet, camera: str, ready) -> dict:
+    deadline = time.monotonic() + 120
+    while True:
+        status = fleet.statuses()[camera]
+        if ready(status):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+def test_a_camera_survives_its_actor_killed_and_its_node_lost_with_memory_and_every_alert_once(cluster, tmp_path, clip):
+    from streamvlm.fleet.actors import Fleet
+    from streamvlm.fleet.run import fleet_status, format_status
+
+    head_cluster, second = cluster
+    config = parse_fleet_config(_toml(tmp_path, clip, ("steady", "victim")), base=tmp_path)
+    fleet = Fleet(config, prefer_nodes={"victim": second.node_id}).start()
+    # The victim has logged its alert (3 s) and read on; its only snapshot so far holds the first frame.
+    before = _wait_for(fleet, "victim", lambda s: s.get("last_alert") and s.get("frames_read", 0) >= 5)
+    assert before["node_id"] == second.node_id
+    fleet.kill("victim")  # the actor's process dies mid-stream; Ray starts it again (on its node, still there)
+    again = _wait_for(fleet, "victim", lambda s: s.get("restarts") == 1 and s.get("frames_this_start", 0) >= 2)
+    assert again["pid"] != before["pid"] and again["resumed_after"] is not None
+    head_cluster.remove_node(second)  # the node and every process on it are gone: the victim moves to the head
+
+    statuses = fleet.wait(timeout_s=180)
+    victim = statuses["victim"]
+    assert {s["state"] for s in statuses.values()} == {"ended"}
+    assert (victim["restarts"], victim["node_id"]) == (2, head_cluster.head_node.node_id)
+    assert victim["frames_read"] == statuses["steady"]["frames_read"] == 16
+    log = EventLog(config.event_db)
+    try:
+        assert _alerts(log, "victim") == _alerts(log, "steady") == [("alert1", 3.0)]  # none lost, none doubled
+        assert [e["payload"]["resumed"] for e in log.list(session="victim", kinds=("camera.started",))] == [False, True, True]
+    finally:
+        log.close()
+    question = "What colour was the first shape?"  # about the first frames, read before both failures
+    steady, resumed = (fleet.ask(cam, question, "q1")["payload"] for cam in ("steady", "victim"))
+    assert resumed["text"] == steady["text"] and resumed["evidence"][0]["pts_s"] == 0.0
+    assert [e["pts_s"] for e in resumed["evidence"]] == [e["pts_s"] for e in steady["evidence"]]
+
+    rows = {r["camera"]: r for r in fleet_status(config)}  # what `streamvlm fleet FILE --status` prints
+    assert (rows["victim"]["restarts"], rows["steady"]["restarts"]) == (2, 0)
+    table = format_status(list(rows.values()))
+    assert "victim" in table and CONDITION in table
+    fleet.stop()
