@@ -218,3 +218,13 @@ def test_a_camera_whose_model_session_breaks_ends_named_and_the_others_go_on(smo
     failed = [e for e in EventLog(tmp_path / "events.db").list() if e["kind"] == "camera.failed"]
     assert [e["payload"]["camera"] for e in failed] == ["bad"] and "an injected fault" in failed[0]["payload"]["message"]
     assert any("bad" in line and "FAILED" in line for line in watch.summary_lines())
+
+
+def test_the_example_cameras_file_is_valid_and_its_paths_are_next_to_it():
+    from streamvlm.cameras import load_plan
+
+    plan = load_plan(ROOT / "demos" / "cameras.toml")
+    assert [c.name for c in plan.cameras] == ["door", "yard"] and plan.model == "shapeworld"
+    assert plan.cameras[0].source == str(ROOT / "demos" / "door.mkv") and plan.event_db == ROOT / "demos" / "events.db"
+    assert plan.cameras[0].alerts == ("a yellow circle appears",)  # the top-level default
+    assert plan.cameras[1].questions == ((3.0, "What colour is the circle?"),)
