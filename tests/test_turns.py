@@ -141,3 +141,36 @@ def test_among_equals_the_thread_that_held_the_model_least_lately_goes_first():
     flood.join(10)
     newcomer.join(10)
     assert order == ["fresh", "hog"]
+
+
+def test_a_waiter_whose_work_was_done_meanwhile_leaves_the_queue():
+    # A frame read waits for the model; another thread reads it in a batch meanwhile: the waiter stops
+    # waiting at once (it does not hold the model for nothing), and the queue behind it moves on.
+    lock = TurnLock()
+    done = threading.Event()
+    got: list[bool] = []
+    lock.acquire()
+    waiter = threading.Thread(target=lambda: got.append(lock.acquire(until=done.is_set)))
+    waiter.start()
+    wait_until(lambda: lock.waiting == 1)
+    done.set()
+    lock.wake()
+    waiter.join(10)
+    assert got == [False] and lock.waiting == 0
+    lock.release()
+    assert lock.acquire(blocking=False)
+    lock.release()
+
+
+def test_model_time_of_a_shared_step_is_billed_to_the_threads_it_served():
+    # The leader of a batch ran a 4 s forward for itself and three others: each is billed 1 s, so the
+    # leader's next request is not served after everyone else's merely because it led.
+    now = [0.0]
+    lock = TurnLock(half_life_s=1e9, clock=lambda: now[0])
+    me = threading.get_ident()
+    with lock:
+        now[0] += 4.0
+        lock.charge({me: 1.0, 101: 1.0, 102: 1.0, 103: 1.0})
+    assert [lock.usage(t) for t in (me, 101, 102, 103)] == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(RuntimeError):
+        lock.charge({101: 1.0})  # only the holder bills its hold
