@@ -36,7 +36,7 @@ def test_serve_bench_reports_latency_frames_and_memory():
     assert len(per_session) == 2 and sum(per_session) == pytest.approx(result["frames_read_per_s"] * 4)
     assert result["share_max_min"] == pytest.approx(max(per_session) / min(per_session))
     assert 0 <= result["lag_p50_s"] <= result["lag_p95_s"]
-    assert result["sessions_rate_limited"] >= 0 and result["frames_dropped_compute"] >= 0
+    assert result["sessions_capped"] >= 0 and result["frames_dropped_compute"] >= 0
     assert {"device", "dtype"} <= set(result)
 
 

@@ -18,8 +18,9 @@ event latency and TTFT p50/p95, the sessions' frame counters from their last ``i
 ``rss_growth_ratio`` = end / 10 %, and each session's working memory (``working_bytes``) at the end.
 From the server side: frames read per second in all, each session's frames read and the share
 ``max/min`` between sessions (1.0 = perfectly even; None when a session read nothing), frame lag
-(arrival to the start of its read) p50/p95, sessions capped by admission by compute at the end and the
-frames dropped for it, and the mean vision batch size when the engine reports one.
+(arrival to the start of its read) p50/p95, the sessions admission by compute capped (frames were
+dropped above their cap) and the frames dropped for it, and the mean vision batch size when the
+engine reports one.
 
 :func:`run_serve_sweep` runs several session counts and engines (``ServerConfig.engine``: ``lock``,
 the previous mode where sessions take turns on one lock, and ``scheduler``) against one loaded model
@@ -94,8 +95,8 @@ def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8
     ``event_latency_p50_s``/``_p95_s``, ``ttft_p50_s``/``_p95_s`` (None when no answer streamed),
     ``frames`` (sent, received, skipped, dropped, ingested: summed over sessions),
     ``frames_dropped_per_session``, ``frames_read_per_s``, ``frames_read_per_session``,
-    ``share_max_min``, ``lag_p50_s``/``lag_p95_s``, ``sessions_rate_limited``,
-    ``frames_dropped_compute``, ``vision_batch_mean`` (None unless the engine reports batches),
+    ``share_max_min``, ``lag_p50_s``/``lag_p95_s``, ``sessions_capped`` (sessions that had frames
+    dropped for compute), ``frames_dropped_compute``, ``vision_batch_mean`` (None unless the engine reports batches),
     ``rss_start_bytes``, ``rss_at_10pct_bytes``, ``rss_end_bytes``, ``rss_growth_ratio``,
     ``memory_per_session_bytes`` (working-memory bytes of each session at the end), the sample counts
     ``event_latency_samples``, ``questions``, ``answers``, and the device/dtype the model ran in.
@@ -317,7 +318,7 @@ def _server_side(server: StreamServer, duration: float) -> dict[str, Any]:
         "share_max_min": (max(per_session) / min(per_session)) if per_session and min(per_session) > 0 else None,
         "lag_p50_s": _percentile(lags, 50),
         "lag_p95_s": _percentile(lags, 95),
-        "sessions_rate_limited": sum(s.core.read_rate is not None for s in hosted),
+        "sessions_capped": sum(s.core.frames_dropped_compute > 0 for s in hosted),
         "frames_dropped_compute": sum(int(s.core.frames_dropped_compute) for s in hosted),
         "admission": getattr(server, "governor", None) is not None,
         "vision_batch_mean": (sum(batches) / len(batches)) if batches else None,

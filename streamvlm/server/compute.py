@@ -50,12 +50,16 @@ class ComputeGovernor:
     """Caps each session's frame read rate evenly when the sessions offer more than the model reads.
 
     See the module docstring for the calls a host makes. ``interval_s`` is how often the host should
-    call :meth:`tick`; ``window_s`` is how far back offered rates are measured.
+    call :meth:`tick`; ``window_s`` is how far back offered rates are measured; ``smoothing`` is the
+    weight of each tick's median read time in the average of seconds per frame.
     """
 
     def __init__(self, frame_time_share: float = 0.8, *, enabled: bool = True, metrics: ServerMetrics | None = None,
-                 interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15) -> None:
-        self.admission = ComputeAdmission(frame_time_share, hysteresis=hysteresis)
+                 interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15, smoothing: float = 0.3) -> None:
+        self.admission = ComputeAdmission(frame_time_share, hysteresis=hysteresis, smoothing=smoothing)
+        self._reads: list[float] = []  # model seconds of the reads since the last tick
+        self._last_tick: float | None = None
+        self._history: deque[tuple[float, float, float]] = deque()  # per tick: (seconds, model seconds read, longest read)
         self.enabled = enabled
         self.metrics = metrics
         # Seconds between two ticks (the host's loop sleeps this long).
@@ -85,13 +89,36 @@ class ComputeGovernor:
 
     def on_frame_read(self, session_id: str, model_seconds: float) -> None:
         """A frame of this session was read in ``model_seconds`` of model time (vision + prefill; a
-        batched read's share). Feeds the average the capacity is planned from."""
-        self.admission.frame_read(model_seconds)
+        batched read's share). The median of each tick's reads feeds the average the capacity is
+        planned from, so the average forgets at the same pace in time whatever the frame rate."""
+        if isinstance(model_seconds, (int, float)) and not isinstance(model_seconds, bool) and model_seconds > 0:
+            self._reads.append(float(model_seconds))
 
     def on_frames_read(self, session_id: str, model_seconds: Iterable[float]) -> None:
         """:meth:`on_frame_read` for each of several reads (e.g. ``r.model_s for r in counters.reads_since(seen)``)."""
         for seconds in model_seconds:
             self.on_frame_read(session_id, seconds)
+
+    def _feed_reads(self, now: float) -> None:
+        """This tick's typical read time into the admission's average.
+
+        The median of the tick's reads (one read slowed by a busy machine does not count), divided by
+        how much reads overlapped over the last ``window_s``: sessions take turns on the model per
+        forward pass, so one read's wall time also holds other sessions' forwards. Reads that ran one
+        after another add up to at most the time that passed plus the one that began before the window
+        (hence the longest is left out); more than that is overlap, and it is divided out."""
+        reads, self._reads = sorted(self._reads), []
+        if self._last_tick is not None and now > self._last_tick:
+            self._history.append((now - self._last_tick, sum(reads), max(reads, default=0.0)))
+            while len(self._history) > 1 and sum(h[0] for h in self._history) - self._history[0][0] >= self.window_s:
+                self._history.popleft()
+        self._last_tick = now
+        if not reads or not self._history:
+            return  # nothing read, or no time measured yet to tell overlap from a slow model
+        elapsed = sum(h[0] for h in self._history)
+        busy = sum(h[1] for h in self._history) - max((h[2] for h in self._history), default=0.0)
+        overlap = max(1.0, busy / elapsed) if elapsed > 0 else 1.0
+        self.admission.frame_read(reads[len(reads) // 2] / overlap)
 
     def disable(self, reason: str) -> dict[str, list[Out]]:
         """Stop governing (a fault): every cap is lifted and :attr:`fault` says why; returns the events
@@ -144,6 +171,7 @@ class ComputeGovernor:
                     self.on_session_open(state, now)
         for sid in [sid for sid, t in self._sessions.items() if t.core.closed is not None]:
             self.on_session_close(sid)
+        self._feed_reads(now)
         if not self.enabled:
             return {}
         offered = {sid: self._measure(tracked, now) for sid, tracked in self._sessions.items()}
