@@ -309,10 +309,10 @@ class VisionBatcher:
         """The previous mode: this frame alone, in this thread's turn; hooks only when there is a ``pause``."""
         clock = _PauseClock()
         hooks = self._pause_hooks(points, pause, clock, raise_as_leader=False) if pause is not None else []
-        t0 = time.perf_counter()
         with self.adapter.hold(hooks):
+            t0 = time.perf_counter()  # from the turn, not from the wait for it
             out = self.adapter.encode(frame)
-        seconds = time.perf_counter() - t0 - clock.paused
+            seconds = time.perf_counter() - t0 - clock.paused
         self._count(1)
         with self._cv:
             self._stats.vision_s += seconds
