@@ -27,6 +27,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -148,7 +149,7 @@ class _Camera:
         last: float | None = None
         sampler = FpsSampler(self.cfg.fps) if self.cfg.fps else None  # slots anchored at the first frame: read jitter drops nothing
         while (self.source.running or self.source.latest(after=last) is not None) and self.fatal is None:
-            frame = await loop.run_in_executor(None, self.source.wait_frame, 0.5, last)
+            frame = await loop.run_in_executor(self.watch.waiters, self.source.wait_frame, 0.5, last)
             self.log_source_events()
             if frame is None:
                 continue
@@ -226,6 +227,8 @@ class CameraWatch:
         self.labelled = len(cameras) > 1 if labelled is None else labelled
         self._out, self._err = out, err
         self._event_db, self._webhook, self._jsonl = event_db, webhook, jsonl
+        # one thread per camera waits for its next frame: a shared pool would make cameras queue for each other
+        self.waiters = ThreadPoolExecutor(max_workers=len(cameras), thread_name_prefix="streamvlm-camera")
         self._cameras = [_Camera(cfg, adapter, self, source_config, memory, trigger) for cfg in cameras]
         self._log: EventLog | None = None
         self._sender: WebhookSender | None = None
@@ -281,6 +284,7 @@ class CameraWatch:
             if self._jsonl_file:
                 self._jsonl_file.close()
             self._log.close()
+            self.waiters.shutdown(wait=False)
         return self.reports
 
     def failures(self) -> list[SourceError | None]:
