@@ -175,3 +175,12 @@ def test_a_database_from_before_keys_is_migrated_when_opened(tmp_path):
     log = EventLog(path)  # opening a migrated database again changes nothing
     assert len(log.list()) == 2
     log.close()
+
+
+def test_a_fleet_cameras_answer_reads_with_its_evidence_range():
+    from streamvlm.server.eventlog import summarize
+
+    row = summarize({"wall_time": 1.0, "session": "door", "kind": "answer", "stream_t": 5.0,
+                     "payload": {"question": "What shape is on screen now?", "text": "circle",
+                                 "evidence": [{"pts_s": 0.0, "source_id": "door"}, {"pts_s": 5.0, "source_id": "door"}]}})
+    assert (row.kind, row.question, row.text, row.evidence_frames, row.evidence_span) == ("answer", "What shape is on screen now?", "circle", 2, (0.0, 5.0))

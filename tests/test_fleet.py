@@ -194,3 +194,15 @@ def test_a_camera_survives_its_actor_killed_and_its_node_lost_with_memory_and_ev
     table = format_status(list(rows.values()))
     assert "victim" in table and CONDITION in table
     fleet.stop()
+
+
+def test_fleet_status_without_a_running_cluster_says_so_at_once(tmp_path, clip, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray-here"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "cameras.toml").write_text(_toml(tmp_path, clip, ("door",)))
+    proc = subprocess.run([sys.executable, "-m", "streamvlm.cli", "fleet", str(tmp_path / "cameras.toml"), "--status"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no Ray cluster is running here" in proc.stderr

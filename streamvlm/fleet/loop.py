@@ -55,12 +55,21 @@ class CameraLoop:
         self._status: dict[str, Any] = {
             "camera": camera.id, "node": node, "state": "starting", "frames_read": 0, "frames_this_start": 0,
             "last_pts": None, "alerts": 0, "last_alert": None, "restarts": 0, "snapshot": 0, "snapshot_pts": None,
-            "resumed_after": None, "missed": 0, "first_frame_wall": None, "started_wall": time.time(), "error": None,
+            "resumed_after": None, "frames_in_snapshot": 0, "missed": 0, "first_frame_wall": None, "last_frame_wall": None, "started_wall": time.time(), "error": None,
         }
 
     # ---- from other threads --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """Where the camera stands: state (starting, reading, ended, failed), node, frames read, last alert, restarts, ..."""
+        """Where the camera stands, as a dict:
+
+        ``state`` (starting, reading, ended, failed; ``error`` says why it failed), ``node``, ``frames_read``
+        (in all its lives), ``frames_this_start``, ``last_pts`` (stream time of the newest frame), ``alerts``
+        and ``last_alert``, ``restarts`` (in this fleet run), ``snapshot`` / ``snapshot_pts`` (newest
+        generation saved and its stream time), ``resumed_after`` and ``frames_in_snapshot`` (what this
+        start resumed from; None / 0 for a fresh start), ``missed`` (frames of a live or paced source
+        whose moment passed while the camera was down), and wall times ``started_wall``,
+        ``first_frame_wall`` and ``last_frame_wall`` of this start.
+        """
         with self._lock:
             return dict(self._status)
 
@@ -121,7 +130,8 @@ class CameraLoop:
         self.job = job
         self._set(state="reading", frames_read=job.frames_read, last_pts=job.last_pts, alerts=job.alerts,
                   last_alert=job.last_alert, resumed_after=job.last_pts if payload["resumed"] else None,
-                  snapshot_pts=job.last_pts if payload["resumed"] else None)
+                  snapshot_pts=job.last_pts if payload["resumed"] else None,
+                  frames_in_snapshot=job.frames_read if payload["resumed"] else 0)
         self.sink([self._event("camera.started", payload)])
 
     def _default_loader(self, model: str) -> Any:
@@ -136,9 +146,10 @@ class CameraLoop:
         every, last_saved = self.fleet.snapshot_every_s, job.last_pts
         for frame in self._frames(job):
             events = job.read(frame)
-            first = self._status["first_frame_wall"] or time.time()
+            now = time.time()
             self._set(frames_read=job.frames_read, frames_this_start=self._status["frames_this_start"] + 1,
-                      last_pts=job.last_pts, alerts=job.alerts, last_alert=job.last_alert, first_frame_wall=first)
+                      last_pts=job.last_pts, alerts=job.alerts, last_alert=job.last_alert,
+                      first_frame_wall=self._status["first_frame_wall"] or now, last_frame_wall=now)
             for request_id, question in job.due_questions(frame.pts_s):
                 events.append(job.ask(question, request_id))
             if events:

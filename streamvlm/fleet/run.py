@@ -11,8 +11,11 @@ not answer, its last report to the recorder).
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import StreamVLMError
@@ -22,11 +25,39 @@ from .config import FleetConfig
 __all__ = ["run_fleet", "fleet_status", "format_status"]
 
 
+def _gcs_address(address: str | None) -> str | None:
+    """``host:port`` of the cluster that ``address`` (None or ``auto``: this machine's current one) names, if known."""
+    if address and address != "auto":
+        return address.removeprefix("ray://") if "://" not in address.removeprefix("ray://") else None
+    if os.environ.get("RAY_ADDRESS"):
+        return _gcs_address(os.environ["RAY_ADDRESS"])
+    current = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
+    try:
+        return current.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _check_reachable(address: str | None) -> None:
+    """Raise StreamVLMError at once when no Ray cluster answers there (Ray itself would retry for minutes)."""
+    target = _gcs_address(address)
+    if target is None:
+        raise StreamVLMError("no Ray cluster is running here (start the fleet first: streamvlm fleet FILE; "
+                             "or set [fleet] address to the cluster's)")
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except (OSError, ValueError) as exc:
+        raise StreamVLMError(f"no Ray cluster answers at {target} ({exc}); is the fleet running?") from None
+
+
 def _init_ray(config: FleetConfig, *, connect_only: bool) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = config.address or ("auto" if connect_only else None)
+    if connect_only:
+        _check_reachable(address)
     kwargs: dict[str, Any] = dict(namespace=namespace_of(config), logging_level="WARNING", log_to_driver=False)
     if address is None:
         kwargs["include_dashboard"] = False

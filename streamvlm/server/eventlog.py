@@ -110,15 +110,19 @@ class EventLog:
         return event_id, True
 
     def list(self, *, since: float | None = None, session: str | None = None, kinds: tuple[str, ...] = (), limit: int = 1000,
-             newest_first: bool = False) -> list[dict[str, Any]]:
+             newest_first: bool = False, after_id: int | None = None) -> list[dict[str, Any]]:
         """Events, oldest first (``newest_first``: the latest ``limit`` events, latest first); ``since`` is a wall-clock Unix time.
 
-        Each is a dict: ``id``, ``wall_time``, ``session``, ``kind``, ``stream_t``, ``payload``, ``key`` (None if it has none).
+        ``after_id``: only events logged after the one with that id (to follow the log). Each is a dict:
+        ``id``, ``wall_time``, ``session``, ``kind``, ``stream_t``, ``payload``, ``key`` (None if it has none).
         """
         sql, args = "SELECT id, wall_time, session, kind, stream_t, payload, key FROM events WHERE 1=1", []
         if since is not None:
             sql += " AND wall_time >= ?"
             args.append(since)
+        if after_id is not None:
+            sql += " AND id > ?"
+            args.append(after_id)
         if session is not None:
             sql += " AND session = ?"
             args.append(session)
@@ -228,9 +232,10 @@ def summarize(event: dict[str, Any]) -> EventSummary:
         question = str(payload.get("condition", ""))
         text = f"watch {payload.get('watch_id', '?')} fired"
         stamps = [float(payload["t"])] if isinstance(payload.get("t"), (int, float)) else []
-    else:
+    else:  # an answer of a fleet camera, a camera event, ...
         question = str(payload.get("question", ""))
-        text = str(payload.get("text") or payload.get("message") or "")
+        text = str(payload.get("text") or payload.get("message") or payload.get("reason") or "")
+        stamps = [float(e["pts_s"]) for e in payload.get("evidence") or [] if isinstance(e, dict) and isinstance(e.get("pts_s"), (int, float))]
     span = (min(stamps), max(stamps)) if stamps else None
     return EventSummary(float(event.get("wall_time") or 0.0), str(event.get("session", "")), kind, event.get("stream_t"),
                         question, text, len(stamps), span)
