@@ -525,6 +525,35 @@ def _cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from .fleet.config import load_fleet_config
+
+    config = load_fleet_config(args.config)  # every mistake in the file is reported before Ray starts
+    if args.status:
+        from .fleet.run import fleet_status, format_status
+
+        rows = fleet_status(config)
+        print("\n".join(json.dumps(r) for r in rows) if args.json else format_status(rows))
+        return 0
+    from .fleet.run import run_fleet
+    from .watch import check_source
+
+    for camera in config.cameras:
+        check_source(camera.source)
+    return run_fleet(config, duration_s=args.duration if args.duration is not None else config.duration_s)
+
+
+def _cmd_bench_fleet(args: argparse.Namespace) -> int:
+    from .bench.fleet import run_fleet_bench
+
+    result = run_fleet_bench(model=args.model, alert_model=args.alert_model, cameras=args.cameras, seconds=args.seconds,
+                             fps=args.fps, snapshot_every_s=args.snapshot_every, live=not args.no_live)
+    _emit_json(result, args.json)
+    if not result["passed"]:
+        print(f"streamvlm: fleet bench failed: {result['alerts_lost']} alert(s) lost, {result['alerts_doubled']} doubled", file=sys.stderr)
+    return 0 if result["passed"] else 1
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from .bench.serve import run_serve_bench, run_serve_sweep
 
@@ -710,6 +739,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_flags(qual)
     qual.set_defaults(func=_cmd_bench_quality)
 
+    bfleet = bench_sub.add_parser("fleet", help="camera actors on a local Ray cluster of 1 and 2 nodes: frames/s, recovery after a kill")
+    bfleet.add_argument("--model", default="tiny-smolvlm", help="model of the throughput run")
+    bfleet.add_argument("--alert-model", default="shapeworld", help="model of the recovery runs (its alerts are compared)")
+    bfleet.add_argument("--cameras", type=int, default=2, help="camera actors in the throughput run")
+    bfleet.add_argument("--seconds", type=float, default=20.0, help="length of the ShapeWorld clip every camera reads")
+    bfleet.add_argument("--fps", type=float, default=2.0, help="frames per second of the clip")
+    bfleet.add_argument("--snapshot-every", type=float, default=10.0, help="stream seconds between snapshots")
+    bfleet.add_argument("--no-live", action="store_true", help="skip the recovery of a camera paced in real time")
+    bfleet.add_argument("--json", metavar="OUT", help="write the result to this file")
+    bfleet.set_defaults(func=_cmd_bench_fleet)
+
     bserve = bench_sub.add_parser("serve", help="concurrent realtime sessions against one server")
     bserve.add_argument("--model", default="tiny-smolvlm")
     bserve.add_argument("--sessions", default="8", help="session count, or several to compare: 1,2,4,8 (default: 8)")
@@ -805,6 +845,13 @@ def build_parser() -> argparse.ArgumentParser:
     evs.add_argument("--json", action="store_true", help="one raw JSON object per line (the whole logged payload) instead of a table")
     evs.add_argument("--db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
     evs.set_defaults(func=_cmd_events)
+
+    flt = sub.add_parser("fleet", help="run cameras as restartable Ray actors that resume from snapshots (see docs/fleet.md)")
+    flt.add_argument("config", metavar="TOML", help="the cameras file of watch --config plus a [fleet] table (snapshot_dir, ...)")
+    flt.add_argument("--status", action="store_true", help="print the running fleet's cameras (node, frames, last alert, restarts) and exit")
+    flt.add_argument("--json", action="store_true", help="with --status: one JSON object per camera")
+    flt.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: the file's, else when every source ends)")
+    flt.set_defaults(func=_cmd_fleet)
     return _show_defaults(parser)
 
 
