@@ -209,9 +209,10 @@ class VisionBatcher:
             results, seconds = self._execute(batch, pause, points)
         except BaseException as exc:  # the leader stops (its pause raised): the rest go back for the next leader
             with self._cv:
-                others = [t for t in batch if t is not mine and t.state == _RUNNING]
-                for ticket in others:
-                    ticket.state = _PENDING
+                others = [t for t in batch if t is not mine and t.state == _RUNNING and not t.abandoned]
+                for ticket in batch:
+                    if ticket is not mine and ticket.state == _RUNNING:
+                        ticket.state = _PENDING
                 self._pending[:0] = others
                 self._cv.notify_all()
             getattr(lock, "wake", lambda: None)()
