@@ -324,3 +324,12 @@ def test_sessions_flooding_frames_of_different_cost_get_equal_model_time():
             pending.append(Ticket(chosen.thread, arrivals))  # it floods: the next frame waits at once
             arrivals += 1
     assert max(used.values()) / min(used.values()) <= 1.25
+
+
+def test_batch_limits_are_checked(smol):
+    from streamvlm.engine.batcher import VisionBatcher
+    from streamvlm.errors import ConfigError
+
+    for bad in ({"max_batch": 0}, {"max_batch_tokens": 0}, {"poll_s": 0.0}):
+        with pytest.raises(ConfigError):
+            VisionBatcher(smol, **bad)

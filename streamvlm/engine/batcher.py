@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
 from ..models.base import Hook
 from ..models.turns import FRAME
 
@@ -123,6 +124,12 @@ class VisionBatcher:
 
     def __init__(self, adapter: ModelAdapter, *, max_batch: int = 8, max_batch_tokens: int = 16384, poll_s: float = 0.05,
                  enabled: bool = True) -> None:
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ConfigError(f"max_batch: must be an integer >= 1, got {max_batch!r}")
+        if not (isinstance(max_batch_tokens, int) and max_batch_tokens >= 1):
+            raise ConfigError(f"max_batch_tokens: must be an integer >= 1, got {max_batch_tokens!r}")
+        if not poll_s > 0:
+            raise ConfigError(f"poll_s: must be > 0 seconds, got {poll_s!r}")
         self.adapter = adapter
         self.max_batch = max_batch  # frames per forward at most
         self.max_batch_tokens = max_batch_tokens  # visual tokens per forward at most (one larger frame still goes alone)
@@ -132,7 +139,6 @@ class VisionBatcher:
         self._pending: list[_Ticket] = []
         self._arrivals = 0
         self._stats = BatchStats()
-        self._local = threading.local()
 
     # ---- the caller's side -------------------------------------------------------------------------
     def encode(self, frame: PreparedFrame, *, pause: Callable[[], None] | None = None,
