@@ -242,6 +242,7 @@ def test_server_config_refuses_an_unknown_engine_or_share(kwargs):
 class _Counters:
     def __init__(self) -> None:
         self.ingested = 0
+        self.dropped = 0
         self.model_s: list[float] = []
 
     def reads_since(self, seen: int):
@@ -333,3 +334,21 @@ def test_reads_that_overlap_in_time_are_not_taken_for_a_slower_model():
         serial.on_frame_read("s", 0.9)
         serial.tick(float(second))
     assert serial.admission.seconds_per_frame == pytest.approx(0.9)
+
+
+def test_when_workers_fall_behind_the_frames_actually_read_bound_the_capacity():
+    """Reads cost more than their model time (decoding, preprocessing): the model time says 100 frames/s,
+    but workers read 10 a second and drop the rest. The plan follows what was read, then creeps back."""
+    governor = ComputeGovernor(0.8)
+    for second in range(1, 8):
+        for _ in range(10):
+            governor.on_frame_read("s", 0.01)
+        governor.on_frames_replaced("s", 5)
+        governor.tick(float(second))
+    assert governor.admission.capacity_fps == pytest.approx(8.0, rel=0.15)  # 80 % of the 10 frames/s read
+    before = governor.admission.seconds_per_frame
+    for second in range(8, 12):  # nobody falls behind any more: the bound fades, a little each tick
+        for _ in range(8):
+            governor.on_frame_read("s", 0.01)
+        governor.tick(float(second))
+    assert 0.7 * before < governor.admission.seconds_per_frame < before

@@ -7,6 +7,7 @@ what it returns; it starts no task, reads no clock and touches no socket::
     governor = ComputeGovernor.from_config(config, metrics)
     governor.on_session_open(session.core, now)              # a new session (not a resume: same core)
     governor.on_frame_read(session.id, read.model_s)         # each frame read (worker FrameRead.model_s)
+    governor.on_frames_replaced(session.id, n)               # frames the worker dropped (latest wins)
     for session_id, outs in governor.tick(now).items():      # every ``interval_s`` on a host-wide loop
         execute(session_id, outs)                             # input_frame.rate events to send
     governor.on_session_close(session.id)                    # the session ended for good
@@ -55,11 +56,16 @@ class ComputeGovernor:
     """
 
     def __init__(self, frame_time_share: float = 0.8, *, enabled: bool = True, metrics: ServerMetrics | None = None,
-                 interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15, smoothing: float = 0.3) -> None:
+                 interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15, smoothing: float = 0.3, floor_fade: float = 0.03) -> None:
         self.admission = ComputeAdmission(frame_time_share, hysteresis=hysteresis, smoothing=smoothing)
         self._reads: list[float] = []  # model seconds of the reads since the last tick
         self._last_tick: float | None = None
-        self._history: deque[tuple[float, float, float]] = deque()  # per tick: (seconds, model seconds read, longest read)
+        # per tick: (seconds, model seconds read, longest read, reads)
+        self._history: deque[tuple[float, float, float, int]] = deque()
+        self._backlog = 0  # frames replaced while waiting since the last tick
+        self._floor_s = 0.0  # the time per read the throughput showed when workers fell behind (fading)
+        # Share by which that floor fades each tick nobody falls behind.
+        self.floor_fade = float(floor_fade)
         self.enabled = enabled
         self.metrics = metrics
         # Seconds between two ticks (the host's loop sleeps this long).
@@ -106,19 +112,39 @@ class ComputeGovernor:
         how much reads overlapped over the last ``window_s``: sessions take turns on the model per
         forward pass, so one read's wall time also holds other sessions' forwards. Reads that ran one
         after another add up to at most the time that passed plus the one that began before the window
-        (hence the longest is left out); more than that is overlap, and it is divided out."""
+        (hence the longest is left out); more than that is overlap, and it is divided out.
+
+        A read costs more than its model time (decoding, preprocessing, the threads' turns): when
+        workers fell behind (frames replaced while waiting, :meth:`on_frames_replaced`), the frames
+        actually read per second over the window bound the capacity, whatever the model time says.
+        That bound is kept as a floor under the time per read and fades by ``floor_fade`` a tick once
+        nobody falls behind, so the caps creep back up rather than jump."""
         reads, self._reads = sorted(self._reads), []
+        backlog, self._backlog = self._backlog, 0
         if self._last_tick is not None and now > self._last_tick:
-            self._history.append((now - self._last_tick, sum(reads), max(reads, default=0.0)))
+            self._history.append((now - self._last_tick, sum(reads), max(reads, default=0.0), len(reads)))
             while len(self._history) > 1 and sum(h[0] for h in self._history) - self._history[0][0] >= self.window_s:
                 self._history.popleft()
         self._last_tick = now
-        if not reads or not self._history:
-            return  # nothing read, or no time measured yet to tell overlap from a slow model
+        if not self._history:
+            return  # no time measured yet to tell overlap from a slow model
         elapsed = sum(h[0] for h in self._history)
-        busy = sum(h[1] for h in self._history) - max((h[2] for h in self._history), default=0.0)
+        count = sum(h[3] for h in self._history)
+        if backlog and count:
+            self._floor_s = max(self._floor_s, elapsed / count)
+        else:
+            self._floor_s *= 1.0 - self.floor_fade
+        if not reads:
+            return
+        busy = sum(h[1] for h in self._history) - max(h[2] for h in self._history)
         overlap = max(1.0, busy / elapsed) if elapsed > 0 else 1.0
-        self.admission.frame_read(reads[len(reads) // 2] / overlap)
+        self.admission.frame_read(max(reads[len(reads) // 2] / overlap, self._floor_s))
+
+    def on_frames_replaced(self, session_id: str, count: int) -> None:
+        """``count`` frames of this session were replaced by newer ones while they waited for the model
+        (the worker's latest-wins drop): the reads fell behind what the session was allowed."""
+        if count > 0:
+            self._backlog += int(count)
 
     def disable(self, reason: str) -> dict[str, list[Out]]:
         """Stop governing (a fault): every cap is lifted and :attr:`fault` says why; returns the events
@@ -191,7 +217,8 @@ async def govern(host: Any, governor: ComputeGovernor, clock: Callable[[], float
     """Run ``governor`` for a session host until cancelled (start it with the host's loops).
 
     Every ``governor.interval_s``: the frames each session's worker read since the last round go to
-    :meth:`ComputeGovernor.on_frame_read` (``FrameRead.model_s`` from ``counters.reads_since``), then
+    :meth:`ComputeGovernor.on_frame_read` (``FrameRead.model_s`` from ``counters.reads_since``) and the
+    frames it dropped to :meth:`ComputeGovernor.on_frames_replaced` (``counters.dropped``), then
     :meth:`ComputeGovernor.tick` with the host's sessions, and the events it returns go through
     ``host._execute`` (so they are counted and sent like any other). ``host`` is a
     :class:`~streamvlm.server.driver.SessionHost` (its ``sessions``: id -> hosted session with ``core`` and
@@ -200,7 +227,7 @@ async def govern(host: Any, governor: ComputeGovernor, clock: Callable[[], float
     the governor is disabled with :attr:`ComputeGovernor.fault` naming the exception, and the exception
     ends this task (the host sees it in ``task.exception()``).
     """
-    seen: dict[str, tuple[Any, int]] = {}  # session id -> (its worker, reads already fed)
+    seen: dict[str, tuple[Any, int, int]] = {}  # session id -> (its worker, reads fed, frames dropped seen)
     while True:
         await asyncio.sleep(governor.interval_s)
         hosted = dict(host.sessions)
@@ -210,10 +237,11 @@ async def govern(host: Any, governor: ComputeGovernor, clock: Callable[[], float
             worker = getattr(session, "worker", None)
             if worker is None:
                 continue
-            fed = seen[sid][1] if sid in seen and seen[sid][0] is worker else 0  # a new worker counts from 0
+            fed, dropped = seen[sid][1:] if sid in seen and seen[sid][0] is worker else (0, 0)  # a new worker counts from 0
             counters = worker.counters
             governor.on_frames_read(sid, (read.model_s for read in counters.reads_since(fed)))
-            seen[sid] = (worker, counters.ingested)
+            governor.on_frames_replaced(sid, counters.dropped - dropped)
+            seen[sid] = (worker, counters.ingested, counters.dropped)
         try:
             changes = governor.tick(clock(), {sid: s.core for sid, s in hosted.items()})
         except Exception as exc:
