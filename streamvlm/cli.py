@@ -377,15 +377,52 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     locate(args.model)
     model_cfg = _model_config(args)
+    handoff = _serve_handoff(args)
+    if args.ray:
+        return _serve_on_ray(args, model_cfg, config)
     _check_port_free(config.host, config.port)  # a busy port is one line now, not a traceback after the model loaded
     print(f"streamvlm: loading {args.model}{_random_label(args.model)}", file=sys.stderr)
     adapter = load_model(model_cfg)
     try:
-        asyncio.run(serve_forever(adapter, config))
+        asyncio.run(serve_forever(adapter, config, handoff))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # the port was taken between the check and the bind
         raise ConfigError(f"cannot serve on {config.host}:{config.port}: {exc.strerror or exc}") from exc
+    return 0
+
+
+def _serve_handoff(args: argparse.Namespace):
+    """The shared-snapshot settings of ``serve`` (checked before any model loads); a Handoff without --ray."""
+    import os
+
+    from .server.handoff import Handoff, HandoffConfig
+
+    if not args.ray:
+        for flag, value in (("--replicas", args.replicas), ("--gpus-per-replica", args.gpus_per_replica),
+                            ("--ray-address", args.ray_address)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --ray")
+    elif not args.snapshot_dir:
+        raise ConfigError("--ray needs --snapshot-dir: a directory every replica shares, for sessions to resume on any replica")
+    if not args.snapshot_dir:
+        return None
+    every = None if args.snapshot_every == 0 else args.snapshot_every
+    config = HandoffConfig(os.path.abspath(args.snapshot_dir), every)
+    return None if args.ray else Handoff(config)
+
+
+def _serve_on_ray(args: argparse.Namespace, model_cfg, config) -> int:
+    import os
+
+    from .deploy.serve import DeployConfig, run
+
+    deploy = DeployConfig(model=model_cfg, server=config, replicas=args.replicas or 1,
+                          gpus_per_replica=args.gpus_per_replica or 0.0, snapshot_dir=os.path.abspath(args.snapshot_dir),
+                          snapshot_every_s=None if args.snapshot_every == 0 else args.snapshot_every,
+                          env={k: v for k, v in os.environ.items() if k == "STREAMVLM_HOME"})
+    _check_port_free(config.host, config.port)
+    run(deploy, address=args.ray_address)
     return 0
 
 
@@ -547,7 +584,7 @@ def _cmd_bench_fleet(args: argparse.Namespace) -> int:
     from .bench.fleet import run_fleet_bench
 
     result = run_fleet_bench(model=args.model, alert_model=args.alert_model, cameras=args.cameras, seconds=args.seconds,
-                             fps=args.fps, snapshot_every_s=args.snapshot_every, live=not args.no_live)
+                             snapshot_every_s=args.snapshot_every, live=not args.no_live, live_seconds=args.live_seconds)
     _emit_json(result, args.json)
     if not result["passed"]:
         print(f"streamvlm: fleet bench failed: {result['alerts_lost']} alert(s) lost, {result['alerts_doubled']} doubled", file=sys.stderr)
@@ -743,9 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     bfleet.add_argument("--model", default="tiny-smolvlm", help="model of the throughput run")
     bfleet.add_argument("--alert-model", default="shapeworld", help="model of the recovery runs (its alerts are compared)")
     bfleet.add_argument("--cameras", type=int, default=2, help="camera actors in the throughput run")
-    bfleet.add_argument("--seconds", type=float, default=20.0, help="length of the ShapeWorld clip every camera reads")
-    bfleet.add_argument("--fps", type=float, default=2.0, help="frames per second of the clip")
-    bfleet.add_argument("--snapshot-every", type=float, default=10.0, help="stream seconds between snapshots")
+    bfleet.add_argument("--seconds", type=float, default=120.0, help="length of the ShapeWorld clip (1 frame/s) every camera reads")
+    bfleet.add_argument("--live-seconds", type=float, default=20.0, help="length of the clip of the camera paced in real time")
+    bfleet.add_argument("--snapshot-every", type=float, default=20.0, help="stream seconds between snapshots")
     bfleet.add_argument("--no-live", action="store_true", help="skip the recovery of a camera paced in real time")
     bfleet.add_argument("--json", metavar="OUT", help="write the result to this file")
     bfleet.set_defaults(func=_cmd_bench_fleet)
@@ -813,6 +850,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--resume-window", type=float, default=60.0, help="seconds a dropped session can be resumed")
     srv.add_argument("--event-db", default=None, help="SQLite event log (default: $STREAMVLM_HOME/events.db)")
     srv.add_argument("--ice-server", action="append", metavar="URL", help="STUN/TURN server for WebRTC peers off this machine (repeatable)")
+    srv.add_argument("--snapshot-dir", default=None, metavar="PATH",
+                     help="directory for session snapshots: a session resumes after a restart, or on any server or Ray "
+                          "replica sharing it (required with --ray)")
+    srv.add_argument("--snapshot-every", type=float, default=10.0, metavar="S",
+                     help="seconds between snapshots of a connected session (default 10; 0: only when its client "
+                          "leaves and when the server stops)")
+    srv.add_argument("--ray", action="store_true", help="serve as a Ray Serve application: --replicas copies of the "
+                     "model, sessions resumable on any replica (docs/deployment.md)")
+    srv.add_argument("--replicas", type=int, default=None, help="with --ray: replicas, each loading the model (default 1)")
+    srv.add_argument("--gpus-per-replica", type=float, default=None, help="with --ray: GPUs each replica reserves (default 0)")
+    srv.add_argument("--ray-address", default=None, help="with --ray: the cluster to join (default: $RAY_ADDRESS, else a "
+                     "new local one)")
     _add_precision_flags(srv)
     srv.set_defaults(func=_cmd_serve)
 
