@@ -318,3 +318,13 @@ def test_the_python_client_exposes_the_cap_the_core_announces():
     for event in s.set_read_rate(None):
         client._dispatch(event)
     assert client.read_rate is None
+
+
+@pytest.mark.parametrize("fps", [0, -1.0, float("nan"), float("inf"), True])
+def test_a_read_rate_that_is_not_a_positive_number_is_refused(fps):
+    from streamvlm.errors import ConfigError
+
+    s = core.RealtimeSession("test-model")
+    with pytest.raises(ConfigError):
+        s.set_read_rate(fps)
+    assert s.read_rate is None

@@ -37,7 +37,7 @@ from ..config import MemoryConfig, SessionConfig
 from ..dialogue import ControllerConfig
 from ..dialogue.controller import parse_forward_request
 from ..dialogue.triggers import TriggerSpec
-from ..errors import TimestampError
+from ..errors import ConfigError, TimestampError
 from ..ingest.clock import SessionClock
 from . import messages as m
 from .connection import FrameRateLimiter
@@ -395,11 +395,11 @@ class RealtimeSession:
         Frames above the cap are dropped without an error event (the client is not at fault): each is a
         ``FrameDropped(reason)`` command for the transport's metrics. Returns the ``input_frame.rate``
         event that tells the client (to send), or [] when nothing changed; while the client is away the
-        new cap is kept and announced on its return. Raises ValueError for a rate that is not a finite
-        number > 0 (a server bug, not client input).
+        new cap is kept and announced on its return. Raises ConfigError (a ValueError) for a rate that
+        is not a finite number > 0.
         """
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0):
-            raise ValueError(f"read rate: must be a finite number > 0 or None, got {fps!r}")
+            raise ConfigError(f"read rate: must be a finite number > 0 or None, got {fps!r}")
         if self.closed is not None or fps == self.read_rate:
             return []
         self.read_rate, self._read_reason = (None if fps is None else float(fps)), reason
