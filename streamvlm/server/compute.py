@@ -1,8 +1,8 @@
 """Admission by compute on a live server: the one place that turns model timings into per-session read rates.
 
 :class:`ComputeGovernor` sits between the session host (whatever transport) and the pure
-:class:`~streamvlm.engine.admission.ComputeAdmission`. The host tells it four things and carries out
-what it returns; it starts no task, reads no clock and touches no socket::
+:class:`~streamvlm.engine.admission.ComputeAdmission`. The host tells it what happened and carries out
+what it returns; the class starts no task, reads no clock and touches no socket::
 
     governor = ComputeGovernor.from_config(config, metrics)
     governor.on_session_open(session.core, now)              # a new session (not a resume: same core)
@@ -16,9 +16,11 @@ or, with no calls spread over the host, one task on its loop: ``asyncio.create_t
 (:func:`govern` feeds the workers' reads, ticks with the host's sessions and executes the events).
 
 Each tick measures every open session's offered frame rate (frames that reached its core, counted by
-``RealtimeSession.frames_offered``, over the last ``window_s``), asks the admission for a plan, applies
-the changed caps with ``RealtimeSession.set_read_rate`` and updates the metrics (sessions limited, read
-capacity). Frames above a cap come out of the core as ``FrameDropped("compute")`` commands, which the
+``RealtimeSession.frames_offered``, over the last ``window_s``), feeds the admission the tick's typical
+model time per read (sessions take turns per forward pass, so reads overlap in wall time: the overlap
+is divided out; and when workers fall behind, the frames actually read per second bound it), asks for
+a plan, applies the changed caps with ``RealtimeSession.set_read_rate`` and updates the metrics
+(sessions limited, read capacity). Frames above a cap come out of the core as ``FrameDropped("compute")`` commands, which the
 host counts with ``metrics.frame_dropped("compute")``. With ``engine="lock"`` (the previous mode) the
 governor is disabled: it plans nothing and caps nobody.
 """
@@ -56,7 +58,8 @@ class ComputeGovernor:
     """
 
     def __init__(self, frame_time_share: float = 0.8, *, enabled: bool = True, metrics: ServerMetrics | None = None,
-                 interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15, smoothing: float = 0.3, floor_fade: float = 0.03) -> None:
+                 interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15, smoothing: float = 0.3,
+                 floor_fade: float = 0.03) -> None:
         self.admission = ComputeAdmission(frame_time_share, hysteresis=hysteresis, smoothing=smoothing)
         self._reads: list[float] = []  # model seconds of the reads since the last tick
         self._last_tick: float | None = None
