@@ -61,8 +61,9 @@ class _WebsocketsSocket:
 class StreamServer(SessionHost):
     """Serve one loaded model to many realtime sessions on one port. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, adapter: ModelAdapter, config: ServerConfig | None = None, *, limits: p.Limits | None = None) -> None:
-        super().__init__(adapter, config, limits=limits)
+    def __init__(self, adapter: ModelAdapter, config: ServerConfig | None = None, *, limits: p.Limits | None = None,
+                 handoff: Any = None) -> None:
+        super().__init__(adapter, config, limits=limits, handoff=handoff)
         self._server: Any = None
 
     async def start(self) -> tuple[str, int]:
@@ -89,9 +90,10 @@ class StreamServer(SessionHost):
         await self.handle(_WebsocketsSocket(ws))
 
 
-async def serve_forever(adapter: ModelAdapter, config: ServerConfig) -> None:
-    """Run the server until cancelled (Ctrl-C)."""
-    server = StreamServer(adapter, config)
+async def serve_forever(adapter: ModelAdapter, config: ServerConfig, handoff: Any = None) -> None:
+    """Run the server until cancelled (Ctrl-C). With a :class:`~.handoff.Handoff`, sessions are snapshotted
+    to its directory and resume after a restart (or on another server sharing it)."""
+    server = StreamServer(adapter, config, handoff=handoff)
     host, port = await server.start()
     print(f"streamvlm: serving {adapter.source} on http://{host}:{port}/ (realtime API: ws://{host}:{port}/v1/realtime)", flush=True)
     try:
