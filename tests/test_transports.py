@@ -30,17 +30,17 @@ def run(coro):
 class Served:
     """A running server of either transport: ``url`` (WebSocket), ``http`` (base URL), ``host`` (its SessionHost)."""
 
-    def __init__(self, transport: str, adapter, limits: Limits | None = None, **config) -> None:
+    def __init__(self, transport: str, adapter, limits: Limits | None = None, handoff=None, **config) -> None:
         cfg = ServerConfig(port=0, stats_every_s=0.3, **config)
         if transport == "websockets":
             from streamvlm.server.app import StreamServer
 
-            self.host = self.server = StreamServer(adapter, cfg, limits=limits)
+            self.host = self.server = StreamServer(adapter, cfg, limits=limits, handoff=handoff)
         else:
             from streamvlm.server.asgi import UvicornServer
             from streamvlm.server.driver import SessionHost
 
-            self.host = SessionHost(adapter, cfg, limits=limits)
+            self.host = SessionHost(adapter, cfg, limits=limits, handoff=handoff)
             self.server = UvicornServer(self.host)
 
     async def __aenter__(self) -> Served:
@@ -205,3 +205,41 @@ def test_the_handshake_checks_token_origin_and_host_and_http_routes_answer(smol,
     assert routes["/metrics"][0] == 200 and "streamvlm_sessions_opened_total 1.0" in routes["/metrics"][1]
     assert routes["/"][0] == 200 and "<video" in routes["/"][1]
     assert routes["/nope"][0] == 404 and routes["evil host"][0] == 403  # DNS rebinding
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_parked_session_resumes_on_another_server_sharing_the_snapshot_directory(smol, transport, tmp_path):
+    from streamvlm.server.handoff import Handoff, HandoffConfig
+
+    def handoff(name: str) -> Handoff:
+        return Handoff(HandoffConfig(str(tmp_path / "shared"), snapshot_every_s=None, replica=name))
+
+    async def main():
+        async with Served(transport, smol, handoff=handoff("a")) as a, Served(transport, smol, handoff=handoff("b")) as b:
+            async with connect(a.url) as ws:
+                created = await until(ws, "session.created")
+                await ws.send(json.dumps({"type": "watch.create", "event_id": "w", "watch": {
+                    "id": "door", "condition": "the door is open", "trigger": {"kind": "threshold", "on": 0.9, "off": 0.1}}}))
+                await until(ws, "watch.created")
+                await ws.send(encode_frame(synthetic_frames(1)[0], 5.0, "cam"))
+                await frames_read(ws, 1)
+                await ask(ws, "What do you see?", "q1")
+                await until(ws, "response.done")
+                handle = (await until(ws, "session.resumption_update"))["new_handle"]  # rotated after the answer
+            async with connect(b.url + f"?resume={handle}") as ws:
+                again = await until(ws, "session.created")
+                await ask(ws, "What did you see before?", "q2")
+                done = await until(ws, "response.done")
+                moved = next(iter(b.host.sessions.values()))
+                watches = {w: (s.condition, s.spec.on) for w, s in moved.watch_specs.items()}
+                while a.host.sessions:  # the first server lets its parked copy go once it sees the claim
+                    await asyncio.sleep(0.1)
+            async with connect(a.url + f"?resume={handle}") as ws:  # a handle opens a session once
+                stale = await until(ws, "error")
+            return created, again, done, watches, stale
+
+    created, again, done, watches, stale = run(main())
+    assert again["session"]["id"] == created["session"]["id"]
+    assert 5.0 in [e["pts_s"] for e in done["response"]["evidence"]]  # the memory came along
+    assert watches == {"door": ("the door is open", 0.9)}  # and the watch, with its trigger rule
+    assert stale["error"]["code"] == "invalid_resume_handle"
