@@ -226,8 +226,11 @@ def test_a_parked_session_resumes_on_another_server_sharing_the_snapshot_directo
                 await ask(ws, "What do you see?", "q1")
                 await until(ws, "response.done")
                 handle = (await until(ws, "session.resumption_update"))["new_handle"]  # rotated after the answer
+                await ask(ws, "Tell me when a red square appears.", "deferred")
+                await until(ws, "response.acknowledged")
             async with connect(b.url + f"?resume={handle}") as ws:
                 again = await until(ws, "session.created")
+                lost = await until(ws, "response.done")  # the open question could not move: it ends, once
                 await ask(ws, "What did you see before?", "q2")
                 done = await until(ws, "response.done")
                 moved = next(iter(b.host.sessions.values()))
@@ -236,10 +239,11 @@ def test_a_parked_session_resumes_on_another_server_sharing_the_snapshot_directo
                     await asyncio.sleep(0.1)
             async with connect(a.url + f"?resume={handle}") as ws:  # a handle opens a session once
                 stale = await until(ws, "error")
-            return created, again, done, watches, stale
+            return created, again, lost, done, watches, stale
 
-    created, again, done, watches, stale = run(main())
+    created, again, lost, done, watches, stale = run(main())
     assert again["session"]["id"] == created["session"]["id"]
     assert 5.0 in [e["pts_s"] for e in done["response"]["evidence"]]  # the memory came along
     assert watches == {"door": ("the door is open", 0.9)}  # and the watch, with its trigger rule
     assert stale["error"]["code"] == "invalid_resume_handle"
+    assert (lost["response"]["client_event_id"], lost["response"]["status"]) == ("deferred", "failed")
