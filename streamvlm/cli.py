@@ -567,10 +567,12 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 
     config = load_fleet_config(args.config)  # every mistake in the file is reported before Ray starts
     if args.status:
-        from .fleet.run import fleet_status, format_status
+        from .fleet.run import format_status, read_status
 
-        rows = fleet_status(config)
+        rows, age_s = read_status(config)
         print("\n".join(json.dumps(r) for r in rows) if args.json else format_status(rows))
+        if age_s > 10:
+            print(f"streamvlm: this status is {age_s:.0f} s old: the fleet may have stopped", file=sys.stderr)
         return 0
     from .fleet.run import run_fleet
     from .watch import check_source

@@ -4,7 +4,8 @@
 
 * the **recorder** (named ``recorder`` in the namespace ``streamvlm-fleet-<name>``, on the driver's
   node, restarted if it dies): the only writer of the SQLite event log (``EventLog.record`` with each
-  event's key, so an event written twice is kept once) and the keeper of every camera's last status;
+  event's key, so an event written twice is kept once) and the keeper of every camera's last status,
+  which it also writes to ``SNAPSHOT_DIR/status.json`` about once a second;
 * one **camera actor** per camera (``max_restarts=-1``), asking Ray for its group's ``num_cpus``,
   ``num_gpus`` and custom resources. It loads the model, resumes from the camera's newest snapshot
   and reads its source on a thread (:class:`~streamvlm.fleet.loop.CameraLoop`); its methods
@@ -18,18 +19,20 @@ The cost is one model copy per camera (small for the models a camera watch needs
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ..errors import StreamVLMError
 from .camera import FleetEvent
 from .config import CameraConfig, FleetConfig
 
-__all__ = ["Fleet", "namespace_of", "RECORDER"]
+__all__ = ["Fleet", "namespace_of", "status_file", "RECORDER"]
 
 RECORDER = "recorder"
 _STATUS_EVERY_S = 0.5
@@ -40,15 +43,24 @@ def namespace_of(config: FleetConfig) -> str:
     return f"streamvlm-fleet-{config.name}"
 
 
+def status_file(config: FleetConfig) -> Path:
+    """Where the recorder keeps every camera's last status, for ``streamvlm fleet FILE --status`` (any machine)."""
+    return config.snapshot_dir / "status.json"
+
+
 class _Recorder:
     """Writes every camera's events to the event log (once per key) and keeps their last status."""
 
-    def __init__(self, event_db: str, webhook: str | None = None) -> None:
+    def __init__(self, event_db: str, webhook: str | None = None, status_path: str | None = None) -> None:
         from ..server.eventlog import EventLog
         from ..server.webhook import WebhookSender
 
         self.log = EventLog(event_db)
         self.statuses: dict[str, dict[str, Any]] = {}
+        self.status_path = status_path
+        self._changed = threading.Event()
+        if status_path:
+            threading.Thread(target=self._write_statuses, name="fleet-status", daemon=True).start()
         self.sender = WebhookSender(webhook, self.log) if webhook else None
         if self.sender is not None:
             self.sender.start()  # its backlog is in the log: a restarted recorder goes on delivering it
@@ -68,6 +80,21 @@ class _Recorder:
 
     def report(self, status: dict[str, Any]) -> None:
         self.statuses[status["camera"]] = {**status, "reported_wall": time.time()}
+        self._changed.set()
+
+    def _write_statuses(self) -> None:
+        """Keep ``status_path`` (on the shared storage) at most a second behind the reports: what ``--status`` reads."""
+        path = Path(self.status_path)
+        while True:
+            self._changed.wait()
+            self._changed.clear()
+            try:
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"written_wall": time.time(), "cameras": self.statuses}, default=str))
+                os.replace(tmp, path)
+            except OSError:
+                pass  # the storage is away for a moment: the next report writes it again
+            time.sleep(1.0)
 
     def all_statuses(self) -> dict[str, dict[str, Any]]:
         return dict(self.statuses)
@@ -145,7 +172,7 @@ class Fleet:
         self.recorder = recorder_cls.options(
             name=RECORDER, namespace=self.namespace, num_cpus=0, max_restarts=-1, max_task_retries=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-        ).remote(str(self.config.event_db), self.config.webhook)
+        ).remote(str(self.config.event_db), self.config.webhook, str(status_file(self.config)))
         ray.get(self.recorder.all_statuses.remote())  # up before any camera needs it
         camera_cls = ray.remote(_CameraActor)
         home = os.environ.get("STREAMVLM_HOME")

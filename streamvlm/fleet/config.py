@@ -3,7 +3,7 @@
 The same cameras file runs in one process (``streamvlm watch --config cameras.toml``) or as a fleet
 (``streamvlm fleet cameras.toml``); the fleet adds where snapshots go and how cameras are placed::
 
-    model = "shapeworld"               # shared by every camera (as for watch); also device, dtype,
+    model = "shapeworld"               # shared by every camera (as for watch; default tiny-smolvlm); device, dtype,
     fps = 1                            # event_db, webhook, duration, and per-camera defaults
     event_db = "/shared/streamvlm/events.db"   # written by one recorder actor on the head node
 
@@ -189,7 +189,7 @@ def parse_fleet_config(text: str, *, origin: str = "fleet.toml", base: Path | No
             raise fail(f"{where}: realtime", "applies to a file source only (a camera is live anyway)")
         cameras.append(camera)
     event_db = plan.event_db or snapshot_dir / "events.db"
-    return FleetConfig(name, plan.model or "shapeworld", snapshot_dir, event_db, tuple(cameras), groups, float(every), address,
+    return FleetConfig(name, plan.model or "tiny-smolvlm", snapshot_dir, event_db, tuple(cameras), groups, float(every), address,
                        plan.device or "auto", plan.dtype or "auto", plan.webhook, plan.duration_s)
 
 

@@ -3,68 +3,40 @@
 :func:`run_fleet` joins the Ray cluster named in the TOML (``address``; none: it starts a local one),
 starts the fleet (see :mod:`~streamvlm.fleet.actors`), prints each alert and each camera start,
 restart and failure as it is logged, and returns when every camera's source has ended (files), when
-``duration_s`` passed, or on Ctrl-C; the actors end with it. :func:`fleet_status` is what
-``--status`` prints: one row per camera from the running fleet's actors (or, for a camera that does
-not answer, its last report to the recorder).
+``duration_s`` passed, or on Ctrl-C; the actors end with it. ``--status`` prints :func:`read_status`:
+each camera's last report, which the recorder keeps in ``SNAPSHOT_DIR/status.json`` (so any machine
+that mounts the storage can read it, no Ray connection needed); :func:`fleet_status` asks the actors
+themselves from a program connected to the cluster.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import socket
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import StreamVLMError
-from .actors import RECORDER, Fleet, namespace_of
+from .actors import RECORDER, Fleet, namespace_of, status_file
 from .config import FleetConfig
 
-__all__ = ["run_fleet", "fleet_status", "format_status"]
+__all__ = ["run_fleet", "fleet_status", "read_status", "format_status"]
 
 
-def _gcs_address(address: str | None) -> str | None:
-    """``host:port`` of the cluster that ``address`` (None or ``auto``: this machine's current one) names, if known."""
-    if address and address != "auto":
-        return address.removeprefix("ray://") if "://" not in address.removeprefix("ray://") else None
-    if os.environ.get("RAY_ADDRESS"):
-        return _gcs_address(os.environ["RAY_ADDRESS"])
-    current = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
-    try:
-        return current.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _check_reachable(address: str | None) -> None:
-    """Raise StreamVLMError at once when no Ray cluster answers there (Ray itself would retry for minutes)."""
-    target = _gcs_address(address)
-    if target is None:
-        raise StreamVLMError("no Ray cluster is running here (start the fleet first: streamvlm fleet FILE; "
-                             "or set [fleet] address to the cluster's)")
-    host, _, port = target.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except (OSError, ValueError) as exc:
-        raise StreamVLMError(f"no Ray cluster answers at {target} ({exc}); is the fleet running?") from None
-
-
-def _init_ray(config: FleetConfig, *, connect_only: bool) -> None:
+def _init_ray(config: FleetConfig) -> None:
+    """Join the file's cluster; without an address, start a new local cluster (never join someone else's)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = config.address or ("auto" if connect_only else None)
-    if connect_only:
-        _check_reachable(address)
+    address = config.address or "local"
     kwargs: dict[str, Any] = dict(namespace=namespace_of(config), logging_level="WARNING", log_to_driver=False)
-    if address is None:
+    if address == "local":
         kwargs["include_dashboard"] = False
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError) as exc:
-        where = address or "a new local cluster"
+        where = "a new local cluster" if address == "local" else address
         raise StreamVLMError(f"cannot reach the Ray cluster at {where}: {exc}") from exc
 
 
@@ -72,7 +44,7 @@ def run_fleet(config: FleetConfig, *, duration_s: float | None = None, out: Text
     """Run the fleet; returns 0 when every camera ended cleanly, 1 when one failed (its reason is printed)."""
     import ray
 
-    _init_ray(config, connect_only=False)
+    _init_ray(config)
     fleet = Fleet(config)
     try:
         fleet.start()
@@ -122,33 +94,42 @@ def _print_event(event: dict[str, Any], out: TextIO, err: TextIO) -> None:
 def fleet_status(config: FleetConfig, timeout_s: float = 2.0) -> list[dict[str, Any]]:
     """The running fleet's cameras, one dict each (camera, node, state, frames_read, last_alert, restarts, ...).
 
-    Joins the cluster (the TOML's ``address``, else the local one) and asks each camera's actor; a camera
-    that does not answer within ``timeout_s`` shows its last report with state ``unreachable``. Raises
-    StreamVLMError when no cluster or no fleet of that name is running.
+    Call from a program connected to the fleet's Ray cluster: asks each camera's actor, and shows a camera
+    that does not answer within ``timeout_s`` with its last report and state ``unreachable``. Raises
+    StreamVLMError when no fleet of that name runs there. Without a connection use :func:`read_status`.
     """
     import ray
 
-    connected_here = not ray.is_initialized()
-    if connected_here:
-        _init_ray(config, connect_only=True)
+    namespace = namespace_of(config)
     try:
-        namespace = namespace_of(config)
+        recorder = ray.get_actor(RECORDER, namespace=namespace)
+    except ValueError:
+        raise StreamVLMError(f"no fleet {config.name!r} is running on this Ray cluster (start it: streamvlm fleet FILE)") from None
+    last = ray.get(recorder.all_statuses.remote(), timeout=timeout_s * 5)
+    rows = []
+    for camera in config.cameras:
         try:
-            recorder = ray.get_actor(RECORDER, namespace=namespace)
-        except ValueError:
-            raise StreamVLMError(f"no fleet {config.name!r} is running on this Ray cluster (start it: streamvlm fleet FILE)") from None
-        last = ray.get(recorder.all_statuses.remote(), timeout=timeout_s * 5)
-        rows = []
-        for camera in config.cameras:
-            try:
-                actor = ray.get_actor(f"camera-{camera.id}", namespace=namespace)
-                rows.append(ray.get(actor.status.remote(), timeout=timeout_s))
-            except Exception as exc:
-                rows.append({**last.get(camera.id, {"camera": camera.id}), "state": "unreachable", "error": type(exc).__name__})
-        return rows
-    finally:
-        if connected_here:
-            ray.shutdown()
+            actor = ray.get_actor(f"camera-{camera.id}", namespace=namespace)
+            rows.append(ray.get(actor.status.remote(), timeout=timeout_s))
+        except Exception as exc:
+            rows.append({**last.get(camera.id, {"camera": camera.id}), "state": "unreachable", "error": type(exc).__name__})
+    return rows
+
+
+def read_status(config: FleetConfig) -> tuple[list[dict[str, Any]], float]:
+    """What ``--status`` prints, from any machine that mounts the snapshot storage: the cameras' last reports
+    (written by the recorder about once a second) and the age of that file in seconds.
+
+    Raises StreamVLMError when the fleet never wrote one there.
+    """
+    path = status_file(config)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise StreamVLMError(f"no status of fleet {config.name!r} in {path} (start it: streamvlm fleet FILE)") from None
+    cameras = data.get("cameras") or {}
+    rows = [cameras.get(c.id, {"camera": c.id, "state": "not started"}) for c in config.cameras]
+    return rows, max(0.0, time.time() - float(data.get("written_wall") or 0.0))
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
