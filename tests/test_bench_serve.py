@@ -60,6 +60,10 @@ def test_one_invocation_compares_engines_across_session_counts(tmp_path):
     runs = [(r["engine"], r["sessions"]) for r in result["runs"]]
     assert runs == [("lock", 1), ("lock", 2), ("scheduler", 1), ("scheduler", 2)]
     assert all(r["frames_read_per_s"] > 0 and len(r["frames_read_per_session"]) == r["sessions"] for r in result["runs"])
+    for run in result["runs"]:  # lock reads one frame per vision forward; each run counts its own forwards
+        assert run["vision_batches"]["frames"] >= sum(run["frames_read_per_session"]) - run["sessions"]
+        if run["engine"] == "lock":
+            assert run["vision_batch_mean"] == 1.0 and run["vision_batches"]["max_batch"] == 1
     rows = {(row["engine"], row["sessions"]): row for row in result["comparison"]}
     assert rows[("lock", 1)]["frames_read_per_s_vs_single"] == 1.0 and rows[("lock", 2)]["frames_read_per_s_vs_lock"] == 1.0
     by_run = {(r["engine"], r["sessions"]): r for r in result["runs"]}

@@ -19,8 +19,9 @@ event latency and TTFT p50/p95, the sessions' frame counters from their last ``i
 From the server side: frames read per second in all, each session's frames read and the share
 ``max/min`` between sessions (1.0 = perfectly even; None when a session read nothing), frame lag
 (arrival to the start of its read) p50/p95, the sessions admission by compute capped (frames were
-dropped above their cap) and the frames dropped for it, and the mean vision batch size when the
-engine reports one.
+dropped above their cap) and the frames dropped for it, and the vision batches (frames per vision
+forward: 1.0 for ``lock``). The run sets the shared adapter's vision mode from the engine
+(``adapter.vision_batching``: batched for ``scheduler``, one frame per forward for ``lock``).
 
 :func:`run_serve_sweep` runs several session counts and engines (``ServerConfig.engine``: ``lock``,
 the previous mode where sessions take turns on one lock, and ``scheduler``) against one loaded model
@@ -96,7 +97,8 @@ def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8
     ``frames`` (sent, received, skipped, dropped, ingested: summed over sessions),
     ``frames_dropped_per_session``, ``frames_read_per_s``, ``frames_read_per_session``,
     ``share_max_min``, ``lag_p50_s``/``lag_p95_s``, ``sessions_capped`` (sessions that had frames
-    dropped for compute), ``frames_dropped_compute``, ``vision_batch_mean`` (None unless the engine reports batches),
+    dropped for compute), ``frames_dropped_compute``, ``vision_batch_mean`` (frames per vision forward; None before the first), ``vision_batches``
+    (the batcher's counters for the run),
     ``rss_start_bytes``, ``rss_at_10pct_bytes``, ``rss_end_bytes``, ``rss_growth_ratio``,
     ``memory_per_session_bytes`` (working-memory bytes of each session at the end), the sample counts
     ``event_latency_samples``, ``questions``, ``answers``, and the device/dtype the model ran in.
@@ -170,6 +172,10 @@ async def _run(adapter: Any, client_module: ModuleType, model: str, sessions: in
     defaults = ServerConfig()
     config = ServerConfig(host="127.0.0.1", port=0, max_sessions=sessions, stats_every_s=_STATS_EVERY_S, engine=engine,
                           global_budget_tokens=max(defaults.global_budget_tokens, sessions * defaults.session_budget_tokens))
+    # The engine's vision mode: frames of several sessions batched in one vision forward (scheduler) or
+    # one frame per forward (lock). Set for every run: runs of a sweep share one adapter.
+    adapter.vision_batching = engine == "scheduler"
+    adapter.batcher.reset_stats()
     server = StreamServer(adapter, config)
     host, port = await server.start()
     url = f"ws://{host}:{port}"
@@ -311,7 +317,7 @@ def _server_side(server: StreamServer, duration: float) -> dict[str, Any]:
     per_session = sorted(int(c.ingested) for c in counters)
     per_session += [0] * (len(hosted) - len(per_session))  # sessions whose worker never started read nothing
     lags = [float(r.lag_s) for c in counters for r in c.recent]
-    batches = [float(b) for c in counters for r in c.recent if (b := getattr(r, "batch_size", None)) is not None]
+    batches = server.adapter.batcher.stats()
     return {
         "frames_read_per_s": sum(per_session) / duration,
         "frames_read_per_session": per_session,
@@ -321,5 +327,6 @@ def _server_side(server: StreamServer, duration: float) -> dict[str, Any]:
         "sessions_capped": sum(s.core.frames_dropped_compute > 0 for s in hosted),
         "frames_dropped_compute": sum(int(s.core.frames_dropped_compute) for s in hosted),
         "admission": getattr(server, "governor", None) is not None,
-        "vision_batch_mean": (sum(batches) / len(batches)) if batches else None,
+        "vision_batch_mean": batches.mean_batch if batches.batches else None,
+        "vision_batches": batches.as_dict(),
     }
