@@ -247,3 +247,47 @@ def test_a_parked_session_resumes_on_another_server_sharing_the_snapshot_directo
     assert watches == {"door": ("the door is open", 0.9)}  # and the watch, with its trigger rule
     assert stale["error"]["code"] == "invalid_resume_handle"
     assert (lost["response"]["client_event_id"], lost["response"]["status"]) == ("deferred", "failed")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_server_that_stops_saves_its_live_sessions_and_a_restarted_one_resumes_them(smol, transport, tmp_path):
+    from streamvlm.server.handoff import Handoff, HandoffConfig
+
+    def handoff() -> Handoff:
+        return Handoff(HandoffConfig(str(tmp_path / "shared"), snapshot_every_s=None))
+
+    async def main():
+        async with Served(transport, smol, handoff=handoff()) as first:
+            ws = await connect(first.url)
+            created = await until(ws, "session.created")
+            handle = (await until(ws, "session.resumption_update"))["new_handle"]
+            await ws.send(encode_frame(synthetic_frames(1)[0], 2.0, "cam"))
+            await frames_read(ws, 1)
+        going = await until(ws, "session.go_away")  # the server stopped (a redeploy, a scale-down)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert event["type"] != "error", event  # no session_closed: it can be resumed
+        async with Served(transport, smol, handoff=handoff()) as second, connect(second.url + f"?resume={handle}") as ws2:
+            again = await until(ws2, "session.created")
+            await ask(ws2, "What did you see?")
+            done = await until(ws2, "response.done")
+        return created, going, ws.close_code, again, done
+
+    created, going, code, again, done = run(main())
+    assert going["type"] == "session.go_away" and code == 1001
+    assert again["session"]["id"] == created["session"]["id"]
+    assert 2.0 in [e["pts_s"] for e in done["response"]["evidence"]]
+
+
+def test_scale_out_flags_are_checked_before_the_model_loads(capsys, tmp_path):
+    from streamvlm.cli import main
+
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert main(["serve", "--ray"]) == 2
+    assert main(["serve", "--snapshot-dir", str(tmp_path), "--snapshot-every", "-1"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["streamvlm: error: --replicas needs --ray",
+                      "streamvlm: error: --ray needs --snapshot-dir: a directory every replica shares, for sessions to "
+                      "resume on any replica",
+                      "streamvlm: error: snapshot_every_s: must be a number of seconds > 0 or None, got -1.0"]
