@@ -328,3 +328,13 @@ def test_a_read_rate_that_is_not_a_positive_number_is_refused(fps):
     with pytest.raises(ConfigError):
         s.set_read_rate(fps)
     assert s.read_rate is None
+
+
+def test_a_capped_session_gets_no_burst_after_a_pause():
+    """Frames under a compute cap pass evenly spaced: a burst would only wait in the worker and be replaced."""
+    s = core.RealtimeSession("test-model")
+    s.opened(0.0)
+    s.set_read_rate(5.0)
+    passed = [o for k in range(20) for o in frame(s, 10.0 + k * 0.001) if isinstance(o, core.SubmitFrame)]
+    assert len(passed) == 1
+    assert s.frames_dropped_compute == 19

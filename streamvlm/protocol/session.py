@@ -406,10 +406,11 @@ class RealtimeSession:
         if fps is None:
             self._read_limiter = None
         elif self._read_limiter is None:
-            self._read_limiter = FrameRateLimiter(fps)  # full: the first frame after the change passes
+            # Bursts of one frame: frames pass evenly spaced (a burst would wait in the worker and be
+            # replaced there, which the governor reads as the model falling behind). Full: the next frame passes.
+            self._read_limiter = FrameRateLimiter(fps, burst=1.0)
         else:
             self._read_limiter.rate = float(fps)
-            self._read_limiter.capacity = max(1.0, float(fps))
         return [self._rate_event()] if self.attached else []
 
     def _read_allows(self, now: float) -> bool:
