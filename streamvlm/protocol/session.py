@@ -406,9 +406,9 @@ class RealtimeSession:
         if fps is None:
             self._read_limiter = None
         elif self._read_limiter is None:
-            # Bursts of one frame: frames pass evenly spaced (a burst would wait in the worker and be
-            # replaced there, which the governor reads as the model falling behind). Full: the next frame passes.
-            self._read_limiter = FrameRateLimiter(fps, burst=1.0)
+            # Bursts of at most two frames: frames pass about evenly spaced (a longer burst would wait in
+            # the worker and be replaced there), and one that came late is made up for. Full: the next frame passes.
+            self._read_limiter = FrameRateLimiter(fps, burst=2.0)
         else:
             self._read_limiter.rate = float(fps)
         return [self._rate_event()] if self.attached else []

@@ -69,6 +69,9 @@ class ComputeGovernor:
         self._floor_s = 0.0  # the time per read the throughput showed when workers fell behind (fading)
         # Share by which that floor fades each tick nobody falls behind.
         self.floor_fade = float(floor_fade)
+        # Frames replaced in a tick, per frame read, above which the workers count as falling behind
+        # (a few are ordinary: frames that arrive together).
+        self.backlog_share = 0.25
         self.enabled = enabled
         self.metrics = metrics
         # Seconds between two ticks (the host's loop sleeps this long).
@@ -118,7 +121,8 @@ class ComputeGovernor:
         (hence the longest is left out); more than that is overlap, and it is divided out.
 
         A read costs more than its model time (decoding, preprocessing, the threads' turns): when
-        workers fell behind (frames replaced while waiting, :meth:`on_frames_replaced`), the frames
+        workers fell behind (frames replaced while waiting, :meth:`on_frames_replaced`, more than
+        ``backlog_share`` per frame read in the tick), the frames
         actually read per second over the window bound the capacity, whatever the model time says.
         That bound is kept as a floor under the time per read and fades by ``floor_fade`` a tick once
         nobody falls behind, so the caps creep back up rather than jump."""
@@ -133,7 +137,7 @@ class ComputeGovernor:
             return  # no time measured yet to tell overlap from a slow model
         elapsed = sum(h[0] for h in self._history)
         count = sum(h[3] for h in self._history)
-        if backlog and count:
+        if count and backlog > self.backlog_share * len(reads):
             self._floor_s = max(self._floor_s, elapsed / count)
         else:
             self._floor_s *= 1.0 - self.floor_fade
