@@ -44,7 +44,7 @@ from ..models.base import ModelAdapter
 from ..shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
 from ..shapeworld.model import FRAME_SIZE
 from ..shapeworld.world import COLOURS, SHAPES
-from ..shapeworld.questions import appearances, is_correct, probe_question, watch_target
+from ..shapeworld.questions import WHEN_TOLERANCE_S, appearances, is_correct, parse_clock, probe_question, watch_target
 from ..shapeworld.splits import split_of, split_range
 
 __all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts", "probe_binding", "PROBE_CASES",
@@ -81,8 +81,10 @@ def _interval(right: int, asked: int) -> list[float]:
 #: ("both_apart"), whose colour only or shape only is on screen, or neither.
 PROBE_CASES = ("yes", "both_apart", "colour_only", "shape_only", "neither")
 
-#: Categories reported, in order; "when" is the subset of backward questions answered with a time.
-REPORTED = ("realtime", "backward", "when", "forward", "probe")
+#: Categories reported, in order; "when" is the subset of backward questions answered with a time; "spoken" is
+#: the time a deferred answer says, right within ``WHEN_TOLERANCE_S`` of the appearance, over the deferred
+#: answers that came (a forward question never answered counts against "forward" only).
+REPORTED = ("realtime", "backward", "when", "forward", "spoken", "probe")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class QualityConfig:
     budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
     policies: tuple[str, ...] = tuple(POLICIES)
     retrieval_top_k: int = MemoryConfig.retrieval_top_k  # chunks a question brings back when retrieval is on
+    # How answers are decoded (StreamSession.ask's answer_format): "auto" shapes time answers as clocks, "text" leaves them free.
+    answer_format: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.episodes, int) or self.episodes < 1:
@@ -110,6 +114,8 @@ class QualityConfig:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown:
             raise ConfigError(f"policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
+        if self.answer_format not in ("auto", "text", "time"):
+            raise ConfigError(f"answer_format: must be auto, text or time, got {self.answer_format!r}")
         if self.split not in ("test", "validation", "train"):
             raise ConfigError(f"split: must be test, validation or train, got {self.split!r}")
         seeds = split_range(self.split)
@@ -206,19 +212,24 @@ def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: Qua
                 queue.extend(controller.scores(t, {p.probe_id: v for p, v in zip(action.probes, values)}))
             elif isinstance(action, AnswerNow) and not isinstance(action, Narrate):
                 queue.extend(controller.generation_started(action.request_id, t))
-                answer = session.ask(action.question, t)
+                answer = session.ask(action.question, t, answer_format=cfg.answer_format)  # type: ignore[arg-type]
                 qa = pending.pop(action.request_id, None)
                 if qa is not None:
                     if qa.category == "forward":  # the deferred answer: right when it comes in time
                         ok = abs(t - float(qa.answer)) <= FORWARD_TOLERANCE_S
+                        spoken = parse_clock(answer.text)  # and what it says: the appearance's time, within 1 s
+                        said_right = spoken is not None and abs(spoken - float(qa.answer)) <= WHEN_TOLERANCE_S
+                        score.add("spoken", said_right)
                     else:
                         ok = is_correct(qa, answer.text)
                     category = "when" if qa.question.startswith("When did") else qa.category
                     score.add(category, ok)
                     if category == "when":
                         score.add("backward", ok)
-                    score.answers.append({"seed": seed, "t": t, "question": qa.question, "truth": qa.answer,
-                                          "answer": answer.text, "ok": ok})
+                    entry = {"seed": seed, "t": t, "question": qa.question, "truth": qa.answer, "answer": answer.text, "ok": ok}
+                    if qa.category == "forward":
+                        entry["spoken_ok"] = said_right
+                    score.answers.append(entry)
                 queue.extend(controller.generation_finished(action.request_id, t))
             elif isinstance(action, Alert):
                 alerts.append(action.t)

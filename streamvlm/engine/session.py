@@ -33,8 +33,11 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+import re
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,9 +48,50 @@ from ..memory.manager import MemoryEvent, MemoryManager, Retrieved
 from ..models.base import ModelAdapter, PreparedFrame
 from ..types import Answer, Evidence, Frame
 from .runner import Preempted, Runner, SpanAttention
-from .sampling import pick_token
+from .sampling import TimeAnswerMask, TimeShape, lead_digits, pick_token
 
-__all__ = ["StreamSession", "AnswerStream", "IngestResult", "EncodedFrame", "Preempted", "SessionBrokenError"]
+__all__ = ["StreamSession", "AnswerStream", "IngestResult", "EncodedFrame", "Preempted", "SessionBrokenError", "AnswerFormat",
+           "is_time_question", "time_shape"]
+
+#: How an answer is decoded: "text" (free), "time" (one stream time in the shape the model's frames are stamped
+#: with, then the end: see :class:`~streamvlm.engine.sampling.TimeAnswerMask`), "auto" (time for a question that
+#: asks for one: :func:`is_time_question`; free text otherwise).
+AnswerFormat = Literal["auto", "text", "time"]
+ANSWER_FORMATS: tuple[str, ...] = ("auto", "text", "time")
+
+# "Tell me when X" (the deferred question, answered when X starts to hold) and "When did X ...?" ask for a time.
+_TIME_QUESTION = re.compile(
+    r"^\s*(?:please\s+)?(?:(?:tell\s+me|let\s+me\s+know|notify\s+me|alert\s+me|wake\s+me(?:\s+up)?)\s+when\s+\S"
+    r"|when\s+(?:did|does|do|was|were|is|has|have)\s+\S|at\s+what\s+time\s)",
+    re.IGNORECASE,
+)
+
+
+def is_time_question(question: str) -> bool:
+    """Whether ``question`` asks for a moment of the stream: a forward request ("Tell me when a red circle
+    appears.", answered when it happens) or "When did/was ... ?" / "At what time ... ?"."""
+    return bool(_TIME_QUESTION.match(question))
+
+
+def time_shape(adapter: ModelAdapter) -> TimeShape:
+    """The shape of the time stamps ``adapter`` writes before frames: "seconds" (Qwen: ``<12.0 seconds>``) or
+    "clock" (SmolVLM and the rest: ``Frame from 00:12:``); a time answer copies it."""
+    from ..models.qwen import QwenVLAdapter
+
+    return "seconds" if isinstance(adapter, QwenVLAdapter) else "clock"
+
+
+_TOKEN_TEXTS: "weakref.WeakKeyDictionary[object, list[str]]" = weakref.WeakKeyDictionary()
+
+
+def _token_texts(adapter: ModelAdapter) -> list[str]:
+    """Every token of ``adapter``'s tokenizer decoded alone (built once per tokenizer, on the first time answer)."""
+    tokenizer = adapter.tokenizer
+    texts = _TOKEN_TEXTS.get(tokenizer)
+    if texts is None:
+        texts = [str(t) for t in tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)]
+        _TOKEN_TEXTS[tokenizer] = texts
+    return texts
 
 
 @dataclass(frozen=True)
@@ -328,12 +372,13 @@ class StreamSession:
         *,
         sampling: SamplingConfig | None = None,
         on_delta: Callable[[str], None] | None = None,
+        answer_format: AnswerFormat = "auto",
     ) -> Answer:
         """Answer ``question`` at stream time ``t`` (default: the latest time seen) and return the answer.
 
         ``on_delta`` receives the text as it is generated. See :meth:`ask_stream` for the rules.
         """
-        stream = self.ask_stream(question, t, sampling=sampling)
+        stream = self.ask_stream(question, t, sampling=sampling, answer_format=answer_format)
         for delta in stream:
             if on_delta is not None:
                 on_delta(delta)
@@ -341,9 +386,15 @@ class StreamSession:
         return stream.answer
 
     def ask_stream(
-        self, question: str, t: float | None = None, *, sampling: SamplingConfig | None = None, return_logits: bool = False
+        self, question: str, t: float | None = None, *, sampling: SamplingConfig | None = None, return_logits: bool = False,
+        answer_format: AnswerFormat = "auto",
     ) -> AnswerStream:
         """Start answering ``question`` and return an :class:`AnswerStream` of text deltas.
+
+        ``answer_format`` "time" decodes the answer as one stream time shaped like the frames' stamps
+        (``00:12`` for SmolVLM, ``12.0`` for Qwen) and ends it there; the digits are the model's own
+        choice, only the shape is fixed. "auto" (default) does that for :func:`is_time_question`
+        questions, such as the deferred "Tell me when ..." answer, and leaves other answers free ("text").
 
         Input is checked now (empty or over-long question: :class:`QuestionError`; ``t`` before the
         latest frame: :class:`TimestampError`); generation runs as the stream is iterated. The answer
@@ -356,12 +407,15 @@ class StreamSession:
             raise QuestionError("the question is empty")
         if len(question) > self.config.max_question_chars:
             raise QuestionError(f"the question has {len(question)} characters; the limit is {self.config.max_question_chars}")
+        if answer_format not in ANSWER_FORMATS:
+            raise QuestionError(f"answer_format: must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
         if t is None:
             t = self._last_t if math.isfinite(self._last_t) else 0.0
         self._check_time(t, what="question")
         self._check_idle()
+        timed = answer_format == "time" or (answer_format == "auto" and is_time_question(question))
         stream = AnswerStream()
-        stream._gen = self._generate(question.strip(), float(t), sampling or self.config.sampling, stream, return_logits)
+        stream._gen = self._generate(question.strip(), float(t), sampling or self.config.sampling, stream, return_logits, timed)
         return stream
 
     def probe(self, prompts: list[str]) -> list[float]:
@@ -386,20 +440,24 @@ class StreamSession:
         return [float(p) for p in torch.softmax(pair, dim=-1)[:, 0]]
 
     # ---- internals -----------------------------------------------------------------------------------
-    def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool) -> Iterator[str]:
+    def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool, timed: bool) -> Iterator[str]:
         self._check_usable()
         self._check_idle()  # another stream may have started since this one was created
         self._check_time(t, what="question")
         with self._step("question"):
             self._generating = True
             try:
-                yield from self._answer(question, t, cfg, stream, return_logits)
+                yield from self._answer(question, t, cfg, stream, return_logits, timed)
             finally:
                 self._generating = False
 
-    def _answer(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool) -> Iterator[str]:
+    def _answer(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool, timed: bool) -> Iterator[str]:
         """The body of one question step; a fault propagates to :meth:`_step`, which undoes the whole exchange."""
         start = time.perf_counter()
+        mask = None
+        if timed:
+            shape = time_shape(self.adapter)
+            mask = TimeAnswerMask(_token_texts(self.adapter), self.adapter.stop_ids, shape, lead_digits(shape, t), latest_s=t)
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         prompt_ids = self.adapter.question_ids(question)
         retrieved = self.memory.retrieve(prompt_ids)  # placed at the end of the cache: undoing the step crops it away
@@ -424,10 +482,12 @@ class StreamSession:
                     if return_logits:
                         kept.append(logits[None])
                     pending = None
-                token = pick_token(logits, cfg, generator, self.adapter.banned_ids)
+                token = pick_token(logits, cfg, generator, self.adapter.banned_ids, mask)
                 if token in stop_ids:
                     finish = "stop"
                     break
+                if mask is not None:
+                    mask.feed(token, self.adapter.decode([token]))
                 generated.append(token)
                 pending = token
                 ttft = ttft or time.perf_counter() - start
