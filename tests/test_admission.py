@@ -1,4 +1,4 @@
-"""Admission by compute (engine/admission.py): the read rates a server grants when frames outrun the model.
+"""Admission by compute (engine/admission.py, server/compute.py): the read rates a server grants when frames outrun the model.
 
 Properties a user relies on: the model is never promised more frames than it reads, nobody is given more
 than it sends, sessions that all send more than their share get the same rate (nobody starves), and
@@ -7,6 +7,9 @@ nobody is limited while there is room.
 
 from __future__ import annotations
 
+import asyncio
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +17,10 @@ from hypothesis import strategies as st
 from streamvlm.config import ServerConfig
 from streamvlm.engine.admission import ComputeAdmission, fair_shares
 from streamvlm.errors import ConfigError
+from streamvlm.protocol import messages as m
+from streamvlm.protocol import session as core
+from streamvlm.server.compute import ComputeGovernor, govern
+from streamvlm.server.metrics import ServerMetrics
 
 EPS = 1e-9
 offers = st.dictionaries(st.sampled_from("abcdefgh"), st.floats(0, 30, allow_nan=False), min_size=1, max_size=8)
@@ -111,12 +118,6 @@ def test_bad_settings_are_config_errors(kwargs):
 
 # ---- the server's governor: real session cores, a fake clock, a fake model cost ----------------------
 
-import numpy as np  # noqa: E402
-
-from streamvlm.protocol import messages as m  # noqa: E402
-from streamvlm.protocol import session as core  # noqa: E402
-from streamvlm.server.compute import ComputeGovernor  # noqa: E402
-from streamvlm.server.metrics import ServerMetrics  # noqa: E402
 
 
 def _frame(s: core.RealtimeSession, now: float) -> list:
@@ -268,10 +269,6 @@ class _Host:
 
 
 def test_govern_feeds_the_workers_reads_and_sends_the_caps_through_the_host():
-    import asyncio
-
-    from streamvlm.server.compute import govern
-
     host = _Host(2)
     clock = [0.0]
     governor = ComputeGovernor(0.8, interval_s=0.001)
@@ -298,10 +295,6 @@ def test_govern_feeds_the_workers_reads_and_sends_the_caps_through_the_host():
 
 
 def test_a_fault_in_the_governor_lifts_every_cap_and_is_not_silent():
-    import asyncio
-
-    from streamvlm.server.compute import govern
-
     host = _Host(1)
     [hosted] = host.sessions.values()
     governor = ComputeGovernor(0.8, interval_s=0.001)
