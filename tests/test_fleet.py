@@ -130,6 +130,50 @@ def test_a_camera_that_dies_resumes_from_its_snapshot_and_logs_each_alert_once(t
     reference.stop(), resumed.stop()
 
 
+def test_a_damaged_snapshot_falls_back_to_the_one_before_and_says_why(tmp_path, clip):
+    from conftest import load
+
+    from streamvlm.fleet import CameraJob, SnapshotStore
+    from streamvlm.ingest import read_video
+
+    config = parse_fleet_config(_toml(tmp_path, clip, ("door",)), base=tmp_path)
+    (camera,) = config.cameras
+    store = SnapshotStore(config.snapshot_dir / "door")
+    job = CameraJob(load("shapeworld"), camera)
+    frames = read_video(clip, 1.0, source_id="door")
+    for _ in range(2):
+        for _ in range(3):
+            job.read(next(frames))
+        store.save(job)
+    frames.close()
+    (config.snapshot_dir / "door" / "gen-00000002" / "controller.pkl").write_bytes(b"not a controller")
+    restored, state, problems = store.load(load("shapeworld"), camera)
+    assert restored is not None and (restored.frames_read, restored.last_pts) == (3, 2.0)
+    assert len(problems) == 1 and "gen-00000002" in problems[0] and "damaged" in problems[0]
+    other = parse_fleet_config(_toml(tmp_path, clip, ("door",)).replace(CONDITION, "a red square appears"), base=tmp_path)
+    assert store.load(load("shapeworld"), other.cameras[0])[0] is None  # the alerts changed: the old memory does not apply
+    restored.close(), job.close()
+
+
+def test_a_camera_whose_source_cannot_be_read_ends_failed_naming_it(tmp_path, clip):
+    import shutil
+
+    from conftest import load
+
+    shutil.copy(clip, tmp_path / "gone.mkv")
+    config = parse_fleet_config(_toml(tmp_path, tmp_path / "gone.mkv", ("door",)), base=tmp_path)
+    (tmp_path / "gone.mkv").unlink()  # it went away after the file was checked
+    log = EventLog(config.event_db)
+    loop = CameraLoop(config, config.cameras[0], lambda events: events_to_log(log, events), run_id="r", load_adapter=load)
+    loop.run()  # returns: a failed camera does not wait for questions
+    status = loop.status()
+    assert status["state"] == "failed" and "gone.mkv" in status["error"]
+    (failed,) = log.list(kinds=("camera.failed",))
+    assert "gone.mkv" in failed["payload"]["reason"]
+    with pytest.raises(Exception, match="failed"):
+        loop.ask("What is there?", "q1", timeout_s=1)
+
+
 # ---- a real local Ray cluster -------------------------------------------------------------------------
 @pytest.fixture
 def cluster(monkeypatch):
@@ -211,3 +255,25 @@ def test_fleet_status_of_a_fleet_that_never_ran_says_so(tmp_path, clip):
     proc = subprocess.run([sys.executable, "-m", "streamvlm.cli", "fleet", str(tmp_path / "cameras.toml"), "--status"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no status of fleet 'test'" in proc.stderr
+
+
+def test_streamvlm_fleet_runs_a_camera_file_to_its_end_and_status_shows_it(tmp_path, clip, monkeypatch):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    (tmp_path / "cameras.toml").write_text(_toml(tmp_path, clip, ("door",)))
+    run = subprocess.run([sys.executable, "-m", "streamvlm.cli", "fleet", str(tmp_path / "cameras.toml")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [f"[door 00:03.0] ALERT {CONDITION}"]
+    log = EventLog(tmp_path / "events.db")
+    assert [e["key"] for e in log.list(kinds=("alert",))] == ["door/alert1/3.000"]
+    log.close()
+    status = subprocess.run([sys.executable, "-m", "streamvlm.cli", "fleet", str(tmp_path / "cameras.toml"), "--status", "--json"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    import json
+
+    (row,) = [json.loads(line) for line in status.stdout.splitlines()]
+    assert (row["camera"], row["state"], row["frames_read"], row["restarts"]) == ("door", "ended", 16, 0)

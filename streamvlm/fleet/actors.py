@@ -48,6 +48,13 @@ def status_file(config: FleetConfig) -> Path:
     return config.snapshot_dir / "status.json"
 
 
+def write_status_file(path: Path, statuses: dict[str, dict[str, Any]]) -> None:
+    """Replace ``path`` atomically with the cameras' statuses (camera id -> status) and the time written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps({"written_wall": time.time(), "cameras": statuses}, default=str))
+    os.replace(tmp, path)
+
+
 class _Recorder:
     """Writes every camera's events to the event log (once per key) and keeps their last status."""
 
@@ -89,9 +96,7 @@ class _Recorder:
             self._changed.wait()
             self._changed.clear()
             try:
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"written_wall": time.time(), "cameras": self.statuses}, default=str))
-                os.replace(tmp, path)
+                write_status_file(path, self.statuses)
             except OSError:
                 pass  # the storage is away for a moment: the next report writes it again
             time.sleep(1.0)

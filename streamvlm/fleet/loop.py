@@ -52,6 +52,7 @@ class CameraLoop:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.job: CameraJob | None = None
+        self._closed: str | None = None  # why questions are refused from now on (the loop failed or stopped)
         self._status: dict[str, Any] = {
             "camera": camera.id, "node": node, "state": "starting", "frames_read": 0, "frames_this_start": 0,
             "last_pts": None, "alerts": 0, "last_alert": None, "restarts": 0, "snapshot": 0, "snapshot_pts": None,
@@ -82,7 +83,10 @@ class CameraLoop:
         reply: dict[str, Any] = {}
         done = threading.Event()
         reply["done"] = done
-        self._questions.put((question, request_id, reply))
+        with self._lock:
+            if self._closed is not None:
+                raise StreamVLMError(f"camera {self.camera.id} answers no more questions: {self._closed}")
+            self._questions.put((question, request_id, reply))
         if not done.wait(timeout_s):
             raise StreamVLMError(f"camera {self.camera.id}: no answer within {timeout_s:.0f} s")
         if "error" in reply:
@@ -239,6 +243,8 @@ class CameraLoop:
             reply["done"].set()
 
     def _fail_questions(self, error: Exception) -> None:
+        with self._lock:
+            self._closed = str(error)
         while True:
             try:
                 _, _, reply = self._questions.get_nowait()

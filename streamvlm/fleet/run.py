@@ -18,7 +18,7 @@ import time
 from typing import Any, TextIO
 
 from ..errors import StreamVLMError
-from .actors import RECORDER, Fleet, namespace_of, status_file
+from .actors import RECORDER, Fleet, namespace_of, status_file, write_status_file
 from .config import FleetConfig
 
 __all__ = ["run_fleet", "fleet_status", "read_status", "format_status"]
@@ -64,6 +64,8 @@ def run_fleet(config: FleetConfig, *, duration_s: float | None = None, out: Text
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        time.sleep(1.2)  # the recorder's last write of status.json, then the final word: the actors' own
+        write_status_file(status_file(config), fleet.statuses())
         failed = {c: s for c, s in statuses.items() if s.get("state") == "failed"}
         for camera, status in failed.items():
             print(f"streamvlm: camera {camera} failed: {status.get('error')}", file=err, flush=True)
