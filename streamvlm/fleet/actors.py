@@ -172,6 +172,13 @@ class Fleet:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        try:
+            ray.get_actor(RECORDER, namespace=self.namespace)
+        except ValueError:
+            pass
+        else:
+            raise StreamVLMError(f"a fleet named {self.config.name!r} is already running on this Ray cluster "
+                                 "(give this one another [fleet] name)")
         here = ray.get_runtime_context().get_node_id()
         recorder_cls = ray.remote(_Recorder)
         self.recorder = recorder_cls.options(

@@ -36,7 +36,6 @@ from .config import CameraConfig
 __all__ = ["CameraJob", "FleetEvent", "SnapshotStore", "alert_key", "answer_key"]
 
 _STATE, _CONTROLLER, _SESSION, _LATEST = "state.json", "controller.pkl", "session", "LATEST"
-_KEEP = 2  # generations kept: the newest and one fallback
 
 
 def alert_key(camera_id: str, watch_id: str, evidence_t: float) -> str:
@@ -197,15 +196,15 @@ class SnapshotStore:
 
         Until ``LATEST`` is replaced the previous generation stays the one a restart loads.
         """
-        number = max([self.latest_generation(), *self._generations()]) + 1
+        previous = self.latest_generation()
+        number = max([previous, *self._generations()]) + 1  # past any generation a crash left half-written
         target = self.root / f"gen-{number:08d}"
-        shutil.rmtree(target, ignore_errors=True)
         job.save(target)
         _write(self.root / (_LATEST + ".tmp"), f"gen-{number:08d}\n".encode())
         os.replace(self.root / (_LATEST + ".tmp"), self.root / _LATEST)
         _sync_dir(self.root)
-        for old in self._generations():
-            if old <= number - _KEEP or old > number:
+        for old in self._generations():  # keep the new one and the complete one before it
+            if old not in (number, previous):
                 shutil.rmtree(self.root / f"gen-{old:08d}", ignore_errors=True)
         return number
 
