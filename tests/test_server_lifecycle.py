@@ -374,3 +374,45 @@ def test_a_client_that_keeps_sending_garbage_is_closed_and_others_are_served(smo
     errors, closed, done, counted = run(main())
     assert errors[-1] == "too_many_errors" and errors.count("invalid_json") >= 20 and closed.rcvd.code == 1008
     assert done["response"]["status"] in ("completed", "incomplete") and counted == 1
+
+
+def test_sessions_offering_more_frames_than_the_model_reads_are_capped_evenly_and_told(smol):
+    """Admission by compute, end to end: two clients flood frames at a model whose frame share is tiny; each
+    hears ``input_frame.rate`` with the same cap, frames beyond it are dropped without error events, and the
+    server counts them; the previous engine ("lock") caps nobody."""
+    async def flood(url: str, seconds: float) -> list[dict]:
+        frames = synthetic_frames(4)
+        events: list[dict] = []
+        async with connect(url) as ws:
+            loop = asyncio.get_running_loop()
+            end, i = loop.time() + seconds, 0
+            while loop.time() < end:
+                await ws.send(encode_frame(frames[i % 4], i * 0.05, "cam"))
+                i += 1
+                await asyncio.sleep(0.05)
+                while True:
+                    try:
+                        events.append(json.loads(await asyncio.wait_for(ws.recv(), 0.001)))
+                    except asyncio.TimeoutError:
+                        break
+        return events
+
+    async def main(engine: str):
+        server, url = await started(smol, engine=engine, frame_time_share=0.002)
+        try:
+            results = await asyncio.gather(flood(url, 5.0), flood(url, 5.0))
+            return results, metric(server, "streamvlm_frames_dropped_total", reason="compute")
+        finally:
+            await server.close()
+
+    (a, b), dropped = run(main("scheduler"))
+    caps = []
+    for events in (a, b):
+        assert not [e for e in events if e["type"] == "error"]  # a cap is not the client's fault
+        rates = [e for e in events if e["type"] == "input_frame.rate"]
+        assert rates and rates[0]["limited"] and rates[0]["reason"] == "compute"
+        caps.append(rates[-1]["fps"])
+    assert max(caps) <= 1.2 * min(caps)  # the same share for both
+    assert dropped > 0
+    (a, b), dropped = run(main("lock"))
+    assert not [e for e in a + b if e["type"] == "input_frame.rate"] and dropped == 0

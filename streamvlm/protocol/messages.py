@@ -65,7 +65,8 @@ __all__ = [
     "watch_created",
     "watch_deleted",
     "memory_update",
-    "input_frame_stats",
+    "input_frame.stats",
+    "input_frame.rate",
     "session_resumption_update",
     "session_go_away",
     "error_event",
@@ -130,6 +131,7 @@ SERVER_EVENT_TYPES = (
     "watch.deleted",
     "memory.update",
     "input_frame.stats",
+    "input_frame.rate",
     "session.resumption_update",
     "session.go_away",
     "webrtc.answer",
@@ -880,6 +882,15 @@ def input_frame_stats(received: int, skipped: int, dropped: int, ingested: int,
     if working_tokens is not None:
         event["working_tokens"] = _count(working_tokens, "working_tokens")
     return event
+
+
+def input_frame_rate(fps: float | None, reason: str, message: str) -> dict[str, Any]:
+    """``input_frame.rate``: the most frames per second the server now reads from this session (``fps``),
+    or ``None`` when every frame is read again; frames beyond the cap are dropped without an error."""
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number or None, got {fps!r}")
+    return _server("input_frame.rate", limited=fps is not None, fps=None if fps is None else round(fps, 4),
+                   reason=reason, message=message)
 
 
 def session_resumption_update(new_handle: str | None, resumable: bool) -> dict[str, Any]:

@@ -430,8 +430,7 @@ class RealtimeSession:
         else:
             message = (f"the server reads at most {self.read_rate:.3g} frames per second from this session ({reason}: "
                        "its share of the model); frames beyond are dropped without an error")
-        return {"type": READ_RATE_EVENT, "event_id": m.next_event_id(), "limited": self.read_rate is not None,
-                "fps": None if self.read_rate is None else round(self.read_rate, 4), "reason": reason, "message": message}
+        return m.input_frame_rate(self.read_rate, reason, message)
 
     def _on_WatchCreate(self, event: m.WatchCreate, now: float) -> list[Out]:
         cid = event.event_id

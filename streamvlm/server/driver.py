@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections import deque
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from ..errors import StreamVLMError
 from ..models.base import ModelAdapter
 from ..protocol import session as core
 from ..types import Frame
+from .compute import ComputeGovernor, govern
 from .eventlog import EventLog
 from .metrics import ServerMetrics
 
@@ -46,6 +48,14 @@ __all__ = ["SessionHost", "Socket", "SocketClosed", "OUTBOX_SOFT", "OUTBOX_HARD"
 # the client is too slow to serve and its connection is closed (the session stays resumable).
 OUTBOX_SOFT = 64
 OUTBOX_HARD = 1024
+
+
+def _report_governor_end(task: asyncio.Task) -> None:
+    """A governor that stopped on a fault has lifted every cap; say so where the operator looks."""
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        print(f"streamvlm: admission by compute stopped, read rates are no longer capped: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
 
 
 class SocketClosed(Exception):
@@ -148,6 +158,11 @@ class SessionHost:
         self.config = config or ServerConfig()
         self.limits = limits or p.Limits()
         self.metrics = ServerMetrics()
+        # One engine for every session: frames of sessions waiting together share a vision forward, and
+        # admission by compute caps read rates evenly when the offered frames exceed what the model reads
+        # ("lock": the previous mode, one frame per forward and no caps).
+        adapter.vision_batching = self.config.engine == "scheduler"
+        self.governor = ComputeGovernor.from_config(self.config, self.metrics)
         self.metrics.track_live(
             live=lambda: sum(s.ws is not None for s in self.sessions.values()),
             parked=lambda: sum(s.ws is None for s in self.sessions.values()),
@@ -180,6 +195,10 @@ class SessionHost:
         if self._tasks:
             return
         self._tasks.append(asyncio.create_task(self._reap()))
+        if self.governor.enabled:
+            task = asyncio.create_task(govern(self, self.governor))
+            task.add_done_callback(_report_governor_end)
+            self._tasks.append(task)
         if self.handoff is not None:
             self._tasks.append(asyncio.create_task(self.handoff.run()))
 
@@ -435,6 +454,8 @@ class SessionHost:
                 session.watch_specs.pop(out.watch_id, None)
                 if session.worker is not None:
                     session.worker.unwatch(out.watch_id)
+            elif isinstance(out, core.FrameDropped):
+                self.metrics.frame_dropped(out.reason)
             elif session.worker is None:
                 continue  # the worker could not start; the core has ended the session
             elif isinstance(out, core.SubmitFrame):
@@ -474,9 +495,9 @@ class SessionHost:
         if session.worker is None:
             return
         c = session.worker.counters
-        for lag in c.lag_s[session.frames_seen:]:
-            self.metrics.frame_read(lag)
-        session.frames_seen = len(c.lag_s)
+        for read in c.reads_since(session.frames_seen):
+            self.metrics.frame_read(read.lag_s)
+        session.frames_seen = c.ingested
         refused = c.dropped - session.dropped_seen
         if refused > 0:
             self.metrics.frame_dropped("refused", refused)
