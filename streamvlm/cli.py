@@ -327,8 +327,15 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         budgets = tuple(float(b) / 100 for b in args.budgets.split(",") if b.strip())
     except ValueError as exc:
         raise ConfigError(f"--budgets {args.budgets!r}: expected comma-separated percentages like 50,25,10") from exc
-    cfg = QualityConfig(episodes=args.episodes, duration_s=args.duration, budgets=budgets, policies=policies, seed_base=args.seed,
-                        retrieval_top_k=args.top_k, split=args.split)
+    try:
+        rates = tuple(float(r) for r in args.rates.split(",") if r.strip()) if args.rates else ()
+    except ValueError as exc:
+        raise ConfigError(f"--rates {args.rates!r}: expected comma-separated frames per second like 1,2,10") from exc
+    long = args.episode_seconds is not None
+    cfg = QualityConfig(episodes=args.episodes, duration_s=args.episode_seconds if long else args.duration, budgets=budgets,
+                        policies=policies, seed_base=args.seed, retrieval_top_k=args.top_k, split=args.split,
+                        layout="long" if long else "short", positions="reindex" if long else args.positions,
+                        rates=rates, answer_format=args.answer_format)
     adapter = load_model(_model_config(args))
     result = run_quality(adapter, cfg, sweep=not args.no_sweep, progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     if not args.quiet:
@@ -371,7 +378,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allowed_origin or ()),
         allowed_hosts=tuple(args.allowed_host or ()), max_sessions=args.max_sessions, session_budget_tokens=args.session_budget,
         max_session_budget_tokens=max(args.max_session_budget, args.session_budget), global_budget_tokens=args.global_budget,
-        max_parked_sessions=args.max_parked, max_watches=args.max_watches, resume_window_s=args.resume_window,
+        max_parked_sessions=args.max_parked, max_watches=args.max_watches, engine=args.engine, frame_time_share=args.frame_time_share, resume_window_s=args.resume_window,
         session_store_ram_bytes=parse_size(args.store_ram, what="--store-ram"),
         session_store_disk_bytes=parse_size(args.store_disk, what="--store-disk"), event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
     )
@@ -772,6 +779,14 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--top-k", type=int, default=MemoryConfig.retrieval_top_k,
                       help=f"stored chunks a question brings back when retrieval is on (default {MemoryConfig.retrieval_top_k}, the engine's)")
     qual.add_argument("--no-sweep", action="store_true", help="full memory only")
+    qual.add_argument("--episode-seconds", type=float, default=None, metavar="S",
+                      help="long episodes of S seconds at 1 frame/s where memory matters (events spread out, things coming back, "
+                           "questions a minute or more after their moment; positions re-indexed under a budget), e.g. 300")
+    qual.add_argument("--rates", default="", metavar="FPS,...",
+                      help="also measure alerts with the same episodes streamed at these frame rates, e.g. 1,2,10")
+    qual.add_argument("--positions", choices=("keep", "reindex"), default="keep", help="working-memory positions under a budget (default keep)")
+    qual.add_argument("--answer-format", choices=("auto", "text", "time"), default="auto",
+                      help="auto (default): time answers decoded as one MM:SS clock; text: free decoding")
     qual.add_argument("--json", metavar="OUT", help="write the result to this file")
     qual.add_argument("--plot", metavar="PNG", help="draw accuracy against budget for every policy to this PNG")
     qual.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -846,6 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-parked", type=int, default=16,
                      help="sessions kept for their client to resume; the oldest ends first when a live one needs room")
     srv.add_argument("--max-watches", type=int, default=32, help="watches one session may hold")
+    srv.add_argument("--engine", choices=("scheduler", "lock"), default="scheduler",
+                     help="scheduler: frames of all sessions batched, read rates capped evenly when the model is saturated; "
+                          "lock: one frame per forward, no caps (the previous mode)")
+    srv.add_argument("--frame-time-share", type=float, default=0.8,
+                     help="share of model time frame reads may take before read rates are capped (the rest is for answers)")
     srv.add_argument("--store-ram", default="64MB", help="each session's long-term store in RAM (default 64MB)")
     srv.add_argument("--store-disk", default="0", help="each session's long-term store on disk beyond that, e.g. 2GB "
                      "(default 0: chunks past the RAM quota are dropped)")

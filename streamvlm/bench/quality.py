@@ -44,7 +44,9 @@ from ..models.base import ModelAdapter
 from ..shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
 from ..shapeworld.model import FRAME_SIZE
 from ..shapeworld.world import COLOURS, SHAPES
-from ..shapeworld.questions import WHEN_TOLERANCE_S, appearances, is_correct, parse_clock, probe_question, watch_target
+from ..shapeworld.questions import (WHEN_TOLERANCE_S, appearances, is_correct, make_long_questions, parse_clock, probe_question,
+                                    watch_target)
+from ..shapeworld.world import make_long_episode
 from ..shapeworld.splits import split_of, split_range
 
 __all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts", "probe_binding", "PROBE_CASES",
@@ -101,6 +103,16 @@ class QualityConfig:
     retrieval_top_k: int = MemoryConfig.retrieval_top_k  # chunks a question brings back when retrieval is on
     # How answers are decoded (StreamSession.ask's answer_format): "auto" shapes time answers as clocks, "text" leaves them free.
     answer_format: str = "auto"
+    # "short": make_episode and make_questions (every category, a standing watch); "long": make_long_episode (events
+    # spread over minutes, things coming back) and make_long_questions (backward questions a minute or more after
+    # their moment, and real-time ones); no watch and no forward questions.
+    layout: str = "short"
+    # Working-memory positions under a budget (MemoryConfig.positions): "reindex" keeps them within what the model
+    # was trained on however long the stream.
+    positions: str = "keep"
+    # Input rates (frames per second) at which alerts are measured apart (the standing watch only, probed every
+    # frame) under a working memory capped at RATE_BUDGET_TOKENS with positions re-indexed; () = none.
+    rates: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.episodes, int) or self.episodes < 1:
@@ -114,6 +126,12 @@ class QualityConfig:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown:
             raise ConfigError(f"policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
+        if self.layout not in ("short", "long"):
+            raise ConfigError(f"layout: must be short or long, got {self.layout!r}")
+        if self.positions not in ("keep", "reindex"):
+            raise ConfigError(f"positions: must be keep or reindex, got {self.positions!r}")
+        if any(not (isinstance(r, (int, float)) and 0 < r <= 30) for r in self.rates):
+            raise ConfigError(f"rates: frames per second in (0, 30], got {self.rates!r}")
         if self.answer_format not in ("auto", "text", "time"):
             raise ConfigError(f"answer_format: must be auto, text or time, got {self.answer_format!r}")
         if self.split not in ("test", "validation", "train"):
@@ -146,6 +164,7 @@ class EpisodeScore:
     frame_tokens: int = 0  # held at the end; with full memory, every frame's tokens
     dialogue_tokens: int = 0
     answers: list[dict[str, Any]] = field(default_factory=list)
+    alert_times: list[float] = field(default_factory=list)  # stream times of the alerts raised, in order
 
     def add(self, category: str, ok: bool) -> None:
         self.asked[category] = self.asked.get(category, 0) + 1
@@ -160,6 +179,7 @@ class EpisodeScore:
         self.truths += other.truths
         self.tokens += other.tokens
         self.answers.extend(other.answers)
+        self.alert_times.extend(other.alert_times)
 
     def summary(self) -> dict[str, Any]:
         acc = {k: round(self.right.get(k, 0) / self.asked[k], 4) for k in REPORTED if self.asked.get(k)}
@@ -191,10 +211,20 @@ def match_alerts(alerts: Iterable[float], truth: Iterable[float], tolerance: flo
     return hits
 
 
-def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: QualityConfig) -> EpisodeScore:
-    """Stream episode ``seed`` through a fresh session under ``memory`` and score every answer and alert."""
-    episode = make_episode(seed, duration_s=cfg.duration_s, fps=1.0, size=FRAME_SIZE)
-    questions = make_questions(episode, rng_seed=seed, per_category=cfg.per_category)
+def run_episode(
+    adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: QualityConfig, *, fps: float = 1.0, ask: bool = True
+) -> EpisodeScore:
+    """Stream episode ``seed`` at ``fps`` frames per second through a fresh session under ``memory`` and score
+    every answer and alert (``ask=False``: the standing watch only, no questions). The controller probes every
+    frame, so at 10 fps its trigger rules read ten scores a second where at 1 fps they read one."""
+    long = cfg.layout == "long"
+    episode = (make_long_episode if long else make_episode)(seed, duration_s=cfg.duration_s, fps=fps, size=FRAME_SIZE)
+    if not ask:
+        questions: list[QA] = []
+    elif long:
+        questions = make_long_questions(episode, rng_seed=seed, per_category=cfg.per_category, min_age_s=min(60.0, cfg.duration_s / 4))
+    else:
+        questions = make_questions(episode, rng_seed=seed, per_category=cfg.per_category)
     session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=12)), memory)
     controller = DialogueController(ControllerConfig(probe_every_frames=1))
     score = EpisodeScore()
@@ -238,12 +268,13 @@ def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: Qua
                 if qa is not None:
                     score.add(qa.category, False)
 
-    act(controller.add_watch("watch", f"a {colour} {shape} appears", 0.0), 0.0)
+    if not long:
+        act(controller.add_watch("watch", f"a {colour} {shape} appears", 0.0), 0.0)
     remaining = list(questions)
     for t, image in episode.frames():
         session.ingest(image, t)
         act(controller.frame(t), t)
-        while remaining and remaining[0].t < t + 1:
+        while remaining and remaining[0].t < t + 1.0 / fps:
             qa = remaining.pop(0)
             request_id = f"q{next(ids)}"
             pending[request_id] = qa
@@ -251,8 +282,9 @@ def run_episode(adapter: ModelAdapter, seed: int, memory: MemoryConfig, cfg: Qua
     act(controller.stream_ended(episode.duration_s), episode.duration_s)
     for qa in pending.values():  # never answered
         score.add(qa.category, False)
-    truth = appearances(episode, colour, shape)
+    truth = [] if long else appearances(episode, colour, shape)
     score.alerts, score.truths = len(alerts), len(truth)
+    score.alert_times = list(alerts)
     score.alerts_true = match_alerts(alerts, truth)
     score.tokens = session.stats()["logical_tokens"]
     score.frames = len(episode.frame_times())
@@ -297,14 +329,15 @@ def probe_binding(adapter: ModelAdapter, seeds: Iterable[int], duration_s: float
             for case, v in scores.items()}
 
 
-def sweep_memory(full: EpisodeScore, fraction: float, policy: str, top_k: int) -> MemoryConfig:
+def sweep_memory(full: EpisodeScore, fraction: float, policy: str, top_k: int, positions: str = "keep") -> MemoryConfig:
     """The memory settings for one sweep point: the frames get ``fraction`` of the tokens they take with
     full memory (never less than the most recent frames that every policy keeps), the system prompt and the dialogue keep all of theirs, so
     what is measured is visual memory under compression."""
     per_frame = -(-full.frame_tokens // max(1, full.frames))
     frames = max(int(full.frame_tokens * fraction), MemoryConfig().recent_frames * per_frame)
     budget = full.tokens - full.frame_tokens + frames
-    return replace(MemoryConfig(), budget_tokens=budget, text_budget_tokens=full.dialogue_tokens, policy=policy, retrieval_top_k=top_k)
+    return replace(MemoryConfig(), budget_tokens=budget, text_budget_tokens=full.dialogue_tokens, policy=policy, retrieval_top_k=top_k,
+                   positions=positions)
 
 
 def run_quality(
@@ -323,22 +356,59 @@ def run_quality(
                               "seeds": [seeds[0], seeds[-1]], "full": full.summary(), "sweep": []}
     result["full"]["answers"] = full.answers
     say(f"full memory: {full.summary()['accuracy']} alerts {full.summary()['alerts']}")
+    if cfg.rates:
+        result["rates"] = alert_rates(adapter, cfg, say)
+    if cfg.layout == "long":  # probe binding is about the short episodes' frames
+        return result if not sweep else _sweep(adapter, cfg, full_runs, result, say)
     result["probe_binding"] = probe_binding(adapter, seeds, cfg.duration_s)
     say(f"probe P(yes) by case: { {k: v['mean_p_yes'] for k, v in result['probe_binding'].items()} }")
     if not sweep:
         return result
+    return _sweep(adapter, cfg, full_runs, result, say)
+
+
+def _sweep(adapter: ModelAdapter, cfg: QualityConfig, full_runs: dict[int, EpisodeScore], result: dict[str, Any],
+           say: Callable[[str], None]) -> dict[str, Any]:
+    """Every budget x policy x retrieval on the episodes of ``full_runs``; rows go to ``result["sweep"]``."""
+    seeds = list(full_runs)
     for fraction in cfg.budgets:
         for policy in cfg.policies:
             for top_k in (cfg.retrieval_top_k, 0):
                 total = EpisodeScore()
                 for seed in seeds:
-                    memory = sweep_memory(full_runs[seed], fraction, policy, top_k)
+                    memory = sweep_memory(full_runs[seed], fraction, policy, top_k, cfg.positions)
                     total.merge(run_episode(adapter, seed, memory, cfg))
                 row = {"budget": fraction, "policy": policy, "retrieval": top_k > 0, "top_k": top_k, **total.summary()}
                 result["sweep"].append(row)
                 say(f"budget {fraction:.0%} {policy} retrieval={'on' if top_k else 'off'}: {row['accuracy']} "
                     f"alerts f1 {row['alerts']['f1']}")
     return result
+
+
+#: The working memory the rate measurement caps every stream at: about the 24 frames (at 4 visual tokens and a
+#: dozen of text each) and the dialogue the shipped model was trained on, whatever the input rate.
+RATE_BUDGET_TOKENS = 512
+
+
+def alert_rates(adapter: ModelAdapter, cfg: QualityConfig, say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Alerts of the standing watch at every rate of ``cfg.rates`` on the episodes of ``cfg``: the same episodes streamed
+    at each rate, every frame probed, working memory capped at :data:`RATE_BUDGET_TOKENS` with positions re-indexed
+    (at 10 frames/s a 24 s episode is 240 frames, ten times what the model was trained on). One row per rate:
+    precision, recall, F1 with intervals, and the alert times per seed."""
+    memory = MemoryConfig(budget_tokens=RATE_BUDGET_TOKENS, positions="reindex")
+    rows = []
+    for fps in cfg.rates:
+        total = EpisodeScore()
+        times: dict[int, list[float]] = {}
+        for seed in cfg.seeds:
+            one = run_episode(adapter, seed, memory, cfg, fps=fps, ask=False)
+            times[seed] = [round(t, 2) for t in one.alert_times]
+            total.merge(one)
+        row = {"fps": fps, "alerts": total.summary()["alerts"], "alert_times": times}
+        rows.append(row)
+        if say is not None:
+            say(f"alerts at {fps:g} frames/s: {row['alerts']}")
+    return rows
 
 
 def _cell(summary: dict[str, Any], category: str) -> str:
@@ -368,4 +438,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(row("100 %", "(full memory)", "-", result["full"]))
     for r in result.get("sweep", []):
         lines.append(row(f"{r['budget']:.0%}", r["policy"], f"{r['top_k']} chunks" if r["retrieval"] else "off", r))
+    if result.get("rates"):
+        lines += ["", f"alerts by input rate (working memory {RATE_BUDGET_TOKENS} tokens, positions re-indexed, every frame probed)",
+                  "| frames/s | alert F1 | precision [CI] | recall [CI] | raised / true |", "|---|---|---|---|---|"]
+        for r in result["rates"]:
+            a = r["alerts"]
+            lines.append(f"| {r['fps']:g} | {a['f1']:.2f} | {a['precision']:.2f} [{a['precision_interval'][0]:.2f}, "
+                         f"{a['precision_interval'][1]:.2f}] | {a['recall']:.2f} [{a['recall_interval'][0]:.2f}, "
+                         f"{a['recall_interval'][1]:.2f}] | {a['raised']} / {a['truth']} |")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import numpy as np
 from streamvlm.errors import ConfigError
 from streamvlm.shapeworld.world import COLOURS, SHAPES, Episode
 
-__all__ = ["QA", "CATEGORIES", "make_questions", "candidates", "FORWARD_TOLERANCE_S", "WHEN_TOLERANCE_S", "clock", "parse_clock", "spoken_answer", "is_correct", "appearances", "watch_target", "probe_question"]
+__all__ = ["QA", "CATEGORIES", "make_questions", "candidates", "FORWARD_TOLERANCE_S", "WHEN_TOLERANCE_S", "clock", "parse_clock", "spoken_answer", "is_correct", "appearances", "watch_target", "probe_question", "make_long_questions", "referent_age"]
 
 CATEGORIES: tuple[str, ...] = ("realtime", "backward", "forward", "probe")
 FORWARD_TOLERANCE_S = 2.0
@@ -209,3 +209,46 @@ def watch_target(episode: Episode) -> tuple[str, str]:
     middle = [e for e in enters if 0.25 * episode.duration_s <= e.t <= 0.85 * episode.duration_s]
     pick = middle[0] if middle else enters[-1]
     return pick.colour, pick.shape
+
+
+def referent_age(episode: Episode, qa: QA) -> float | None:
+    """Seconds between a backward question and the moment its answer rests on (the appearance a "When did
+    ..." question names, the first shape's entry for "What colour was the first shape?"); None otherwise."""
+    if qa.question.startswith("When did"):
+        return qa.t - float(qa.answer)
+    if qa.question == "What colour was the first shape?":
+        first = min(e.t for e in episode.events if e.kind == "enter")
+        return qa.t - first
+    return None
+
+
+def make_long_questions(episode: Episode, rng_seed: int, per_category: int = 2, min_age_s: float = 60.0) -> list[QA]:
+    """Questions for a long episode (:func:`~streamvlm.shapeworld.world.make_long_episode`) where memory matters.
+
+    Up to ``per_category`` of each: "When did the <colour> <shape> appear?" and "What colour was the first
+    shape?" asked at least ``min_age_s`` seconds after the moment they are about (a question at minute 4
+    about minute 1), and real-time questions about the present (which need no memory, for contrast).
+    The wordings are the ones of :func:`make_questions`; sorted by time.
+    """
+    if not isinstance(episode, Episode):
+        raise ConfigError(f"episode must be an Episode, got {type(episode).__name__}")
+    if not isinstance(rng_seed, (int, np.integer)) or isinstance(rng_seed, bool) or rng_seed < 0:
+        raise ConfigError(f"rng_seed must be an integer >= 0, got {rng_seed!r}")
+    if not isinstance(per_category, int) or isinstance(per_category, bool) or per_category < 0:
+        raise ConfigError(f"per_category must be an integer >= 0, got {per_category!r}")
+    if not isinstance(min_age_s, (int, float)) or isinstance(min_age_s, bool) or not 0 <= min_age_s < episode.duration_s:
+        raise ConfigError(f"min_age_s must be a number of seconds in [0, duration), got {min_age_s!r}")
+    rng = np.random.default_rng([int(rng_seed), 17])
+    cands = candidates(episode)
+    old = [q for q in cands["backward"] if (referent_age(episode, q) or 0.0) >= min_age_s]
+    pools = [
+        [q for q in old if q.question.startswith("When did")],
+        [q for q in old if q.question == "What colour was the first shape?"],
+        cands["realtime"],
+    ]
+    chosen: list[QA] = []
+    for pool in pools:
+        idx = rng.permutation(len(pool))[:per_category]
+        chosen.extend(pool[i] for i in sorted(idx))
+    chosen.sort(key=lambda q: (q.t, CATEGORIES.index(q.category)))
+    return chosen

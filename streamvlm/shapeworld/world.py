@@ -32,6 +32,7 @@ __all__ = [
     "ShapeState",
     "Episode",
     "make_episode",
+    "make_long_episode",
     "shape_radius",
 ]
 
@@ -261,6 +262,51 @@ def make_episode(
         if leave is not None:
             events.append(WorldEvent(float(leave), "leave", sid, shape, colour))
 
+    order = {"leave": 0, "change_colour": 1, "enter": 2}
+    events.sort(key=lambda e: (e.t, order[e.kind], e.shape_id))
+    return Episode(seed, duration_s, fps, size, tuple(events))
+
+
+def make_long_episode(seed: int, duration_s: float = 300.0, fps: float = 1.0, size: int = 64, max_shapes: int = 3) -> Episode:
+    """A deterministic episode where memory matters: events spread over minutes, the same things coming back.
+
+    Unlike :func:`make_episode` (whose shapes may stay for 40 % of the episode), every shape stays 4-12 s
+    and each of the ``max_shapes`` slots waits 10-40 s before its next shape, so a 300 s episode holds
+    about 25 short visits spread over all five minutes. Shapes are drawn from a per-seed palette of five
+    colour x shape combinations, one of them drawn once per episode at most and the others freely, so
+    the same thing appears several times (its first and last appearance differ) while a few things
+    appear exactly once; a question at minute 4 about one of those must find a single frame among
+    hundreds that look alike. Same conventions and checks as :func:`make_episode` (whole-second
+    events, at most ``max_shapes`` on screen, deterministic per seed, ``ConfigError`` for bad arguments).
+    """
+    _check_args(seed, duration_s, fps, size, max_shapes)
+    seed, size, max_shapes = int(seed), int(size), int(max_shapes)
+    duration_s, fps = float(duration_s), float(fps)
+    rng = np.random.default_rng([seed, 3001])
+    last = int(math.ceil(duration_s)) - 1
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    palette = [combos[int(i)] for i in rng.permutation(len(combos))[:5]]
+    lives = []  # (enter_t, slot, leave_t or None)
+    for slot in range(max_shapes):
+        t = int(rng.integers(0, 6)) if slot == 0 else int(rng.integers(5, 30))
+        while t <= last:
+            leave = t + int(rng.integers(4, 13))
+            lives.append((t, slot, leave if leave < duration_s else None))
+            if leave >= duration_s:
+                break
+            t = leave + int(rng.integers(10, 41))
+    lives.sort()
+    events: list[WorldEvent] = []
+    once_used = False
+    for sid, (enter, _slot, leave) in enumerate(lives):
+        pick = int(rng.integers(len(palette)))
+        if pick == 0 and once_used:  # the palette's first combination appears once at most
+            pick = 1 + int(rng.integers(len(palette) - 1))
+        once_used = once_used or pick == 0
+        colour, shape = palette[pick]
+        events.append(WorldEvent(float(enter), "enter", sid, shape, colour))
+        if leave is not None:
+            events.append(WorldEvent(float(leave), "leave", sid, shape, colour))
     order = {"leave": 0, "change_colour": 1, "enter": 2}
     events.sort(key=lambda e: (e.t, order[e.kind], e.shape_id))
     return Episode(seed, duration_s, fps, size, tuple(events))
