@@ -176,20 +176,13 @@ def test_a_camera_whose_source_cannot_be_read_ends_failed_naming_it(tmp_path, cl
 
 # ---- a real local Ray cluster -------------------------------------------------------------------------
 @pytest.fixture
-def cluster(monkeypatch):
+def cluster():
     """Two Ray nodes on 127.0.0.1: the head (2 CPUs) and a second node (1 CPU); every Ray process stops after."""
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+    pytest.importorskip("ray")
+    from streamvlm.deploy.local import LocalCluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    second = cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        yield cluster, second
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with LocalCluster(cpus=(2, 1)) as nodes:
+        yield nodes.cluster, nodes.nodes[1]
 
 
 def _wait_for(fleet, camera: str, ready) -> dict:

@@ -18,10 +18,10 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray tests need ray[serve] (pip install 'streamvlm[ray]')")
 serve = pytest.importorskip("ray.serve", reason="the Ray tests need ray[serve] (pip install 'streamvlm[ray]')")
 
-from ray.cluster_utils import Cluster  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
 from streamvlm.config import ModelConfig, ServerConfig  # noqa: E402
+from streamvlm.deploy.local import LocalCluster  # noqa: E402
 from streamvlm.deploy.serve import APP_NAME, DeployConfig, build_app  # noqa: E402
 from streamvlm.engine.check import synthetic_frames  # noqa: E402
 from streamvlm.protocol import encode_frame  # noqa: E402
@@ -37,20 +37,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def cluster(monkeypatch, tmp_path):
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    # Both nodes on this machine (Ray names them by its own address; nothing leaves the machine).
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    nodes.add_node(num_cpus=2)
-    ray.init(address=nodes.address, log_to_driver=False)
-    try:
-        yield nodes
-    finally:
+def cluster():
+    """Two Ray nodes on 127.0.0.1 with 2 CPUs each; Serve, the driver and every Ray process stop after."""
+    with LocalCluster(cpus=(2, 2), logging_level="WARNING") as nodes:
         try:
-            serve.shutdown()
+            yield nodes
         finally:
-            ray.shutdown()
-            nodes.shutdown()
+            serve.shutdown()
 
 
 async def until(ws, kind: str, timeout: float = 60.0, seen: dict | None = None) -> dict:

@@ -27,27 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..deploy.local import LocalCluster
+
 __all__ = ["run_fleet_bench"]
 
-
-
-def _cluster(nodes: int, cpus_per_node: int):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=cpus_per_node)
-    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    return cluster
-
-
-def _stop(cluster) -> None:
-    import ray
-
-    ray.shutdown()
-    cluster.shutdown()
 
 
 def _config(root: Path, clip: Path, model: str, names: list[str], *, fps: float, every_s: float, realtime: bool = False,
@@ -66,16 +49,13 @@ def _throughput(root: Path, clip: Path, model: str, cameras: int, nodes: int, fp
 
     from ..fleet.actors import Fleet
 
-    cluster = _cluster(nodes, cpus_per_node=max(1, -(-cameras // nodes)))
-    try:
+    with LocalCluster(cpus=(max(1, -(-cameras // nodes)),) * nodes):
         names = [f"cam{i}" for i in range(cameras)]
         node_ids = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         config = _config(root / f"tp-{nodes}", clip, model, names, fps=fps, every_s=86400)
         fleet = Fleet(config, prefer_nodes={n: node_ids[i % len(node_ids)] for i, n in enumerate(names)}).start()
         statuses = fleet.wait(timeout_s=900)
         fleet.stop()
-    finally:
-        _stop(cluster)
     frames = sum(s["frames_this_start"] for s in statuses.values())
     span = max(s["last_frame_wall"] for s in statuses.values()) - min(s["first_frame_wall"] for s in statuses.values())
     return {"nodes": nodes, "cameras": cameras, "frames": frames, "seconds": round(span, 3),
@@ -86,14 +66,12 @@ def _throughput(root: Path, clip: Path, model: str, cameras: int, nodes: int, fp
 
 
 def _recovery(root: Path, clip: Path, condition: str, model: str, fps: float, every_s: float, realtime: bool) -> dict[str, Any]:
-    import ray
 
     from ..fleet.actors import Fleet
     from ..server.eventlog import EventLog
 
-    cluster = _cluster(2, cpus_per_node=2)
-    try:
-        second = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != cluster.head_node.node_id][0]
+    with LocalCluster(cpus=(2, 2)) as cluster:
+        second = cluster.nodes[1].node_id
         config = _config(root / ("live" if realtime else "fast"), clip, model, ["steady", "victim"], fps=fps, every_s=every_s,
                          realtime=realtime, condition=condition)
         fleet = Fleet(config, prefer_nodes={"victim": second}).start()
@@ -114,8 +92,6 @@ def _recovery(root: Path, clip: Path, condition: str, model: str, fps: float, ev
             time.sleep(0.02)
         statuses = fleet.wait(timeout_s=900)
         fleet.stop()
-    finally:
-        _stop(cluster)
     log = EventLog(config.event_db)
     try:
         def alerts(camera: str) -> list[tuple[str, float]]:

@@ -18,6 +18,7 @@ import time
 from typing import Any, TextIO
 
 from ..errors import StreamVLMError
+from ..deploy.local import loopback_only
 from .actors import RECORDER, Fleet, namespace_of, status_file, write_status_file
 from .config import FleetConfig
 
@@ -31,7 +32,8 @@ def _init_ray(config: FleetConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = config.address or "local"
     kwargs: dict[str, Any] = dict(namespace=namespace_of(config), logging_level="WARNING", log_to_driver=False)
-    if address == "local":
+    if address == "local":  # a cluster of this machine alone: nothing listens beyond 127.0.0.1
+        loopback_only()
         kwargs["include_dashboard"] = False
     try:
         ray.init(address=address, **kwargs)
