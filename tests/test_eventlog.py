@@ -136,6 +136,9 @@ def test_a_logged_answer_reads_as_question_answer_and_evidence_range():
     alert = summarize({"wall_time": 1.0, "session": "w", "kind": "alert", "stream_t": 4.0,
                        "payload": {"watch_id": "door", "condition": "the door is open", "t": 4.0}})
     assert (alert.kind, alert.question, alert.evidence_span) == ("alert", "the door is open", (4.0, 4.0))
+    many = summarize({"wall_time": 1.0, "session": "run_1", "kind": "alert", "stream_t": 4.0,
+                      "payload": {"watch_id": "w1", "condition": "the door is open", "t": 4.0, "camera": "door"}})
+    assert many.session == "door (run_1)"  # a camera of a many-camera watch is named in the table
 
 
 def test_an_event_key_is_logged_once_and_its_webhook_fires_once(tmp_path, receiver):

@@ -237,5 +237,8 @@ def summarize(event: dict[str, Any]) -> EventSummary:
         text = str(payload.get("text") or payload.get("message") or payload.get("reason") or "")
         stamps = [float(e["pts_s"]) for e in payload.get("evidence") or [] if isinstance(e, dict) and isinstance(e.get("pts_s"), (int, float))]
     span = (min(stamps), max(stamps)) if stamps else None
-    return EventSummary(float(event.get("wall_time") or 0.0), str(event.get("session", "")), kind, event.get("stream_t"),
+    # A camera of a many-camera watch or a fleet names itself: that is the "session" a reader looks for.
+    session = f"{payload['camera']} ({event.get('session', '')})" if payload.get("camera") and payload.get("camera") != event.get("session") \
+        else str(event.get("session", ""))
+    return EventSummary(float(event.get("wall_time") or 0.0), session, kind, event.get("stream_t"),
                         question, text, len(stamps), span)
