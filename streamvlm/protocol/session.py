@@ -251,6 +251,17 @@ class RealtimeSession:
         """Response ids created and not done yet, oldest first."""
         return tuple(self._responses)
 
+    def open_response_books(self) -> list[dict[str, Any]]:
+        """What the session knows of each open response, oldest first (for a snapshot): ``response_id``,
+        ``trigger``, ``client_event_id`` and the ``question`` it answers (None for commentary)."""
+        return [{"response_id": rid, "trigger": r.trigger, "client_event_id": r.client_event_id, "question": r.question}
+                for rid, r in self._responses.items()]
+
+    @property
+    def missed(self) -> list[dict]:
+        """The events kept for a client that is away (oldest first); :meth:`resumed` sends them."""
+        return list(self._missed)
+
     # ---- connection ----------------------------------------------------------------------------------
     def opened(self, now: float) -> list[Out]:
         """A client connected and got this new session: the first events to send."""

@@ -323,11 +323,6 @@ class Handoff:
 
     def _describe(self, session: HostedSession, *, memory: bool) -> dict[str, Any]:
         state = session.core
-        open_responses = []
-        for rid in state.open_responses:
-            response = state._responses[rid]  # the core's books of the open responses (read only)
-            open_responses.append({"response_id": rid, "trigger": response.trigger,
-                                   "client_event_id": response.client_event_id, "question": response.question})
         return {
             "format": FORMAT, "version": VERSION, "id": state.id, "model": state.model,
             "epoch": self._epochs.get(session.id, 0), "saved_by": self.config.replica, "saved_at": time.time(),
@@ -336,8 +331,8 @@ class Handoff:
             "started": state.started, "last_t": state.clock.last_t,
             "watches": [{"watch_id": w.watch_id, "condition": w.condition, "spec": None if w.spec is None else asdict(w.spec)}
                         for w in session.watch_specs.values()],
-            "missed": list(state._missed) if session.ws is None else [],  # kept by the core for a client that is away
-            "open_responses": open_responses,
+            "missed": state.missed if session.ws is None else [],  # kept by the core for a client that is away
+            "open_responses": state.open_response_books(),
             "memory": memory,
         }
 
