@@ -131,6 +131,19 @@ def _describe(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path, sync=True)}
 
 
+def sync_dir(path: Path) -> None:
+    """Make renames and new entries in the directory ``path`` durable (best effort: a file system that
+    cannot sync a directory is left as it is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def _replace_dir(staging: Path, out: Path) -> None:
     """Move the finished ``staging`` directory to ``out``; an earlier snapshot there is removed afterwards."""
     if not out.exists():
@@ -140,14 +153,7 @@ def _replace_dir(staging: Path, out: Path) -> None:
         os.rename(out, old)
         os.rename(staging, out)
         shutil.rmtree(old, ignore_errors=True)
-    try:  # make the renames durable
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    sync_dir(out.parent)  # make the renames durable
 
 
 # ---- load ----------------------------------------------------------------------------------------------

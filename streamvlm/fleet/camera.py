@@ -28,6 +28,7 @@ from typing import Any
 from ..config import MemoryConfig, SamplingConfig, SessionConfig
 from ..dialogue import Alert, DialogueController, Poll, TriggerSpec
 from ..engine.session import StreamSession
+from ..engine.snapshot import sync_dir
 from ..errors import InputError, StreamVLMError
 from ..models.base import ModelAdapter
 from ..types import Frame
@@ -202,7 +203,7 @@ class SnapshotStore:
         job.save(target)
         _write(self.root / (_LATEST + ".tmp"), f"gen-{number:08d}\n".encode())
         os.replace(self.root / (_LATEST + ".tmp"), self.root / _LATEST)
-        _sync_dir(self.root)
+        sync_dir(self.root)
         for old in self._generations():  # keep the new one and the complete one before it
             if old not in (number, previous):
                 shutil.rmtree(self.root / f"gen-{old:08d}", ignore_errors=True)
@@ -239,14 +240,3 @@ def _write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
