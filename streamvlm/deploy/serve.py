@@ -31,6 +31,7 @@ from ray import serve
 from ..config import ModelConfig, ServerConfig
 from ..errors import ConfigError
 from ..server.handoff import HandoffConfig
+from .local import loopback_only
 
 __all__ = ["RealtimeReplica", "DeployConfig", "build_app", "app_builder", "run", "APP_NAME"]
 
@@ -149,6 +150,8 @@ def run(config: DeployConfig, *, address: str | None = None) -> None:
 
     import ray
 
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        loopback_only()  # a new cluster of this machine alone: nothing of Ray listens beyond 127.0.0.1
     ray.init(address=address, include_dashboard=False if address is None else None, ignore_reinit_error=True)
     serve.start(http_options={"host": config.server.host, "port": config.server.port}, proxy_location="HeadOnly")
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
