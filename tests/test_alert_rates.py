@@ -1,0 +1,45 @@
+"""The same ShapeWorld episode streamed at 1, 2 and 10 frames per second raises the same alerts, through the real
+engine and dialogue controller with the shipped model (every frame probed, so the trigger rule reads one, two or ten
+scores a second), with working memory capped at what the model was trained on."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import load
+from streamvlm.bench.quality import RATE_BUDGET_TOKENS, QualityConfig, alert_rates, format_table, match_alerts, run_episode
+from streamvlm.config import MemoryConfig
+from streamvlm.errors import ConfigError
+from streamvlm.shapeworld import make_episode
+from streamvlm.shapeworld.questions import appearances, watch_target
+
+# A validation episode (blue triangle at 8 s; measured alerts 9.0, 9.0 and 9.4 s at 1, 2 and 10 frames/s).
+SEEDS = (2,)
+
+
+def test_the_same_alerts_at_1_2_and_10_frames_per_second() -> None:
+    seed = SEEDS[0]
+    adapter = load("shapeworld")
+    cfg = QualityConfig(episodes=1, split="validation", seed_base=seed)
+    memory = MemoryConfig(budget_tokens=RATE_BUDGET_TOKENS, positions="reindex")
+    episode = make_episode(seed, duration_s=cfg.duration_s, fps=1.0)
+    truth = appearances(episode, *watch_target(episode))
+    times = {fps: run_episode(adapter, seed, memory, cfg, fps=fps, ask=False).alert_times for fps in (1.0, 2.0, 10.0)}
+    for fps, alerts in times.items():
+        # One alert per appearance, each within the 2 s a StreamingBench-style answer is given, nothing else.
+        assert len(alerts) == len(truth) and match_alerts(alerts, truth) == len(truth), (fps, alerts, truth)
+        # And at the same moment whatever the rate: within the rule's 1.5 s hold of the 1 frame/s alert.
+        assert all(abs(a - b) <= 1.5 for a, b in zip(alerts, times[1.0])), times
+
+
+def test_rates_are_checked_and_reported() -> None:
+    with pytest.raises(ConfigError):
+        QualityConfig(rates=(0.0,))
+    adapter = load("shapeworld")
+    cfg = QualityConfig(episodes=1, split="validation", seed_base=SEEDS[0], rates=(1.0,))
+    rows = alert_rates(adapter, cfg)
+    assert [r["fps"] for r in rows] == [1.0]
+    assert all(r["alerts"]["f1"] == 1.0 for r in rows), rows
+    table = format_table({"model": "shapeworld", "split": "validation", "seeds": [SEEDS[0], SEEDS[0]],
+                          "full": {"accuracy": {}, "interval": {}, "alerts": rows[0]["alerts"]}, "rates": rows})
+    assert "| 1 | 1.00 |" in table
