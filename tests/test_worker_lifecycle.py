@@ -72,6 +72,7 @@ class FakeSession:
     broken: str | None = None
     config: SessionConfig = field(default_factory=lambda: SessionConfig(sampling=SamplingConfig(max_new_tokens=3)))
     asked: list[tuple[str, int]] = field(default_factory=list)  # (question, max_new_tokens)
+    formats: list[str] = field(default_factory=list)  # the answer_format of each ask_stream
 
     @property
     def last_t(self) -> float:
@@ -96,8 +97,9 @@ class FakeSession:
     def drain_events(self) -> list:
         return []
 
-    def ask_stream(self, question: str, t: float, *, sampling: SamplingConfig) -> FakeStream:
+    def ask_stream(self, question: str, t: float, *, sampling: SamplingConfig, answer_format: str = "auto") -> FakeStream:
         self.asked.append((question, sampling.max_new_tokens))
+        self.formats.append(answer_format)
         return FakeStream(self, question, t, sampling)
 
     def probe(self, prompts: list[str]) -> list[float]:
@@ -336,3 +338,26 @@ def test_a_frame_read_that_a_waiting_answer_needs_inherits_the_answers_priority(
     assert frame_levels == [FRAME, ANSWER]
     done = next(e for e in events if e.kind == "answer.done")
     assert [e.pts_s for e in done.data["answer"].evidence] == [0.0, 1.0]
+
+
+def test_a_deferred_answer_is_asked_for_as_one_time():
+    """When a "tell me when" fires, its answer says when: the worker asks for a time-shaped answer."""
+    class Sees(FakeSession):
+        def probe(self, prompts: list[str]) -> list[float]:
+            return [1.0 for _ in prompts]
+
+    async def main():
+        session = Sees()
+        worker = LiveWorker(session)
+        await worker.start()
+        now = worker.ask("What is there?")
+        later = worker.ask("Tell me when a red square appears.")
+        for i in range(8):
+            worker.submit_frame(Frame(image(i), float(i)))
+            await asyncio.sleep(0.02)
+        await run_until_quiet(worker, {now, later})
+        await worker.stop()
+        return session
+
+    session = asyncio.run(main())
+    assert session.formats[0] == "auto" and "time" in session.formats[1:]

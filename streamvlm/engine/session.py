@@ -76,9 +76,7 @@ def is_time_question(question: str) -> bool:
 def time_shape(adapter: ModelAdapter) -> TimeShape:
     """The shape of the time stamps ``adapter`` writes before frames: "seconds" (Qwen: ``<12.0 seconds>``) or
     "clock" (SmolVLM and the rest: ``Frame from 00:12:``); a time answer copies it."""
-    from ..models.qwen import QwenVLAdapter
-
-    return "seconds" if isinstance(adapter, QwenVLAdapter) else "clock"
+    return getattr(adapter, "time_answer_shape", "clock")
 
 
 _TOKEN_TEXTS: "weakref.WeakKeyDictionary[object, list[str]]" = weakref.WeakKeyDictionary()

@@ -591,7 +591,9 @@ class LiveWorker:
         try:
             self._act(self.controller.generation_started(request_id, self._now()))
             self._emit("answer.started", request_id=request_id, trigger=trigger)
-            stream = self.session.ask_stream(question, self._now(), sampling=sampling)
+            # A deferred answer says when its thing appeared: shaped as one time, whatever the question's wording.
+            stream = self.session.ask_stream(question, self._now(), sampling=sampling,
+                                             answer_format="time" if trigger == "deferred" else "auto")
             try:
                 for delta in stream:
                     self._emit("answer.delta", request_id=request_id, text=delta)

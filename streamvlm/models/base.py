@@ -73,6 +73,9 @@ class ModelAdapter(ABC):
     families: ClassVar[tuple[str, ...]] = ()
     #: Rows of the position tensor: 1 for 1-D RoPE, 3 for multimodal RoPE (temporal, height, width).
     position_rows: ClassVar[int] = 1
+    #: How the family stamps a frame's time, and so the shape a time answer takes: "clock" (``Frame from
+    #: 00:12:``) or "seconds" (``<12.0 seconds>``).
+    time_answer_shape: ClassVar[str] = "clock"
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, source: str) -> None:
         self.model = model

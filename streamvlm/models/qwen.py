@@ -29,6 +29,7 @@ __all__ = ["QwenVLAdapter"]
 class QwenVLAdapter(ModelAdapter):
     families = ("qwen2_5_vl", "qwen3_vl")
     position_rows = 3
+    time_answer_shape = "seconds"  # frames are stamped <12.0 seconds>: a time answer copies that shape
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, source: str) -> None:
         super().__init__(model, tokenizer, image_processor, source)
