@@ -113,6 +113,9 @@ class Runner:
         self._max_positions = adapter.max_positions()
         self._vision_points: list[torch.nn.Module] | None = None
         self.last_vision_s = 0.0  # seconds the last encode spent in the vision tower, pauses excluded
+        # Seconds this runner's language-model forwards held the model (waiting for a turn excluded): the
+        # model time a step really cost, for admission by compute (read it before and after a step).
+        self.forward_s = 0.0
 
     # ---- lengths ------------------------------------------------------------------------------------
     @property
@@ -355,6 +358,7 @@ class Runner:
         saved = (attention.mass.clone(), attention.baseline.clone(), attention.reads, attention.baseline_reads) if attention is not None else None
         try:
             with self.adapter.hold(hooks or ()):
+                t_held = time.perf_counter()
                 out = self.model(
                     input_ids=torch.tensor([ids], device=device),
                     position_ids=positions.to(device),
@@ -363,6 +367,7 @@ class Runner:
                     logits_to_keep=keep,
                     **self.adapter.forward_kwargs(encoded),
                 )
+                self.forward_s += time.perf_counter() - t_held
         except BaseException:
             self._crop_to(held)
             if attention is not None and saved is not None:

@@ -511,9 +511,9 @@ class LiveWorker:
             while True:
                 t = max(encoded.pts_s, self._now())  # an answer served meanwhile may have moved the clock on
                 try:
-                    t0 = time.perf_counter()
+                    held0 = getattr(runner, "forward_s", 0.0)
                     self.session.commit_frame(encoded, t, preempt=self._answer_waiting)
-                    model_s += time.perf_counter() - t0
+                    model_s += getattr(runner, "forward_s", 0.0) - held0  # its prefill's model time, turns waited for excluded
                     break
                 except Preempted:
                     self.counters.restarted += 1
