@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,18 @@ def test_a_session_resumes_on_the_other_replica_after_its_replica_is_killed(clus
                           env={"STREAMVLM_HOME": streamvlm_home, "RAY_USAGE_STATS_ENABLED": "0"})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     url = f"ws://127.0.0.1:{port}/v1/realtime"
+
+    # Each replica serves its own metrics and files where, for Prometheus' file-based discovery.
+    targets = {}
+    for filed in sorted((shared / "replicas").glob("*.json")):
+        (entry,) = json.loads(filed.read_text())
+        (target,) = entry["targets"]
+        assert target.startswith("127.0.0.1:")  # nothing of the cluster listens beyond this machine
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as reply:
+            targets[entry["labels"]["replica"]] = reply.read().decode()
+    assert len(targets) == 2
+    for replica, page in targets.items():
+        assert f'streamvlm_replica_info{{replica="{replica}"}}' in page and "streamvlm_sessions_opened_total" in page
 
     async def main():
         seen: dict = {}

@@ -21,9 +21,11 @@ model=shapeworld snapshot_dir=/shared/streamvlm replicas=2``). docs/deployment.m
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -89,6 +91,25 @@ class RealtimeReplica:
                                         "ice_servers": tuple(server["ice_servers"])})
         self.sessions = SessionHost(adapter, server_config, handoff=Handoff(HandoffConfig(**handoff, replica=self.replica)))
         self.realtime = RealtimeApp(self.sessions, replica=self.replica)
+        self.metrics_target = self._serve_own_metrics(Path(handoff["snapshot_dir"]))
+
+    def _serve_own_metrics(self, shared: Path) -> Path:
+        """Serve this replica's own Prometheus metrics on a port of its node (through the Serve proxy,
+        ``/metrics`` answers from whichever replica it picks), and file the address for Prometheus'
+        file-based discovery as ``SNAPSHOT_DIR/replicas/<replica>.json`` (removed when the replica stops)."""
+        import ray
+        from prometheus_client import start_http_server
+
+        host = ray.util.get_node_ip_address()
+        self._metrics_server, _ = start_http_server(0, addr=host, registry=self.sessions.metrics.registry)
+        port = self._metrics_server.server_port
+        target = shared / "replicas" / f"{self.replica}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_suffix(".tmp")
+        staging.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {"replica": self.replica}}]))
+        staging.replace(target)
+        print(f"streamvlm: replica {self.replica}: metrics on http://{host}:{port}/metrics", file=sys.stderr, flush=True)
+        return target
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.realtime
@@ -105,6 +126,8 @@ class RealtimeReplica:
             await asyncio.wait_for(self.sessions.close(), 30)
         except Exception as exc:  # the replica goes anyway; say what was lost
             print(f"streamvlm: replica {self.replica}: closing its sessions failed: {exc!r}", file=sys.stderr, flush=True)
+        self.metrics_target.unlink(missing_ok=True)
+        self._metrics_server.shutdown()
 
 
 def build_app(config: DeployConfig) -> Any:
