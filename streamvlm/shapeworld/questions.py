@@ -114,18 +114,23 @@ def candidates(episode: Episode) -> dict[str, list[QA]]:
     return out
 
 
-def make_questions(episode: Episode, rng_seed: int, per_category: int = 2) -> list[QA]:
-    """Up to ``per_category`` well-defined questions of each category, sorted by time.
 
-    Fewer are returned for a category where the episode offers fewer well-defined questions. Probe
-    questions alternate between "yes" and "no" answers where both exist.
-    """
+def _check_question_args(episode: object, rng_seed: object, per_category: object) -> None:
+    """ConfigError naming the first bad argument of a question generator."""
     if not isinstance(episode, Episode):
         raise ConfigError(f"episode must be an Episode, got {type(episode).__name__}")
     if not isinstance(rng_seed, (int, np.integer)) or isinstance(rng_seed, bool) or rng_seed < 0:
         raise ConfigError(f"rng_seed must be an integer >= 0, got {rng_seed!r}")
     if not isinstance(per_category, int) or isinstance(per_category, bool) or per_category < 0:
         raise ConfigError(f"per_category must be an integer >= 0, got {per_category!r}")
+
+def make_questions(episode: Episode, rng_seed: int, per_category: int = 2) -> list[QA]:
+    """Up to ``per_category`` well-defined questions of each category, sorted by time.
+
+    Fewer are returned for a category where the episode offers fewer well-defined questions. Probe
+    questions alternate between "yes" and "no" answers where both exist.
+    """
+    _check_question_args(episode, rng_seed, per_category)
     rng = np.random.default_rng(int(rng_seed))
     cands = candidates(episode)
     chosen: list[QA] = []
@@ -230,12 +235,7 @@ def make_long_questions(episode: Episode, rng_seed: int, per_category: int = 2, 
     about minute 1), and real-time questions about the present (which need no memory, for contrast).
     The wordings are the ones of :func:`make_questions`; sorted by time.
     """
-    if not isinstance(episode, Episode):
-        raise ConfigError(f"episode must be an Episode, got {type(episode).__name__}")
-    if not isinstance(rng_seed, (int, np.integer)) or isinstance(rng_seed, bool) or rng_seed < 0:
-        raise ConfigError(f"rng_seed must be an integer >= 0, got {rng_seed!r}")
-    if not isinstance(per_category, int) or isinstance(per_category, bool) or per_category < 0:
-        raise ConfigError(f"per_category must be an integer >= 0, got {per_category!r}")
+    _check_question_args(episode, rng_seed, per_category)
     if not isinstance(min_age_s, (int, float)) or isinstance(min_age_s, bool) or not 0 <= min_age_s < episode.duration_s:
         raise ConfigError(f"min_age_s must be a number of seconds in [0, duration), got {min_age_s!r}")
     rng = np.random.default_rng([int(rng_seed), 17])
