@@ -333,3 +333,17 @@ def test_batch_limits_are_checked(smol):
     for bad in ({"max_batch": 0}, {"max_batch_tokens": 0}, {"poll_s": 0.0}):
         with pytest.raises(ConfigError):
             VisionBatcher(smol, **bad)
+
+
+def test_a_frame_an_answer_waits_for_is_not_slowed_by_other_sessions_frames():
+    """A batch led by a frame that an answer needs carries only frames as urgent: the answer waits for one encode."""
+    class Ticket:
+        def __init__(self, thread: int, level: int, arrival: int) -> None:
+            self.thread, self.level, self.arrival, self.cost = thread, level, arrival, 1
+
+    urgent = Ticket(1, ANSWER, 0)
+    frames = [Ticket(2, FRAME, 1), Ticket(3, FRAME, 2)]
+    also_urgent = Ticket(4, ANSWER, 3)
+    assert choose_batch([urgent, *frames, also_urgent], urgent, lambda thread: 0.0, 8, 1 << 30) == [urgent, also_urgent]
+    plain = frames[0]  # a frame read nobody waits for still takes every frame waiting
+    assert choose_batch([urgent, *frames, also_urgent], plain, lambda thread: 0.0, 8, 1 << 30) == [plain, urgent, also_urgent, frames[1]]

@@ -97,8 +97,13 @@ class _Ticket:
 def choose_batch(pending: Sequence[_Ticket], first: _Ticket | None, usage: Callable[[int], float], max_batch: int, max_tokens: int) -> list[_Ticket]:
     """The frames of the next forward: ``first`` (the leader's own, which won the turn), then the most
     urgent, then those of the threads with the least recent model time, then the oldest; at most
-    ``max_batch`` frames and ``max_tokens`` visual tokens (a frame over the cap alone still goes alone)."""
+    ``max_batch`` frames and ``max_tokens`` visual tokens (a frame over the cap alone still goes alone).
+    A batch led by an urgent frame (an answer waits for it) carries only frames at least as urgent."""
     ranked = sorted((t for t in pending if t is not first), key=lambda t: (t.level, usage(t.thread), t.arrival))
+    if first is not None and first.level < FRAME:
+        # An answer waits for this frame: the batch carries only frames as urgent, since every other frame
+        # would add its own encode to the answer's wait (on a CPU a batch costs nearly the sum of its frames).
+        ranked = [t for t in ranked if t.level <= first.level]
     batch: list[_Ticket] = [] if first is None else [first]
     tokens = 0 if first is None else first.cost
     for ticket in ranked:
