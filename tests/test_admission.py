@@ -249,6 +249,9 @@ class _Counters:
     def reads_since(self, seen: int):
         return [type("Read", (), {"model_s": s})() for s in self.model_s[seen:]]
 
+    def read_log(self, seen: int):
+        return self.reads_since(seen), self.ingested
+
 
 class _Hosted:
     def __init__(self) -> None:

@@ -20,7 +20,7 @@ From the server side: frames read per second in all, each session's frames read 
 ``max/min`` between sessions (1.0 = perfectly even; None when a session read nothing), frame lag
 (arrival to the start of its read) p50/p95, the sessions admission by compute capped (frames were
 dropped above their cap) and the frames dropped for it, and the vision batches (frames per vision
-forward: 1.0 for ``lock``). The run sets the shared adapter's vision mode from the engine
+forward: 1.0 for ``lock``). The server sets the shared adapter's vision mode from the engine
 (``adapter.vision_batching``: batched for ``scheduler``, one frame per forward for ``lock``).
 
 :func:`run_serve_sweep` runs several session counts and engines (``ServerConfig.engine``: ``lock``,
@@ -172,10 +172,7 @@ async def _run(adapter: Any, client_module: ModuleType, model: str, sessions: in
     defaults = ServerConfig()
     config = ServerConfig(host="127.0.0.1", port=0, max_sessions=sessions, stats_every_s=_STATS_EVERY_S, engine=engine,
                           global_budget_tokens=max(defaults.global_budget_tokens, sessions * defaults.session_budget_tokens))
-    # The engine's vision mode: frames of several sessions batched in one vision forward (scheduler) or
-    # one frame per forward (lock). Set for every run: runs of a sweep share one adapter.
-    adapter.vision_batching = engine == "scheduler"
-    adapter.batcher.reset_stats()
+    adapter.batcher.reset_stats()  # runs of a sweep share one adapter; the server sets its vision mode from the engine
     server = StreamServer(adapter, config)
     host, port = await server.start()
     url = f"ws://{host}:{port}"

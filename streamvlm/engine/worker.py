@@ -135,15 +135,30 @@ class WorkerCounters:
     busy_s: float = 0.0  # seconds the model thread spent working
     paused: int = 0  # times a frame encode was suspended to serve control or answers first
     restarted: int = 0  # frame prefills abandoned for a message or an answer and run again after it
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_read(self, read: FrameRead) -> None:
+        """Count one frame read and keep it among the recent ones (the model thread calls this)."""
+        with self._lock:
+            self.recent.append(read)
+            self.ingested += 1
+
+    def read_log(self, seen: int) -> tuple[list[FrameRead], int]:
+        """The reads after the first ``seen`` ones (as many as are still kept, oldest first) and the count
+        to pass as ``seen`` next time, taken together while the model thread may be adding reads.
+
+        A caller that falls more than :data:`RECENT_READS` behind gets what is kept (the count of the rest
+        is still in ``ingested``)."""
+        with self._lock:
+            total = self.ingested
+            new = min(max(total - seen, 0), len(self.recent))
+            reads = list(itertools.islice(reversed(self.recent), new))
+        reads.reverse()
+        return reads, total
 
     def reads_since(self, seen: int) -> list[FrameRead]:
-        """The reads after the first ``seen`` ones (as many as are still kept), oldest first.
-
-        A caller that reports reads keeps ``seen = counters.ingested`` after each call; if it falls more
-        than :data:`RECENT_READS` behind, the oldest it missed are gone (their count is still in ``ingested``).
-        """
-        new = min(max(self.ingested - seen, 0), len(self.recent))
-        return list(self.recent)[len(self.recent) - new:] if new else []
+        """The reads of :meth:`read_log` alone."""
+        return self.read_log(seen)[0]
 
     @property
     def lag_s(self) -> list[float]:
@@ -525,8 +540,7 @@ class LiveWorker:
             with self._cv:  # one step, so the counters always add up
                 self._reading, self._reading_covers = False, None
                 if committed:
-                    self.counters.recent.append(FrameRead(t, lag, model_s))
-                    self.counters.ingested += 1
+                    self.counters.add_read(FrameRead(t, lag, model_s))
                 else:  # refused by the model (an error event follows) or discarded at stop
                     self.counters.dropped += 1
         self._last_source = frame.source_id

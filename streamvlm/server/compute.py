@@ -224,7 +224,7 @@ async def govern(host: Any, governor: ComputeGovernor, clock: Callable[[], float
     """Run ``governor`` for a session host until cancelled (start it with the host's loops).
 
     Every ``governor.interval_s``: the frames each session's worker read since the last round go to
-    :meth:`ComputeGovernor.on_frame_read` (``FrameRead.model_s`` from ``counters.reads_since``) and the
+    :meth:`ComputeGovernor.on_frame_read` (``FrameRead.model_s`` from ``counters.read_log``) and the
     frames it dropped to :meth:`ComputeGovernor.on_frames_replaced` (``counters.dropped``), then
     :meth:`ComputeGovernor.tick` with the host's sessions, and the events it returns go through
     ``host._execute`` (so they are counted and sent like any other). ``host`` is a
@@ -246,9 +246,11 @@ async def govern(host: Any, governor: ComputeGovernor, clock: Callable[[], float
                 continue
             fed, dropped = seen[sid][1:] if sid in seen and seen[sid][0] is worker else (0, 0)  # a new worker counts from 0
             counters = worker.counters
-            governor.on_frames_read(sid, (read.model_s for read in counters.reads_since(fed)))
-            governor.on_frames_replaced(sid, counters.dropped - dropped)
-            seen[sid] = (worker, counters.ingested, counters.dropped)
+            reads, fed = counters.read_log(fed)
+            governor.on_frames_read(sid, (read.model_s for read in reads))
+            dropped_now = counters.dropped
+            governor.on_frames_replaced(sid, dropped_now - dropped)
+            seen[sid] = (worker, fed, dropped_now)
         try:
             changes = governor.tick(clock(), {sid: s.core for sid, s in hosted.items()})
         except Exception as exc:

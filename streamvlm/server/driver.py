@@ -495,9 +495,9 @@ class SessionHost:
         if session.worker is None:
             return
         c = session.worker.counters
-        for read in c.reads_since(session.frames_seen):
+        reads, session.frames_seen = c.read_log(session.frames_seen)
+        for read in reads:
             self.metrics.frame_read(read.lag_s)
-        session.frames_seen = c.ingested
         refused = c.dropped - session.dropped_seen
         if refused > 0:
             self.metrics.frame_dropped("refused", refused)
