@@ -197,12 +197,12 @@ class CameraLoop:
 
     def _live_frames(self, job: CameraJob) -> Iterator[Frame]:
         from ..ingest import LiveSource
+        from ..ingest.sampler import FpsSampler
 
         source = LiveSource(int(self.camera.source) if self.camera.source.isdigit() else self.camera.source)
         source.start()
         raw_last: float | None = None
-        submitted: float | None = None
-        fps = self.camera.fps
+        sampler = FpsSampler(self.camera.fps) if self.camera.fps else None  # the watch's sampling: jitter drops nothing
         try:
             while not self._stop.is_set() and (source.running or source.latest(after=raw_last) is not None):
                 frame = source.wait_frame(0.5, raw_last)
@@ -213,10 +213,8 @@ class CameraLoop:
                     continue
                 raw_last = frame.pts_s
                 t = frame.pts_s + job.offset_s
-                if fps is not None and submitted is not None and t - submitted < 1.0 / fps - 1e-6:
-                    continue
-                submitted = t
-                yield Frame(frame.image, t, self.camera.id)
+                if sampler is None or sampler.offer(t):
+                    yield Frame(frame.image, t, self.camera.id)
         finally:
             source.stop()
             for event in source.events():
