@@ -92,6 +92,11 @@ class TrainConfig:
     budget_window: int = 6
     budget_recall: int = 4
     workers: int = 0  # processes that lay out the next batches while the model trains (0 = the main process)
+    # Share of streams whose clock starts late: every frame stamp and every time answer is shifted by a
+    # whole number of seconds drawn from 1 to clock_offset_max, so minute clocks (01:51, 12:07) are read
+    # and spoken while the stream itself stays 6-24 frames long (positions within what the model knows).
+    clock_offset: float = 0.0
+    clock_offset_max: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(_MIX)
@@ -109,6 +114,12 @@ class TrainConfig:
             raise ConfigError(f"budget_recall must be an integer >= 1, got {self.budget_recall!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError(f"workers must be an integer >= 0, got {self.workers!r}")
+        if not 0.0 <= self.clock_offset <= 1.0:
+            raise ConfigError(f"clock_offset must be a share in [0, 1], got {self.clock_offset!r}")
+        if not isinstance(self.clock_offset_max, int) or isinstance(self.clock_offset_max, bool) or self.clock_offset_max < 0:
+            raise ConfigError(f"clock_offset_max must be an integer >= 0 (seconds), got {self.clock_offset_max!r}")
+        if self.clock_offset > 0 and self.clock_offset_max < 1:
+            raise ConfigError("clock_offset needs clock_offset_max >= 1 second: the latest start of a stream's clock")
 
 
 @dataclass
@@ -126,6 +137,7 @@ class Stream:
     step_of: list[int] = field(default_factory=list)
     questions: list[tuple[int, int, int]] = field(default_factory=list)  # (first token, end, evidence frame)
     window: int | None = None  # None: every token sees the whole past
+    offset: int = 0  # seconds the clock had run when the stream's first frame came (stamps read t + offset)
     recalled: list[list[int]] = field(default_factory=list)  # per question: older frames it sees again
 
     def budget(self, rng: np.random.Generator, most_recent: int = 6, most_recalled: int = 4) -> None:
@@ -224,9 +236,15 @@ class StreamLayout:
             self._frame_cache[key] = self.adapter.prepare_frame(np.full((FRAME_SIZE, FRAME_SIZE, 3), 40, np.uint8), t).input_ids
         return self._frame_cache[key]
 
-    def stream(self, episode: Episode, questions: list[tuple[float, str, str, str]]) -> Stream:
-        """Lay out ``episode`` at 1 frame/s with ``questions`` = (t, kind, question, answer text), sorted by t."""
-        out = Stream()
+    def stream(self, episode: Episode, questions: list[tuple[float, str, str, str]], offset: int = 0) -> Stream:
+        """Lay out ``episode`` at 1 frame/s with ``questions`` = (t, kind, question, answer text), sorted by t.
+
+        ``offset`` (whole seconds) is where the clock stood at the first frame: frame ``t`` is stamped
+        ``t + offset``; the answers must already speak that clock (see :func:`shift_clock`).
+        """
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ConfigError(f"offset must be a whole number of seconds >= 0, got {offset!r}")
+        out = Stream(offset=offset)
         pending = list(questions)
         first_entry = min((e.t for e in episode.events if e.kind == "enter"), default=None)
 
@@ -238,7 +256,7 @@ class StreamLayout:
 
         add(self.start, [_IGNORE] * len(self.start), -1, -1)
         for index, t in enumerate(episode.frame_times()):
-            seg = self.frame_ids(t)
+            seg = self.frame_ids(t + offset)
             add(seg, [_IGNORE] * len(seg), index, index)
             out.frames.append(episode.render(t))
             while pending and pending[0][0] < t + 1:
@@ -250,16 +268,27 @@ class StreamLayout:
                 first = len(out.labels) - 1
                 add(a, a[1:] + [self.stop], -1, index)
                 out.answers.append((kind, first, len(out.labels)))
-                out.questions.append((start, len(out.ids), _evidence_frame(kind, answer, first_entry)))
+                out.questions.append((start, len(out.ids), _evidence_frame(kind, answer, first_entry, offset)))
                 add(self.turn_end, [_IGNORE] * len(self.turn_end), -1, index)
         return out
 
 
-def _evidence_frame(kind: str, answer: str, first_entry: float | None) -> int:
+#: Question kinds whose answer is a clock time (and so moves with a stream's clock offset).
+_TIMED = ("when", "tell", "tell_now")
+
+
+def shift_clock(questions: list[tuple[float, str, str, str]], offset: int) -> list[tuple[float, str, str, str]]:
+    """``questions`` (t, kind, question, answer) with every time answer moved ``offset`` seconds later, as a
+    stream whose clock stood at ``offset`` at its first frame speaks it; other answers unchanged."""
+    return [(t, kind, q, clock(parse_clock(a) + offset) if kind in _TIMED else a) for t, kind, q, a in questions]
+
+
+def _evidence_frame(kind: str, answer: str, first_entry: float | None, offset: int = 0) -> int:
     """The frame (at 1 frame/s, its index is its second) an answer rests on when it is in the past: the
-    appearance a time answer names, the first shape's entry for "first"; -1 for the present."""
-    if kind in ("when", "tell", "tell_now"):
-        return int(parse_clock(answer))
+    appearance a time answer names (less the stream's clock ``offset``), the first shape's entry for
+    "first"; -1 for the present."""
+    if kind in _TIMED:
+        return int(parse_clock(answer)) - offset
     if kind == "first" and first_entry is not None:
         return int(math.ceil(first_entry))
     return -1
@@ -460,12 +489,16 @@ def pretrain_vision(model, steps: int, lr: float, seed: int, *, log=print, eval_
 
 def make_stream(layout: StreamLayout, seed: int, duration_s: int, cfg: TrainConfig, *, short: bool) -> Stream:
     """The training stream for episode ``seed`` (``duration_s`` frames at 1 frame/s) with its questions,
+    its clock started late (by 1 to ``cfg.clock_offset_max`` s) with probability ``cfg.clock_offset`` and
     budgeted (:meth:`Stream.budget`) with probability ``cfg.budgeted``."""
     rng = np.random.default_rng([seed, 17])
     episode = make_episode(seed, duration_s=float(duration_s), fps=1.0, size=FRAME_SIZE)
     prob = 1.0 if short else cfg.ask_probability
-    stream = layout.stream(episode, _pick_questions(episode, rng, cfg.mix, short=short, ask_probability=prob,
-                                                    hard_negatives=cfg.hard_negatives, follow_ups=cfg.follow_ups))
+    questions = _pick_questions(episode, rng, cfg.mix, short=short, ask_probability=prob,
+                                hard_negatives=cfg.hard_negatives, follow_ups=cfg.follow_ups)
+    offset_rng = np.random.default_rng([seed, 23])  # its own draws: streams without an offset stay as they were
+    offset = int(offset_rng.integers(1, cfg.clock_offset_max + 1)) if offset_rng.random() < cfg.clock_offset else 0
+    stream = layout.stream(episode, shift_clock(questions, offset), offset)
     budget_rng = np.random.default_rng([seed, 19])  # its own draws: streams without a budget stay as they were
     if not short and budget_rng.random() < cfg.budgeted:
         stream.budget(budget_rng, cfg.budget_window, cfg.budget_recall)
@@ -545,10 +578,14 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
     layout = StreamLayout(adapter)
     pad_id, image_token_id = int(tokenizer.pad_token_id), adapter.image_token_id
     eval_rng = np.random.default_rng(EVAL_SEED_BASE)
-    eval_cfg = replace(cfg, mix=dict(_MIX), hard_negatives=0.0, follow_ups=0.0)  # every stage: the same questions
-    eval_streams = [make_stream(layout, EVAL_SEED_BASE + i, int(eval_rng.integers(12, 25)), eval_cfg, short=False)
-                    for i in range(cfg.eval_streams)]
-    eval_streams.sort(key=lambda s: len(s.ids))  # similar lengths batch with little padding
+    eval_cfg = replace(cfg, mix=dict(_MIX), hard_negatives=0.0, follow_ups=0.0, clock_offset=0.0)  # every stage: the same questions
+    eval_lengths = [int(eval_rng.integers(12, 25)) for _ in range(cfg.eval_streams)]
+    eval_streams = sorted((make_stream(layout, EVAL_SEED_BASE + i, n, eval_cfg, short=False) for i, n in enumerate(eval_lengths)),
+                          key=lambda s: len(s.ids))  # similar lengths batch with little padding
+    # A stage that teaches late clocks is also evaluated on the same streams with every clock started late.
+    late_streams = [] if not cfg.clock_offset else sorted(
+        (make_stream(layout, EVAL_SEED_BASE + i, n, replace(eval_cfg, clock_offset=1.0), short=False) for i, n in enumerate(eval_lengths)),
+        key=lambda s: len(s.ids))
     batch_rng = np.random.default_rng([cfg.seed, 29])
 
     model.train()
@@ -589,6 +626,8 @@ def train(cfg: TrainConfig, out: Path, *, log=print) -> dict:
             scores = _evaluate(model, eval_streams, pad_id, image_token_id)
             entry = {"step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
                      "loss": round(float(np.mean(losses)), 4), "eval": scores}
+            if late_streams:
+                entry["eval_late_clock"] = _evaluate(model, late_streams, pad_id, image_token_id)
             history.append(entry)
             losses.clear()
             log(json.dumps(entry))
@@ -641,7 +680,7 @@ def _stage(number: int, stage: dict) -> str:
     head = f"""### Stage {number}: {what}, {start}
 
 ```
-python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{f" --follow-ups {cfg.follow_ups}" if cfg.follow_ups else ""}{f" --budgeted {cfg.budgeted}" if cfg.budgeted else ""}{f" --budget-window {cfg.budget_window}" if cfg.budget_window != TrainConfig.budget_window else ""}{f" --budget-recall {cfg.budget_recall}" if cfg.budget_recall != TrainConfig.budget_recall else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{f" --device {cfg.device} --workers {cfg.workers}" if cfg.device != "cpu" else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
+python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-after {cfg.stop_after}" if cfg.stop_after else ""} --batch {cfg.batch} --lr {cfg.lr}{f" --warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps != TrainConfig.warmup_steps else ""} --seed {cfg.seed} --threads {cfg.threads} --short-steps {cfg.short_steps}{f" --short-every {cfg.short_every}" if cfg.short_every else ""}{f" --hard-negatives {cfg.hard_negatives}" if cfg.hard_negatives else ""}{f" --follow-ups {cfg.follow_ups}" if cfg.follow_ups else ""}{f" --budgeted {cfg.budgeted}" if cfg.budgeted else ""}{f" --budget-window {cfg.budget_window}" if cfg.budget_window != TrainConfig.budget_window else ""}{f" --budget-recall {cfg.budget_recall}" if cfg.budget_recall != TrainConfig.budget_recall else ""}{f" --clock-offset {cfg.clock_offset},{cfg.clock_offset_max}" if cfg.clock_offset else ""}{" --mix " + ",".join(f"{k}={v}" for k, v in stage["mix"].items()) if stage["mix"] != _MIX else ""}{f" --vision-steps {cfg.vision_steps}" if cfg.vision_steps else ""}{" --freeze-vision" if cfg.freeze_vision else ""}{f" --device {cfg.device} --workers {cfg.workers}" if cfg.device != "cpu" else ""}{" --init STAGE_%d_DIR" % (number - 1) if cfg.init else ""}
 ```
 {_vision_stage(cfg, stage.get("vision", []))}
 """
@@ -651,10 +690,26 @@ python -m streamvlm.shapeworld.train --out DIR --steps {cfg.steps}{f" --stop-aft
 learning rate {cfg.lr} over {cfg.steps} steps (stopped after {last['step']}), gradient clipping at 1.0, float32 on
 {_where(cfg, stage)}, {cfg.batch} streams per step; the first {cfg.short_steps} steps are 2-4-frame streams with
 present-tense questions{f" (and one step in {cfg.short_every} after them)" if cfg.short_every else ""}, then {cfg.min_duration_s}-{cfg.max_duration_s} frames with a question at each half second with
-probability {cfg.ask_probability}{f" (followed by another at the same moment with probability {cfg.follow_ups})" if cfg.follow_ups else ""}{f"; a share {cfg.budgeted} of streams laid out as a memory budget leaves them ({MIN_WINDOW}-{cfg.budget_window} recent frames, up to {cfg.budget_recall} older ones recalled per question)" if cfg.budgeted else ""}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes.
+probability {cfg.ask_probability}{f" (followed by another at the same moment with probability {cfg.follow_ups})" if cfg.follow_ups else ""}{f"; a share {cfg.budgeted} of streams laid out as a memory budget leaves them ({MIN_WINDOW}-{cfg.budget_window} recent frames, up to {cfg.budget_recall} older ones recalled per question)" if cfg.budgeted else ""}{f"; a share {cfg.clock_offset} of streams with their clock started 1-{cfg.clock_offset_max} s late (stamps and time answers shifted alike)" if cfg.clock_offset else ""}; question weights {", ".join(f"{k} {v}" for k, v in stage["mix"].items())}. Wall time {last['minutes']:.0f} minutes.
 
 | step | minutes | loss | {" | ".join(_EVALUATED)} |
 |---|---|---|{"---|" * len(_EVALUATED)}
+{rows}
+{_late_clock_rows(history, cfg.clock_offset_max)}"""
+
+
+def _late_clock_rows(history: list[dict], most: int) -> str:
+    """The curve on the same held-out streams with every clock started late, for stages that taught it."""
+    late = [h for h in history if "eval_late_clock" in h]
+    if not late:
+        return ""
+    rows = "\n".join(f"| {h['step']} | " + " | ".join(f"{h['eval_late_clock'][k]:.2f}" if k in h["eval_late_clock"] else "-"
+                                                   for k in _EVALUATED) + " |" for h in late)
+    return f"""
+The same held-out streams with every clock started 1-{most} s late:
+
+| step | {" | ".join(_EVALUATED)} |
+|---|{"---|" * len(_EVALUATED)}
 {rows}
 """
 
@@ -728,6 +783,17 @@ def _parse_mix(text: str) -> dict[str, int]:
         raise ConfigError(f"mix: expected kind=weight pairs separated by commas, got {text!r}") from None
 
 
+def _parse_clock_offset(text: str | None) -> dict[str, float | int]:
+    """``"P,MAX"`` -> the config's ``clock_offset`` and ``clock_offset_max``; ``None`` -> no offset."""
+    if text is None:
+        return {}
+    try:
+        share, most = text.split(",")
+        return {"clock_offset": float(share), "clock_offset_max": int(most)}
+    except ValueError:
+        raise ConfigError(f"clock-offset: expected SHARE,MAX_SECONDS such as 0.5,1200, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamvlm.shapeworld.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint to")
@@ -754,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"most recent frames a budgeted stream keeps (drawn from {MIN_WINDOW} up to this per stream)")
     parser.add_argument("--budget-recall", type=int, default=TrainConfig.budget_recall,
                         help="most older frames a question of a budgeted stream sees again (drawn from 1 up to this)")
+    parser.add_argument("--clock-offset", default=None, metavar="P,MAX",
+                        help="share P of streams whose clock starts 1 to MAX seconds late (minute clocks in 6-24-frame streams), e.g. 0.5,1200")
     parser.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
                         help="first train the vision tower alone this many steps to bind colour to shape (0 = none)")
     parser.add_argument("--freeze-vision", action="store_true", help="train the language model only")
@@ -768,7 +836,8 @@ def main(argv: list[str] | None = None) -> int:
                           short_every=args.short_every, init=args.init, mix=_parse_mix(args.mix) if args.mix else dict(_MIX),
                           hard_negatives=args.hard_negatives, follow_ups=args.follow_ups, budgeted=args.budgeted,
                           budget_window=args.budget_window, budget_recall=args.budget_recall, vision_steps=args.vision_steps,
-                          freeze_vision=args.freeze_vision, device=args.device, workers=args.workers)
+                          freeze_vision=args.freeze_vision, device=args.device, workers=args.workers,
+                          **_parse_clock_offset(args.clock_offset))
     except ConfigError as exc:
         parser.error(str(exc))
     train(cfg, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
