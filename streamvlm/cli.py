@@ -635,7 +635,8 @@ def _cmd_bench_storm(args: argparse.Namespace) -> int:
     from .bench.storm import run_storm_bench
 
     result = run_storm_bench(_model_config(args), messages=args.messages, churn=args.churn, watches=args.watches, questions=args.questions,
-                             fps=args.fps, new_sessions=args.new_sessions, seed=args.seed, progress=not args.quiet)
+                             fps=args.fps, new_sessions=args.new_sessions, seed=args.seed, quiet_s=args.quiet_seconds,
+                             settle_timeout_s=args.settle_timeout, progress=not args.quiet)
     _emit_json(result, args.json)
     if not result["passed"]:
         print(f"streamvlm: storm failed: {result['new_sessions_refused']} new session(s) refused, "
@@ -837,6 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
     storm.add_argument("--watches", type=int, default=1000, help="watch.create sent by one hostile session (default 1000)")
     storm.add_argument("--questions", type=int, default=8, help="live questions timed before and during the storm (default 8)")
     storm.add_argument("--fps", type=float, default=5.0, help="the live session's frame rate (default 5)")
+    storm.add_argument("--quiet-seconds", type=float, default=20.0,
+                       help="how long the live session is timed before the storm and again after it (default 20)")
+    storm.add_argument("--settle-timeout", type=float, default=120.0,
+                       help="the most seconds to wait, before timing, for the live session's memory to reach its budget (default 120)")
     storm.add_argument("--new-sessions", type=int, default=3, help="fresh sessions that must be admitted after the storm (default 3)")
     storm.add_argument("--seed", type=int, default=0)
     storm.add_argument("--json", metavar="OUT", help="write the result to this file")

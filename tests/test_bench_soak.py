@@ -102,12 +102,14 @@ def test_soak_short_run_has_no_engine_fault_no_lifecycle_violation_and_no_leaked
 
 def test_storm_short_run_admits_new_sessions_and_the_live_session_gets_every_answer():
     result = run_storm_bench("tiny-smolvlm", messages=600, churn=20, watches=60, questions=2, new_sessions=2,
-                             answer_timeout_s=60.0, progress=False)
+                             quiet_s=0.0, settle_timeout_s=0.0, answer_timeout_s=60.0, progress=False)
     json.dumps(result)
     live = result["live"]
+    # Timed quietly before and after the storm, at least `questions` times each (no wait for a full memory here).
+    assert result["ttft_samples_before"] >= 2 and result["ttft_samples_after"] >= 2 and result["settled_s"] is None
     assert result["new_sessions_refused"] == 0 and result["new_sessions_admitted"] == 2
     assert result["new_sessions_answered"] == 2
-    assert live["questions"] >= 1 + 2 + 2 and live["unanswered"] == 0, live
+    assert live["questions"] >= 1 + 2 + 2 + 2 and live["unanswered"] == 0, live
     assert live["lifecycle_violations"] == 0 and not live["closed_by_server"], live
     assert result["churn"].get("refused", 0) == 0  # parked sessions never lock a new one out
     huge = result["hostile"]["huge"]
@@ -140,6 +142,7 @@ def test_soak_and_storm_refuse_bad_arguments_before_loading_a_model():
     for kwargs in ({"sessions": 0}, {"frames": 0}, {"fps": 0.0}, {"policies": ("lru",)}, {"positions": ()}, {"budget_tokens": 8}):
         with pytest.raises(ConfigError):
             run_soak_bench("no-such-model", **kwargs)
-    for kwargs in ({"messages": 1}, {"questions": 0}, {"fps": 60.0}, {"churn": -1}):
+    for kwargs in ({"messages": 1}, {"questions": 0}, {"fps": 60.0}, {"churn": -1}, {"quiet_s": -1.0},
+                   {"settle_timeout_s": float("inf")}):
         with pytest.raises(ConfigError):
             run_storm_bench("no-such-model", **kwargs)

@@ -5,8 +5,16 @@ port) with the server's default limits (the ones ``streamvlm serve`` runs with).
 raw WebSocket client in the same process, see :class:`~streamvlm.bench.soak.WireClient`) streams
 frames at ``fps`` and asks one question at a time, each after the previous answer ended; its time to
 first token (TTFT: from sending ``response.create`` to the first ``response.output_text.delta``, or to
-``response.done`` for an empty answer) is measured ``questions`` times before the storm and during it
-until the storm is over (at least ``questions`` times).
+``response.done`` for an empty answer) is measured in three windows:
+
+* **before**: once the session's working memory has reached its budget (its first ``memory.update``;
+  at most ``settle_timeout_s`` is waited), for ``quiet_s`` seconds (at least ``questions`` times). A
+  session whose memory is not yet full answers without compressing, spilling or retrieving, so timing
+  it then and comparing with a storm that lasts long enough to fill it would blame the storm for the
+  cost of a full memory;
+* **during** the storm, until it is over (at least ``questions`` times);
+* **after**, once the storm is over, for ``quiet_s`` seconds again: the storm's figure over this one
+  shows whether the before window was merely an easier moment of the stream.
 
 The hostile clients run in a second OS process (started with the ``spawn`` method: a fresh
 interpreter with its own event loop), the way an attacker on another machine would: their own work
@@ -33,7 +41,8 @@ The storm is several hostile connections at once, about ``messages`` messages in
 A hostile connection the server closes is reopened (counted). After the storm every hostile
 connection is closed and ``new_sessions`` fresh clients connect (from the main process); each must be
 admitted (not refused with ``session_limit``) and get an answer to one question. Reported: TTFT
-p50/p95 before and during and their ratios (target: p95 during <= 2x before), the server process's
+p50/p95 before, during and after and their ratios (target: p95 during <= 2x before), how long the
+memory took to fill (``settled_s``, None when it did not within the timeout), the server process's
 RSS when idle (before the storm) and its peak during it (target <= 1.5x; the main process holds the
 server, the live session and the RSS sampler, not the hostile clients), refusals after the storm
 (must be 0), the live session's questions and answers, engine faults, for the hostile side the
@@ -219,7 +228,8 @@ def _huge_trigger(i: int) -> dict[str, Any]:
 
 def run_storm_bench(model: str | ModelConfig = "tiny-smolvlm", *, messages: int = 10_000, churn: int = 100, watches: int = 1000,
                     questions: int = 8, fps: float = 5.0, new_sessions: int = 3, seed: int = 0,
-                    answer_timeout_s: float = 120.0, progress: bool = True) -> dict[str, Any]:
+                    quiet_s: float = 20.0, settle_timeout_s: float = 120.0, answer_timeout_s: float = 120.0,
+                    progress: bool = True) -> dict[str, Any]:
     """Run the storm (see the module docstring) and return a JSON-ready dict.
 
     Keys: ``benchmark`` ("storm"), the arguments, ``ttft_before_p50_s``/``_p95_s``,
@@ -248,14 +258,17 @@ def run_storm_bench(model: str | ModelConfig = "tiny-smolvlm", *, messages: int 
             raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 30:
         raise ConfigError(f"fps: must be a number in (0, 30] (the server's default frame-rate limit), got {fps!r}")
+    for name, value in (("quiet_s", quiet_s), ("settle_timeout_s", settle_timeout_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ConfigError(f"{name}: must be a number of seconds >= 0, got {value!r}")
     adapter = load_model(model)  # a preset, id or path, or a ModelConfig (device, dtype)
     precision = precision_of(adapter).to_dict()
     started = time.monotonic()
     threads_before = threading.active_count()
     result = asyncio.run(_storm(adapter, messages, churn, watches, questions, float(fps), new_sessions, seed,
-                                answer_timeout_s, progress))
+                                float(quiet_s), float(settle_timeout_s), answer_timeout_s, progress))
     return {"benchmark": "storm", "model": getattr(model, "model", model), **precision, "messages": messages, "churn": churn, "watches": watches,
-            "questions": questions, "fps": float(fps), "seed": seed, "wall_s": round(time.monotonic() - started, 1), **result,
+            "questions": questions, "fps": float(fps), "seed": seed, "quiet_s": float(quiet_s), "wall_s": round(time.monotonic() - started, 1), **result,
             "threads_before": threads_before, "threads_after": threading.active_count()}
 
 
@@ -290,6 +303,24 @@ class _Live:
                 await asyncio.sleep(delay)
             else:
                 t0 = time.monotonic() - self.sent / self.fps  # fell behind: keep the pace, skip the backlog
+
+    async def until_steady(self, timeout: float) -> float | None:
+        """Wait until the session's working memory has reached its budget (its first ``memory.update``:
+        from then on every frame and answer pays for compression, spilling and retrieval, as during a
+        long storm); the seconds waited, or None when it did not happen within ``timeout``."""
+        start = time.monotonic()
+        full = await self.client.wait_until(lambda: self.client.types["memory.update"] > 0, timeout)
+        return round(time.monotonic() - start, 2) if full else None
+
+    async def ask_for(self, rng: random.Random, questions: int, seconds: float) -> list[float]:
+        """Ask one question after another until at least ``questions`` were asked and ``seconds`` passed; their TTFTs."""
+        start, ttfts, asked = time.monotonic(), [], 0
+        while not self.client.closed.is_set() and (asked < questions or time.monotonic() - start < seconds):
+            t = await self.ask(rng)
+            asked += 1
+            if t is not None:
+                ttfts.append(t)
+        return ttfts
 
     async def ask(self, rng: random.Random) -> float | None:
         """Ask one question and wait for its answer to end; its TTFT in seconds, or None if it never ended."""
@@ -421,7 +452,7 @@ class _HostileProcess:
 
 
 async def _storm(adapter: Any, messages: int, churn: int, watches: int, questions: int, fps: float, new_sessions: int,
-                 seed: int, answer_timeout_s: float, progress: bool) -> dict[str, Any]:
+                 seed: int, quiet_s: float, settle_timeout_s: float, answer_timeout_s: float, progress: bool) -> dict[str, Any]:
     rng = random.Random(f"storm:{seed}")
     limits = Limits()
     server = StreamServer(adapter, ServerConfig(host="127.0.0.1", port=0), limits=limits)
@@ -446,10 +477,12 @@ async def _storm(adapter: Any, messages: int, churn: int, watches: int, question
         await asyncio.sleep(min(2.0, 4 / fps))
         await hostile.wait_ready()  # its interpreter start-up is over before the first timed question
         await live.ask(rng)  # warm-up, not counted
-        before = [t for t in [await live.ask(rng) for _ in range(questions)] if t is not None]
+        settled_s = await live.until_steady(settle_timeout_s)
+        before = await live.ask_for(rng, questions, quiet_s)
         rss_idle = vm_rss_bytes()
         storm = await _storm_phase(live, hostile, rng, messages + churn, questions, max(60.0, 2 * answer_timeout_s), progress)
         hostile.close()
+        quiet_after = await live.ask_for(rng, questions, quiet_s)
         after = await _fresh_sessions(url, jpegs, new_sessions, answer_timeout_s, extra)
         live.stop.set()
         await streaming
@@ -462,7 +495,16 @@ async def _storm(adapter: Any, messages: int, churn: int, watches: int, question
         if live is not None:
             await live.client.close()
         await server.stop()
-    return _summary(live, before, rss_idle, storm, after, hostile, extra, metrics, new_sessions)
+    return {**_summary(live, before, rss_idle, storm, after, hostile, extra, metrics, new_sessions),
+            **_quiet_after(quiet_after, storm["during"]), "settled_s": settled_s}
+
+
+def _quiet_after(after: list[float], during: list[float]) -> dict[str, Any]:
+    """The quiet window after the storm: its TTFT percentiles, and the storm's p95 over it (a check that
+    the before window was not merely an easier moment of the stream)."""
+    a95 = _percentile(after, 95)
+    return {"ttft_after_p50_s": _percentile(after, 50), "ttft_after_p95_s": a95, "ttft_samples_after": len(after),
+            "ttft_p95_ratio_to_after": _ratio(_percentile(during, 95), a95)}
 
 
 async def _storm_phase(live: _Live, hostile: _HostileProcess, rng: random.Random, total: int, questions: int, stall_s: float,
