@@ -348,3 +348,44 @@ def test_when_workers_fall_behind_the_frames_actually_read_bound_the_capacity():
             governor.on_frame_read("s", 0.01)
         governor.tick(float(second))
     assert 0.7 * before < governor.admission.seconds_per_frame < before
+
+
+def test_frames_are_planned_for_what_answers_and_probes_leave():
+    admission = ComputeAdmission(0.8, seconds_per_frame=1.0, headroom=0.1, min_frame_share=0.2)
+    assert admission.measured_capacity_fps == pytest.approx(0.8)  # not measured: the fixed share
+    admission.others_used(0.5)  # answers took half the model: frames get 1 - 0.1 - 0.5
+    assert admission.frame_share == pytest.approx(0.4) and admission.measured_capacity_fps == pytest.approx(0.4)
+    admission.others_used(0.0)
+    assert admission.frame_share == pytest.approx(0.8)  # never above frame_time_share
+    admission.others_used(0.95)
+    assert admission.frame_share == pytest.approx(0.2)  # never starved altogether
+    with pytest.raises(ConfigError):
+        admission.others_used(float("nan"))
+    for kwargs in ({"headroom": 1.0}, {"min_frame_share": -0.1}):
+        with pytest.raises(ConfigError):
+            ComputeAdmission(0.8, **kwargs)
+
+
+def test_the_governor_leaves_answers_the_model_time_they_use():
+    """Four sessions flood frames while answers hold the model half the time: the caps add up to what
+    the other half allows (less headroom), not to the fixed 80 % share that would oversubscribe it."""
+    held = [0.0, 0.0, 0.0]
+    governor = ComputeGovernor(0.8, model_time=lambda: tuple(held))
+    fixed = ComputeGovernor(0.8)
+    sessions = [core.RealtimeSession("m") for _ in range(4)]
+    for s in sessions:
+        s.opened(0.0)
+        governor.on_session_open(s, 0.0)
+        fixed.on_session_open(s, 0.0)
+    for second in range(1, 16):
+        held[0] += 0.5  # answers: half of every second
+        for s in sessions:
+            for i in range(4):  # 4 frames/s each
+                _frame(s, second - 1 + i / 4)
+        for g in (governor, fixed):
+            g.on_frame_read("s", 1.0)
+            g.tick(float(second))
+    assert governor.admission.others_share == pytest.approx(0.5)
+    assert governor.last_plan is not None and fixed.last_plan is not None
+    assert sum(governor.last_plan.allowed.values()) == pytest.approx(0.4, rel=0.05)
+    assert sum(fixed.last_plan.allowed.values()) == pytest.approx(0.8, rel=0.05)

@@ -174,3 +174,18 @@ def test_model_time_of_a_shared_step_is_billed_to_the_threads_it_served():
     assert [lock.usage(t) for t in (me, 101, 102, 103)] == pytest.approx([1.0, 1.0, 1.0, 1.0])
     with pytest.raises(RuntimeError):
         lock.charge({101: 1.0})  # only the holder bills its hold
+
+
+def test_held_seconds_add_up_by_the_priority_the_model_was_held_at():
+    now = [0.0]
+    lock = TurnLock(clock=lambda: now[0])
+    with lock.priority(ANSWER), lock:
+        now[0] += 2.0
+    with lock:  # FRAME by default
+        now[0] += 3.0
+        assert lock.held_seconds() == (2.0, 0.0, 3.0)  # the hold in progress counts
+        with lock.priority(PROBE), lock:  # reentrant: still the frame's hold
+            now[0] += 1.0
+    with lock.priority(PROBE), lock:
+        now[0] += 0.5
+    assert lock.held_seconds() == (2.0, 0.5, 4.0)

@@ -5,9 +5,13 @@ frames per second than the model reads, something has to give; without a plan th
 to win the model's turns read everything and the others starve, and every answer waits behind reads.
 :class:`ComputeAdmission` makes the plan instead:
 
-* **capacity** = ``frame_time_share`` / (model seconds per frame read). The seconds per frame are an
-  exponentially weighted average the caller feeds after each read (:meth:`ComputeAdmission.frame_read`);
-  the share (e.g. 0.8) leaves the rest of the model's time to answers and probes;
+* **capacity** = frame share / (model seconds per frame read). The seconds per frame are an
+  exponentially weighted average the caller feeds after each read (:meth:`ComputeAdmission.frame_read`).
+  The frame share is what answers and probes leave: ``1 - headroom - (their measured share of the
+  model's time)`` (fed with :meth:`ComputeAdmission.others_used`), never more than ``frame_time_share``
+  (e.g. 0.8) and never less than ``min_frame_share`` (frames are the product: they are never starved
+  altogether). Without that measurement it is ``frame_time_share``. A fixed share oversubscribes the
+  model as soon as answers need more than what it leaves them, and then answers queue behind answers;
 * **max-min fair shares** (water-filling): a session that offers less than an even split keeps all it
   offers, and what it leaves is split evenly among the others (as in max-min fair queueing, Bertsekas &
   Gallager, *Data Networks*; the same rule as Dominant Resource Fairness reduced to one resource);
@@ -89,15 +93,24 @@ class ComputeAdmission:
     """
 
     def __init__(self, frame_time_share: float = 0.8, *, hysteresis: float = 0.15, smoothing: float = 0.2,
-                 seconds_per_frame: float | None = None) -> None:
+                 seconds_per_frame: float | None = None, headroom: float = 0.1, min_frame_share: float = 0.2) -> None:
         if not (isinstance(frame_time_share, (int, float)) and 0 < frame_time_share <= 1):
             raise ConfigError(f"frame_time_share: must be a number in (0, 1], got {frame_time_share!r}")
+        for name, value in (("headroom", headroom), ("min_frame_share", min_frame_share)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"{name}: must be a number in [0, 1), got {value!r}")
         if not (isinstance(hysteresis, (int, float)) and 0 <= hysteresis < 1):
             raise ConfigError(f"hysteresis: must be a number in [0, 1), got {hysteresis!r}")
         if not (isinstance(smoothing, (int, float)) and 0 < smoothing <= 1):
             raise ConfigError(f"smoothing: must be a number in (0, 1], got {smoothing!r}")
-        # Share of the model's time frames may use; the rest is for answers and probes.
+        # The most of the model's time frames may use; the rest is for answers and probes.
         self.frame_time_share = float(frame_time_share)
+        # Share of the model's time kept idle so that work arriving is not queued (see frame_share).
+        self.headroom = float(headroom)
+        # The least of the model's time frames get, however much answers and probes use.
+        self.min_frame_share = min(float(min_frame_share), self.frame_time_share)
+        # Share of the model's time answers, probes and control used lately; None: not measured.
+        self.others_share: float | None = None
         # Relative change of a session's allowed rate below which its cap stays as announced.
         self.hysteresis = float(hysteresis)
         # Weight of the newest measurement in the average of seconds per frame.
@@ -120,12 +133,25 @@ class ComputeAdmission:
         else:
             self.seconds_per_frame += self.smoothing * (seconds - self.seconds_per_frame)
 
+    def others_used(self, share: float) -> None:
+        """Answers, probes and control used ``share`` (0-1) of the model's time lately (e.g. over the
+        last few seconds): the frame share becomes what they leave (see :attr:`frame_share`)."""
+        self.others_share = min(1.0, _check_rate("share", share))
+
+    @property
+    def frame_share(self) -> float:
+        """The share of the model's time frames are planned for: ``1 - headroom - others_share`` within
+        ``[min_frame_share, frame_time_share]``; ``frame_time_share`` until others are measured."""
+        if self.others_share is None:
+            return self.frame_time_share
+        return max(self.min_frame_share, min(self.frame_time_share, 1.0 - self.headroom - self.others_share))
+
     @property
     def measured_capacity_fps(self) -> float | None:
         """Frames per second the model reads within its frame share, from the latest average; None before the first read."""
         if self.seconds_per_frame is None:
             return None
-        return self.frame_time_share / self.seconds_per_frame
+        return self.frame_share / self.seconds_per_frame
 
     @property
     def capacity_fps(self) -> float | None:

@@ -55,6 +55,7 @@ class TurnLock:
         self._local = threading.local()
         self._held_since = 0.0
         self._use: dict[int, tuple[float, float]] = {}  # thread id -> (seconds held, decayed; when last updated)
+        self._held = [0.0, 0.0, 0.0]  # seconds the model was held, by the holder's priority (ANSWER, PROBE, FRAME)
         self.half_life_s = half_life_s
         self._clock = clock
 
@@ -127,6 +128,7 @@ class TurnLock:
         me = self._owner
         assert me is not None
         self._use[me] = (self._recent_use(me, now) + now - self._held_since, now)
+        self._held[min(max(self._owner_level, ANSWER), FRAME)] += now - self._held_since
         if len(self._use) > 1024:  # threads come and go: forget the ones that used the least
             for thread, _ in sorted(self._use.items(), key=lambda kv: kv[1][0])[:512]:
                 del self._use[thread]
@@ -137,6 +139,16 @@ class TurnLock:
         """Recent (decayed) model seconds booked to ``thread``; lower goes first among equals."""
         with self._cv:
             return self._recent_use(thread, self._clock())
+
+    def held_seconds(self) -> tuple[float, float, float]:
+        """Seconds the model has been held since this lock was made, by the priority it was held at:
+        ``(ANSWER, PROBE, FRAME)``, the hold in progress included. Only ever grows: take differences
+        to see what each kind of work used over an interval (admission by compute does)."""
+        with self._cv:
+            held = list(self._held)
+            if self._owner is not None:
+                held[min(max(self._owner_level, ANSWER), FRAME)] += self._clock() - self._held_since
+            return held[0], held[1], held[2]
 
     def charge(self, shares: Mapping[int, float]) -> None:
         """Held by this thread: book ``shares`` (thread id -> seconds) of this hold to those threads instead.

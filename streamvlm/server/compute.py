@@ -15,7 +15,10 @@ what it returns; the class starts no task, reads no clock and touches no socket:
 or, with no calls spread over the host, one task on its loop: ``asyncio.create_task(govern(host, governor))``
 (:func:`govern` feeds the workers' reads, ticks with the host's sessions and executes the events).
 
-Each tick measures every open session's offered frame rate (frames that reached its core, counted by
+Each tick also reads how long answers and probes held the model over the last ``window_s``
+(``model_time``, the model's :meth:`~streamvlm.models.turns.TurnLock.held_seconds`) and plans frames
+for what they leave (:attr:`ComputeAdmission.frame_share`), so frames and answers together never ask
+for more than the model has. Each tick measures every open session's offered frame rate (frames that reached its core, counted by
 ``RealtimeSession.frames_offered``, over the last ``window_s``), feeds the admission the tick's typical
 model time per read (sessions take turns per forward pass, so reads overlap in wall time: the overlap
 is divided out; and when workers fall behind, the frames actually read per second bound it), asks for
@@ -30,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +62,13 @@ class ComputeGovernor:
 
     def __init__(self, frame_time_share: float = 0.8, *, enabled: bool = True, metrics: ServerMetrics | None = None,
                  interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15, smoothing: float = 0.3,
-                 floor_fade: float = 0.03) -> None:
+                 floor_fade: float = 0.03, model_time: Callable[[], Sequence[float]] | None = None) -> None:
         self.admission = ComputeAdmission(frame_time_share, hysteresis=hysteresis, smoothing=smoothing)
+        # Seconds the model was held so far by priority (ANSWER, PROBE, FRAME), e.g. TurnLock.held_seconds:
+        # what answers and probes use is left to them, frames get the rest. None: a fixed frame share.
+        self.model_time = model_time
+        self._others_seen: float | None = None  # answer + probe seconds at the last tick
+        self._others: deque[tuple[float, float]] = deque()  # per tick: (seconds, answer + probe seconds)
         self._reads: list[float] = []  # model seconds of the reads since the last tick
         self._last_tick: float | None = None
         # per tick: (seconds, model seconds read, longest read, reads)
@@ -83,9 +91,10 @@ class ComputeGovernor:
         self.fault: str | None = None  # why the governor stopped (see disable), None while it works
 
     @classmethod
-    def from_config(cls, config: ServerConfig, metrics: ServerMetrics | None = None) -> ComputeGovernor:
+    def from_config(cls, config: ServerConfig, metrics: ServerMetrics | None = None,
+                    model_time: Callable[[], Sequence[float]] | None = None) -> ComputeGovernor:
         """The governor a server with this config runs: enabled for ``engine="scheduler"``, not for ``lock``."""
-        return cls(config.frame_time_share, enabled=config.engine == "scheduler", metrics=metrics)
+        return cls(config.frame_time_share, enabled=config.engine == "scheduler", metrics=metrics, model_time=model_time)
 
     # ---- what the host reports ------------------------------------------------------------------------
     def on_session_open(self, core: RealtimeSession, now: float) -> None:
@@ -128,6 +137,7 @@ class ComputeGovernor:
         nobody falls behind, so the caps creep back up rather than jump."""
         reads, self._reads = sorted(self._reads), []
         backlog, self._backlog = self._backlog, 0
+        self._feed_others(now)
         if self._last_tick is not None and now > self._last_tick:
             self._history.append((now - self._last_tick, sum(reads), max(reads, default=0.0), len(reads)))
             while len(self._history) > 1 and sum(h[0] for h in self._history) - self._history[0][0] >= self.window_s:
@@ -146,6 +156,21 @@ class ComputeGovernor:
         busy = sum(h[1] for h in self._history) - max(h[2] for h in self._history)
         overlap = max(1.0, busy / elapsed) if elapsed > 0 else 1.0
         self.admission.frame_read(max(reads[len(reads) // 2] / overlap, self._floor_s))
+
+    def _feed_others(self, now: float) -> None:
+        """The share of the model's time answers and probes held it over the last ``window_s`` into the
+        admission, which plans frames for what they leave (call before ``_last_tick`` moves to ``now``)."""
+        if self.model_time is None:
+            return
+        held = self.model_time()
+        others = float(held[0]) + float(held[1])
+        if self._others_seen is not None and self._last_tick is not None and now > self._last_tick:
+            self._others.append((now - self._last_tick, max(0.0, others - self._others_seen)))
+            while len(self._others) > 1 and sum(h[0] for h in self._others) - self._others[0][0] >= self.window_s:
+                self._others.popleft()
+            elapsed = sum(h[0] for h in self._others)
+            self.admission.others_used(min(1.0, sum(h[1] for h in self._others) / elapsed))
+        self._others_seen = others
 
     def on_frames_replaced(self, session_id: str, count: int) -> None:
         """``count`` frames of this session were replaced by newer ones while they waited for the model
