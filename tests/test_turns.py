@@ -188,4 +188,6 @@ def test_held_seconds_add_up_by_the_priority_the_model_was_held_at():
             now[0] += 1.0
     with lock.priority(PROBE), lock:
         now[0] += 0.5
-    assert lock.held_seconds() == (2.0, 0.5, 4.0)
+    with lock.priority(ANSWER, book=FRAME), lock:  # a frame read an answer waits for: frame work
+        now[0] += 1.5
+    assert lock.held_seconds() == (2.0, 0.5, 5.5)

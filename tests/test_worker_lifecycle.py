@@ -305,11 +305,13 @@ class _RecordingTurns:
 
     def __init__(self) -> None:
         self.levels: list[int] = []
+        self.books: list[int | None] = []
 
-    def priority(self, level: int):
+    def priority(self, level: int, *, book: int | None = None):
         import contextlib
 
         self.levels.append(level)
+        self.books.append(book)
         return contextlib.nullcontext()
 
 
@@ -324,6 +326,7 @@ def test_a_frame_read_that_a_waiting_answer_needs_inherits_the_answers_priority(
 
     def encode(frame, t, pause=None):
         frame_levels.append(turns.levels[-1])
+        assert turns.books[-1] == FRAME  # its model time is booked as frame work all the same
         return real_encode(frame, t, pause)
 
     session.encode_frame = encode

@@ -179,7 +179,7 @@ class _NoTurns:
     """Stands in for a model without a priority lock (a fake session in tests)."""
 
     @contextlib.contextmanager
-    def priority(self, level: int) -> Iterator[None]:
+    def priority(self, level: int, *, book: int | None = None) -> Iterator[None]:
         yield
 
 
@@ -415,7 +415,7 @@ class LiveWorker:
         if kind == "frame" and self._answers:  # the answers wait only for frames in flight: this one
             level = ANSWER
         try:
-            with self._turns.priority(level):
+            with self._turns.priority(level, book=_PRIORITY[kind]):
                 getattr(self, f"_do_{kind}")(item)
         except _Stopped:
             raise

@@ -49,6 +49,7 @@ class TurnLock:
         self._cv = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._owner_level = FRAME
+        self._owner_book = FRAME  # what the hold in progress is booked as in held_seconds
         self._depth = 0
         self._waiting: list[tuple[int, float, int, int]] = []  # heap of (priority, recent use, arrival, thread id)
         self._arrivals = itertools.count()
@@ -60,14 +61,16 @@ class TurnLock:
         self._clock = clock
 
     @contextmanager
-    def priority(self, level: int) -> Iterator[None]:
-        """Acquisitions by this thread inside the block wait with priority ``level`` (default FRAME)."""
-        before = getattr(self._local, "level", FRAME)
-        self._local.level = level
+    def priority(self, level: int, *, book: int | None = None) -> Iterator[None]:
+        """Acquisitions by this thread inside the block wait with priority ``level`` (default FRAME).
+        Their hold time is booked in :meth:`held_seconds` as ``book`` (default: ``level``): a frame
+        read that runs with an answer's priority is still frame work."""
+        before = (getattr(self._local, "level", FRAME), getattr(self._local, "book", None))
+        self._local.level, self._local.book = level, book
         try:
             yield
         finally:
-            self._local.level = before
+            self._local.level, self._local.book = before
 
     def current_level(self) -> int:
         """The priority this thread's acquisitions wait with now (set by :meth:`priority`)."""
@@ -116,6 +119,8 @@ class TurnLock:
 
     def _take(self, me: int, level: int, depth: int) -> None:
         self._owner, self._owner_level, self._depth = me, level, depth
+        book = getattr(self._local, "book", None)  # _take runs on the taking thread
+        self._owner_book = min(max(level if book is None else book, ANSWER), FRAME)
         self._held_since = self._clock()
 
     def _recent_use(self, thread: int, now: float) -> float:
@@ -128,7 +133,7 @@ class TurnLock:
         me = self._owner
         assert me is not None
         self._use[me] = (self._recent_use(me, now) + now - self._held_since, now)
-        self._held[min(max(self._owner_level, ANSWER), FRAME)] += now - self._held_since
+        self._held[self._owner_book] += now - self._held_since
         if len(self._use) > 1024:  # threads come and go: forget the ones that used the least
             for thread, _ in sorted(self._use.items(), key=lambda kv: kv[1][0])[:512]:
                 del self._use[thread]
@@ -141,13 +146,14 @@ class TurnLock:
             return self._recent_use(thread, self._clock())
 
     def held_seconds(self) -> tuple[float, float, float]:
-        """Seconds the model has been held since this lock was made, by the priority it was held at:
-        ``(ANSWER, PROBE, FRAME)``, the hold in progress included. Only ever grows: take differences
+        """Seconds the model has been held since this lock was made, by the kind of work it was held
+        for (the ``book`` of :meth:`priority`, else its level): ``(ANSWER, PROBE, FRAME)``, the hold in
+        progress included. Only ever grows: take differences
         to see what each kind of work used over an interval (admission by compute does)."""
         with self._cv:
             held = list(self._held)
             if self._owner is not None:
-                held[min(max(self._owner_level, ANSWER), FRAME)] += self._clock() - self._held_since
+                held[self._owner_book] += self._clock() - self._held_since
             return held[0], held[1], held[2]
 
     def charge(self, shares: Mapping[int, float]) -> None:
