@@ -291,3 +291,47 @@ def test_scale_out_flags_are_checked_before_the_model_loads(capsys, tmp_path):
                       "streamvlm: error: --ray needs --snapshot-dir: a directory every replica shares, for sessions to "
                       "resume on any replica",
                       "streamvlm: error: snapshot_every_s: must be a number of seconds > 0 or None, got -1.0"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_sessions_at_once_each_answer_every_question_from_their_own_frames(smol, transport):
+    """Two clients stream and ask at the same time on one server, with budgets small enough that memory
+    spills and questions retrieve (the path where one session's model work once broke the other's)."""
+    spilled: list[dict] = []
+
+    async def client(served: Served, name: str, offset: float) -> tuple[list[dict], list[dict]]:
+        async with connect(served.url) as ws:
+            await until(ws, "session.created")
+            await ws.send(json.dumps({"type": "session.update", "event_id": f"{name}-u",
+                                      "session": {"memory": {"budget_tokens": 128}, "sampling": {"max_new_tokens": 3}}}))
+            await until(ws, "session.updated")
+            done, errors = [], []
+            for round_ in range(3):
+                for i, img in enumerate(synthetic_frames(4, seed=round_)):
+                    await ws.send(encode_frame(img, offset + 4 * round_ + i, name))
+                await ask(ws, "What do you see?", f"{name}{round_}")
+                while True:
+                    event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                    if event["type"] == "error":
+                        errors.append(event)
+                    if event["type"] == "memory.update":
+                        spilled.append(event)
+                    if event["type"] == "response.done":
+                        done.append(event["response"])
+                        break
+            return done, errors
+
+    async def main():
+        async with Served(transport, smol) as served:
+            return await asyncio.gather(client(served, "a", 0.0), client(served, "b", 1000.0))
+
+    (a_done, a_errors), (b_done, b_errors) = run(main())
+    assert a_errors == [] and b_errors == []
+    assert spilled  # the budgets were reached: memory was compressed or spilled while both ran
+    for done, name, offset in ((a_done, "a", 0.0), (b_done, "b", 1000.0)):
+        assert [r["client_event_id"] for r in done] == [f"{name}0", f"{name}1", f"{name}2"]
+        assert all(r["status"] in ("completed", "incomplete") for r in done)
+        for r in done:  # evidence only from this client's own frames, and the newest one it sent
+            pts = [e["pts_s"] for e in r["evidence"]]
+            assert pts and all(offset <= t < offset + 12 for t in pts), pts
+        assert max(e["pts_s"] for e in done[-1]["evidence"]) == offset + 11
