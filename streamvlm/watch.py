@@ -151,6 +151,7 @@ class _Camera:
         while (self.source.running or self.source.latest(after=last) is not None) and self.fatal is None:
             frame = await loop.run_in_executor(self.watch.waiters, self.source.wait_frame, 0.5, last)
             self.log_source_events()
+            self.report.frames_read = self.worker.counters.ingested  # the report is read while it runs
             if frame is None:
                 continue
             last = frame.pts_s

@@ -6,6 +6,7 @@ per camera at the end or on Ctrl-C."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -228,3 +229,58 @@ def test_the_example_cameras_file_is_valid_and_its_paths_are_next_to_it():
     assert plan.cameras[0].source == str(ROOT / "demos" / "door.mkv") and plan.event_db == ROOT / "demos" / "events.db"
     assert plan.cameras[0].alerts == ("a yellow circle appears",)  # the top-level default
     assert plan.cameras[1].questions == ((3.0, "What colour is the circle?"),)
+
+
+def test_an_rtsp_camera_that_drops_comes_back_while_the_other_camera_reads_on(smol, tmp_path):
+    """One `watch`, two cameras: an RTSP camera whose server dies mid-stream and comes back, and a file.
+    The file camera reads to its end while the other is down; the RTSP camera is logged offline, then
+    online again, and the model reads its frames after the return. Neither camera fails."""
+    from test_live_source import FAST, RtspServer, free_port
+
+    server = RtspServer(free_port())
+    server.start()
+    clip = write_test_clip(tmp_path / "lobby.mp4", seconds=6.0, fps=10.0)
+    cameras = [CameraConfig(name="yard", source=server.url, alerts=("a ball is visible",), fps=5.0),
+               CameraConfig(name="lobby", source=str(clip), alerts=("a ball is visible",), fps=5.0)]
+    err = io.StringIO()
+    watch = CameraWatch(smol, cameras, event_db=tmp_path / "events.db", source_config=FAST, err=err, duration_s=180)
+    yard, lobby = watch.reports
+
+    async def said(text: str, count: int = 1) -> None:
+        deadline = time.monotonic() + 60  # bounds a hung run; not a timing assertion
+        while err.getvalue().count(text) < count:
+            assert time.monotonic() < deadline, f"never said {text!r} x{count}:\n{err.getvalue()}"
+            await asyncio.sleep(0.05)
+
+    async def main() -> tuple[int, int]:
+        run = asyncio.create_task(watch.run())
+        try:
+            await said("yard: camera online")
+            await said("lobby: camera online")
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, server.kill)
+            await said("yard: camera offline")
+            down_at = yard.frames_read
+            while not lobby.ended:  # the file camera reads to its end while the other is down
+                assert not run.done(), err.getvalue()
+                await asyncio.sleep(0.1)
+            await loop.run_in_executor(None, server.start)  # the same port: the camera comes back
+            await said("yard: camera online", 2)
+            back_at = yard.frames_read
+            while yard.frames_read <= back_at + 2:  # the model reads the returning stream
+                assert not run.done(), err.getvalue()
+                await asyncio.sleep(0.1)
+            return down_at, back_at
+        finally:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+
+    try:
+        down_at, back_at = asyncio.run(main())
+    finally:
+        server.stop()
+    assert lobby.failure is None and lobby.ended and lobby.frames_read > 0
+    assert yard.failure is None and yard.frames_read > back_at >= down_at > 0
+    kinds = [e["kind"] for e in EventLog(tmp_path / "events.db").list() if e["payload"]["camera"] == "yard"]
+    assert kinds.count("camera.offline") >= 1 and kinds.count("camera.online") >= 2
+    assert kinds.index("camera.offline") < len(kinds) - 1 - kinds[::-1].index("camera.online")
