@@ -870,7 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="scheduler: frames of all sessions batched, read rates capped evenly when the model is saturated; "
                           "lock: one frame per forward, no caps (the previous mode)")
     srv.add_argument("--frame-time-share", type=float, default=0.8,
-                     help="share of model time frame reads may take before read rates are capped (the rest is for answers)")
+                     help="the most of the model's time frame reads may take before read rates are capped; they get less "
+                          "when answers and probes use more (measured)")
     srv.add_argument("--store-ram", default="64MB", help="each session's long-term store in RAM (default 64MB)")
     srv.add_argument("--store-disk", default="0", help="each session's long-term store on disk beyond that, e.g. 2GB "
                      "(default 0: chunks past the RAM quota are dropped)")

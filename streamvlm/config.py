@@ -247,8 +247,8 @@ class ServerConfig:
 
     ``engine`` picks how sessions share the model: ``scheduler`` (the default: batched reads across
     sessions, and admission by compute, which caps each session's frame read rate evenly once the
-    sessions offer more frames than the model reads in ``frame_time_share`` of its time, leaving the
-    rest to answers and probes) or ``lock`` (the previous mode: sessions take turns on one lock, no
+    sessions offer more frames than the model reads in what answers and probes leave of its time
+    (measured; at most ``frame_time_share``)) or ``lock`` (the previous mode: sessions take turns on one lock, no
     batching, no admission; kept to compare against).
     """
 
@@ -272,7 +272,7 @@ class ServerConfig:
     stats_every_s: float = 2.0
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for WebRTC peers beyond this machine (none needed on localhost)
     engine: str = "scheduler"  # "scheduler" (batched reads, admission by compute) or "lock" (turns on one lock), see above
-    frame_time_share: float = 0.8  # share of the model's time frames may take under admission by compute, (0, 1]
+    frame_time_share: float = 0.8  # the most of the model's time frames may take under admission by compute, (0, 1]
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
