@@ -16,6 +16,7 @@ before it is kept as a fallback. What the job does not know: where frames come f
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -34,9 +35,43 @@ from ..models.base import ModelAdapter
 from ..types import Frame
 from .config import CameraConfig
 
-__all__ = ["CameraJob", "FleetEvent", "SnapshotStore", "alert_key", "answer_key"]
+__all__ = ["CameraJob", "FleetEvent", "SnapshotStore", "alert_key", "answer_key", "load_controller"]
 
 _STATE, _CONTROLLER, _SESSION, _LATEST = "state.json", "controller.pkl", "session", "LATEST"
+
+
+# What a controller snapshot may name: the dialogue package's own classes and a few plain containers.
+_CONTROLLER_MODULES = ("streamvlm.dialogue.controller", "streamvlm.dialogue.triggers")
+_PLAIN = {("collections", "deque"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _ControllerUnpickler(pickle.Unpickler):
+    """Loads a controller snapshot and nothing else: a pickle may name any callable, and calls it while
+    it loads, so one written by whoever can write the shared snapshot directory (its checksum sits
+    beside it) would run their code here. Only the dialogue package's classes and plain containers
+    are let through; any other name is refused before it is imported or called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PLAIN:
+            return super().find_class(module, name)
+        if module in _CONTROLLER_MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
+        raise pickle.UnpicklingError(f"a controller snapshot may not name {module}.{name}")
+
+
+def load_controller(blob: bytes, where: Path | str = "controller snapshot") -> DialogueController:
+    """The :class:`DialogueController` in ``blob`` (written by :meth:`CameraJob.save`). Raises
+    InputError naming ``where`` for a blob that is not one, or names anything but the controller's own
+    classes (nothing it names outside them is imported or run)."""
+    try:
+        controller = _ControllerUnpickler(io.BytesIO(blob)).load()
+    except Exception as exc:  # refused names, damage, or a checksum-clean pickle of another version of the code
+        raise InputError(f"{where}: cannot be read as a controller snapshot: {exc}") from exc
+    if not isinstance(controller, DialogueController):
+        raise InputError(f"{where}: not a dialogue controller")
+    return controller
 
 
 def alert_key(camera_id: str, watch_id: str, evidence_t: float) -> str:
@@ -161,13 +196,8 @@ class CameraJob:
         if mine != theirs:
             raise InputError(f"{directory}: made for camera {theirs[0]!r} on {theirs[1]!r} watching {theirs[2]!r}; "
                              f"the configuration now says {mine[1]!r} watching {mine[2]!r}")
+        controller = load_controller(blob, directory / _CONTROLLER)
         session = StreamSession.load(adapter, directory / _SESSION)
-        try:
-            controller = pickle.loads(blob)
-        except Exception as exc:  # a checksum-clean pickle of another version of the code
-            raise InputError(f"{directory / _CONTROLLER}: cannot be read by this version: {exc}") from exc
-        if not isinstance(controller, DialogueController):
-            raise InputError(f"{directory / _CONTROLLER}: not a dialogue controller")
         job = cls.__new__(cls)
         job.camera, job.session, job.controller = camera, session, controller
         job.frames_read, job.last_pts, job.alerts = int(state["frames_read"]), state["last_pts"], int(state["alerts"])
