@@ -270,3 +270,48 @@ def test_streamvlm_fleet_runs_a_camera_file_to_its_end_and_status_shows_it(tmp_p
 
     (row,) = [json.loads(line) for line in status.stdout.splitlines()]
     assert (row["camera"], row["state"], row["frames_read"], row["restarts"]) == ("door", "ended", 16, 0)
+
+
+def test_a_live_camera_whose_stream_drops_is_logged_offline_and_reads_on_when_it_returns(tmp_path):
+    """A fleet camera on a real RTSP server that dies mid-stream and comes back on the same port: the loop
+    neither ends nor fails; the outage is in the event log (offline, then online again) and the model
+    reads the returning stream."""
+    from conftest import load
+    from test_live_source import RtspServer, free_port
+
+    server = RtspServer(free_port())
+    server.start()
+    config = parse_fleet_config(_toml(tmp_path, server.url, ("yard",)).replace("fps = 1", "fps = 2"), base=tmp_path)
+    (camera,) = config.cameras
+    assert camera.source == server.url
+    log = EventLog(config.event_db)
+    loop = CameraLoop(config, camera, lambda events: events_to_log(log, events), run_id="r", load_adapter=load)
+    thread = threading.Thread(target=loop.run, daemon=True)
+
+    def kinds() -> list[str]:
+        return [e["kind"] for e in log.list(session="yard") if e["kind"].startswith("camera.")]
+
+    def wait(what, ready) -> None:
+        deadline = time.monotonic() + 90  # bounds a hung run; not a timing assertion
+        while not ready():
+            assert time.monotonic() < deadline and loop.status()["state"] not in ("ended", "failed"), (what, loop.status(), kinds())
+            time.sleep(0.1)
+
+    try:
+        thread.start()
+        wait("online and reading", lambda: "camera.online" in kinds() and loop.status()["frames_read"] >= 2)
+        server.kill()
+        wait("offline", lambda: "camera.offline" in kinds())
+        down_at = loop.status()["frames_read"]
+        server.start()  # the same port
+        wait("online again", lambda: kinds().count("camera.online") >= 2)
+        back_at = loop.status()["frames_read"]
+        wait("reading again", lambda: loop.status()["frames_read"] >= back_at + 2)
+    finally:
+        loop.stop()
+        thread.join(60)
+        server.stop()
+    assert not thread.is_alive() and loop.status()["state"] != "failed", loop.status()
+    assert down_at >= 2 and loop.status()["frames_read"] >= back_at + 2
+    seen = kinds()
+    assert seen.index("camera.offline") < len(seen) - 1 - seen[::-1].index("camera.online")  # online after the outage
