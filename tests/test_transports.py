@@ -227,26 +227,30 @@ def test_a_parked_session_resumes_on_another_server_sharing_the_snapshot_directo
                 await until(ws, "response.done")
                 handle = (await until(ws, "session.resumption_update"))["new_handle"]  # rotated after the answer
                 await ask(ws, "Tell me when a red square appears.", "deferred")
-                await until(ws, "response.acknowledged")
+                waiting = await until(ws, "response.acknowledged")
             async with connect(b.url + f"?resume={handle}") as ws:
                 again = await until(ws, "session.created")
-                lost = await until(ws, "response.done")  # the open question could not move: it ends, once
                 await ask(ws, "What did you see before?", "q2")
                 done = await until(ws, "response.done")
+                # The deferred question moved with the session and still waits: cancelling it here ends it, once.
+                await ws.send(json.dumps({"type": "response.cancel", "event_id": "c", "response_id": waiting["response_id"]}))
+                ended = await until(ws, "response.done")
                 moved = next(iter(b.host.sessions.values()))
                 watches = {w: (s.condition, s.spec.on) for w, s in moved.watch_specs.items()}
                 while a.host.sessions:  # the first server lets its parked copy go once it sees the claim
                     await asyncio.sleep(0.1)
             async with connect(a.url + f"?resume={handle}") as ws:  # a handle opens a session once
                 stale = await until(ws, "error")
-            return created, again, lost, done, watches, stale
+            return created, again, waiting, done, ended, watches, stale
 
-    created, again, lost, done, watches, stale = run(main())
+    created, again, waiting, done, ended, watches, stale = run(main())
     assert again["session"]["id"] == created["session"]["id"]
     assert 5.0 in [e["pts_s"] for e in done["response"]["evidence"]]  # the memory came along
     assert watches == {"door": ("the door is open", 0.9)}  # and the watch, with its trigger rule
     assert stale["error"]["code"] == "invalid_resume_handle"
-    assert (lost["response"]["client_event_id"], lost["response"]["status"]) == ("deferred", "failed")
+    assert done["response"]["client_event_id"] == "q2"  # nothing of the deferred question ended before
+    assert ended["response"]["id"] == waiting["response_id"]
+    assert (ended["response"]["client_event_id"], ended["response"]["status"]) == ("deferred", "cancelled")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

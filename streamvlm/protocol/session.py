@@ -367,6 +367,13 @@ class RealtimeSession:
         return out + [m.response_created(rid, trigger, client_event_id=event.event_id),
                       Ask(rid, text, event.max_output_tokens)]
 
+    def reopen(self, response_id: str, trigger: str, client_event_id: str | None, question: str, now: float) -> list[Out]:
+        """A response opened elsewhere (its ``response.created`` went out from the server the session moved
+        from) goes on here: it is open again under the same id, and its question is asked of this
+        server's worker (the Ask command to carry out once the worker runs). It ends exactly once, as any other."""
+        self._responses[response_id] = _Response(trigger, client_event_id, now, question)
+        return [Ask(response_id, question)]
+
     def _on_ResponseCancel(self, event: m.ResponseCancel, now: float) -> list[Out]:
         rid = event.response_id
         if rid is None and not self._responses:

@@ -262,7 +262,7 @@ class Handoff:
             epoch = _int(state, "epoch") + 1
             _write_atomic(Path(f"{src}.moved"), str(epoch))
             stream = await asyncio.to_thread(load_session, self.host.adapter, claimed / _MEMORY) if state.get("memory") else None
-            session = self._rebuild(state, handle, stream)
+            session, reasks = self._rebuild(state, handle, stream)
         except Exception as exc:
             os.rename(claimed, src.parent / f".{session_id}.damaged-{uuid.uuid4().hex[:8]}")
             self.snapshots.labels(outcome="refused", replica=self.config.replica).inc()
@@ -275,6 +275,7 @@ class Handoff:
         if stream is not None:
             await self.host._start_worker(session, core.StartWorker(session.core.session_config, session.core.memory_config,
                                                                     session.core.controller_config), stream)
+            await self.host._execute(session, reasks)  # deferred questions wait on here
         self.snapshots.labels(outcome="restored", replica=self.config.replica).inc()
         return session
 
@@ -336,7 +337,10 @@ class Handoff:
             "memory": memory,
         }
 
-    def _rebuild(self, state: dict[str, Any], handle: str, stream: StreamSession | None) -> HostedSession:
+    def _rebuild(self, state: dict[str, Any], handle: str, stream: StreamSession | None) -> tuple[HostedSession, list]:
+        """The session of ``state``, registered with the host, and the Ask commands that carry its open
+        deferred questions over ("tell me when ..." waits on here); every other open response was cut
+        short by the move and ends ``failed`` (kept for the client, with the reason)."""
         assert self.host is not None
         host = self.host
         if state.get("format") != FORMAT or state.get("version") != VERSION:
@@ -356,8 +360,12 @@ class Handoff:
         if stream is not None and math.isfinite(stream.last_t):
             last_t = max(last_t, stream.last_t)
         realtime.clock = SessionClock(start_t=last_t, origin_s=time.monotonic())
-        lost = []
+        lost, reasks = [], []
         for response in state["open_responses"]:
+            if stream is not None and response["trigger"] == "deferred" and response["question"]:
+                reasks += realtime.reopen(response["response_id"], response["trigger"], response["client_event_id"],
+                                          response["question"], time.monotonic())
+                continue
             message = "the replica serving this response stopped before it ended; ask again"
             lost += [m.error_event("server_error", message, None, response["client_event_id"], response["response_id"]),
                      m.response_done(response["response_id"], "failed", response["trigger"], "",
@@ -370,7 +378,7 @@ class Handoff:
         for watch in state["watches"]:
             spec = None if watch["spec"] is None else TriggerSpec(**watch["spec"])
             session.watch_specs[watch["watch_id"]] = core.Watch(watch["watch_id"], watch["condition"], spec)
-        return session
+        return session, reasks
 
     def _sweep(self) -> None:
         """Remove snapshots nobody refreshed within the resume window (and old tombstones and leftovers)."""
