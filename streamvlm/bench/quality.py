@@ -37,6 +37,8 @@ from ..dialogue import (
     GiveUp,
     Narrate,
     Poll,
+    TriggerSpec,
+    make_rule,
 )
 from ..engine.session import StreamSession
 from ..errors import ConfigError
@@ -50,7 +52,7 @@ from ..shapeworld.world import make_long_episode
 from ..shapeworld.splits import split_of, split_range
 
 __all__ = ["QualityConfig", "EpisodeScore", "run_episode", "run_quality", "match_alerts", "probe_binding", "PROBE_CASES",
-           "wilson_interval", "format_table"]
+           "wilson_interval", "format_table", "watch_scores", "replay_alerts", "sweep_triggers"]
 
 #: The normal quantile of a two-sided 95 % interval.
 Z95 = 1.959963984540054
@@ -408,6 +410,64 @@ def alert_rates(adapter: ModelAdapter, cfg: QualityConfig, say: Callable[[str], 
         rows.append(row)
         if say is not None:
             say(f"alerts at {fps:g} frames/s: {row['alerts']}")
+    return rows
+
+
+def watch_scores(adapter: ModelAdapter, seed: int, cfg: QualityConfig, fps: float,
+                 memory: MemoryConfig | None = None) -> tuple[list[tuple[float, float]], list[float]]:
+    """The standing watch's probe scores of episode ``seed`` at ``fps`` frames per second, and its true appearances.
+
+    The episode is streamed as :func:`alert_rates` streams it (working memory capped at :data:`RATE_BUDGET_TOKENS`
+    with positions re-indexed unless ``memory`` says otherwise), the controller's own probe prompt is scored on
+    every frame, and ``([(t, P(yes)), ...], [appearance times])`` comes back. Probes are rolled back, so the
+    scores do not depend on any trigger rule: :func:`replay_alerts` then gives, for any rule, exactly the alerts
+    :func:`run_episode` would raise, without streaming the episode again.
+    """
+    memory = memory or MemoryConfig(budget_tokens=RATE_BUDGET_TOKENS, positions="reindex")
+    episode = make_episode(seed, duration_s=cfg.duration_s, fps=fps, size=FRAME_SIZE)
+    colour, shape = watch_target(episode)
+    controller = DialogueController(ControllerConfig(probe_every_frames=1))
+    controller.add_watch("watch", f"a {colour} {shape} appears", 0.0)
+    session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=12)), memory)
+    scores: list[tuple[float, float]] = []
+    try:
+        for t, image in episode.frames():
+            session.ingest(image, t)
+            for action in controller.frame(t):
+                if isinstance(action, Poll):
+                    values = session.probe([p.prompt for p in action.probes])
+                    scores.append((t, values[0]))
+    finally:
+        session.close()
+    return scores, appearances(episode, colour, shape)
+
+
+def replay_alerts(spec: TriggerSpec, scores: Iterable[tuple[float, float]]) -> list[float]:
+    """The alert times a fresh rule built from ``spec`` raises on recorded ``(t, P(yes))`` scores, in order."""
+    rule = make_rule(spec)
+    return [t for t, p in scores if rule.update(p, t)]
+
+
+def sweep_triggers(records: dict[float, dict[int, tuple[list[tuple[float, float]], list[float]]]],
+                   specs: Iterable[TriggerSpec]) -> list[dict[str, Any]]:
+    """Alert F1 of every rule of ``specs`` at every rate of ``records`` (fps -> seed -> :func:`watch_scores`).
+
+    One row per spec: ``{"spec", "f1": {fps: F1}, "worst", "mean"}``, best first by the worst rate's F1
+    (ties: the mean). This is how the default rule is chosen: on validation episodes only.
+    """
+    rows = []
+    for spec in specs:
+        f1 = {}
+        for fps, per_seed in records.items():
+            total = EpisodeScore()
+            for scores, truth in per_seed.values():
+                alerts = replay_alerts(spec, scores)
+                total.alerts += len(alerts)
+                total.truths += len(truth)
+                total.alerts_true += match_alerts(alerts, truth)
+            f1[fps] = total.summary()["alerts"]["f1"]
+        rows.append({"spec": spec, "f1": f1, "worst": min(f1.values()), "mean": round(sum(f1.values()) / len(f1), 4)})
+    rows.sort(key=lambda r: (-r["worst"], -r["mean"]))
     return rows
 
 

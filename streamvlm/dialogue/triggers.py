@@ -5,7 +5,7 @@ now? Answer yes or no."); the engine scores it as ``p = P(yes)`` in ``[0, 1]``. 
 scores one at a time, with the stream time ``t`` of the frame they were computed on, and says when to
 fire::
 
-    rule = make_rule(TriggerSpec(kind="threshold", on=0.6, off=0.4, hold_s=1.5, window_s=3.0, cooldown_s=5.0))
+    rule = make_rule(TriggerSpec(kind="threshold", on=0.6, off=0.4, hold_s=0.8, window_s=3.0, cooldown_s=5.0))
     for p, t in scored_frames:
         if rule.update(p, t):
             ...  # the condition has just started to hold at ``t``: tell the user
@@ -49,12 +49,17 @@ __all__ = [
     "make_rule",
     "STD_FLOOR",
     "MAX_SPAN_S",
+    "DEFAULT_HOLD_S",
 ]
 
 TriggerKind = Literal["threshold", "sum", "zscore"]
 
 #: Smallest standard deviation a :class:`ZScoreRule` divides by, so a flat history cannot blow up z.
 STD_FLOOR = 1e-3
+
+#: The threshold rule's default hold (seconds of "yes" in its window): chosen on validation episodes at 1, 2 and
+#: 10 frames per second together (docs/dialogue.md); the model's "yes" often lasts only about a second at 10 fps.
+DEFAULT_HOLD_S = 0.8
 
 #: The most stream time one score stands for (seconds): after a gap in the probes, a single score does
 #: not count as seconds of evidence.
@@ -164,6 +169,10 @@ class TriggerSpec:
     become ``history_s = window`` and ``min_history_s = min_history``. At one probe per second that is
     exactly the old rule; at any other rate it is the same rule in seconds. After the conversion the
     count fields read None, so ``TriggerSpec(m=2, n=3) == TriggerSpec(hold_s=1.5, window_s=3.0)``.
+
+    The default threshold rule (``hold_s=0.8``, ``window_s=3``, ``rearm_s=1``, ``on=0.6``, ``off=0.4``) was
+    chosen on 48 ShapeWorld validation episodes streamed at 1, 2 and 10 frames per second (docs/dialogue.md):
+    at one probe per second one "yes" fires it; at ten, 0.8 s of "yes".
     Giving a count field and its seconds field together is a ConfigError.
     """
 
@@ -175,7 +184,7 @@ class TriggerSpec:
     on: float = 0.6
     # threshold: a score < off counts as "no"; enough "no" re-arms the rule after a fire.
     off: float = 0.4
-    # threshold: fire when "yes" scores cover at least hold_s seconds of the last window_s seconds.
+    # threshold: fire when "yes" scores cover at least hold_s seconds of the last window_s seconds (default 0.8).
     hold_s: float | None = None
     # threshold: the voting window, in seconds.
     window_s: float | None = None
@@ -218,7 +227,7 @@ class TriggerSpec:
         for name in ("m", "n", "window", "min_history"):
             object.__setattr__(self, name, None)
         if self.hold_s is None:
-            object.__setattr__(self, "hold_s", 1.5)
+            object.__setattr__(self, "hold_s", DEFAULT_HOLD_S)
         if self.window_s is None:
             object.__setattr__(self, "window_s", 3.0)
         if self.history_s is None:
@@ -299,15 +308,15 @@ class ThresholdRule(TriggerRule):
     Each score counts for the time since the previous one (at most :data:`MAX_SPAN_S`), clipped to the
     window. After a fire the rule is disarmed; it re-arms once "no" scores (``< off``) cover ``rearm_s``
     seconds of the window, and re-arming clears the votes, so the next fire needs ``hold_s`` seconds of
-    fresh "yes" after the drop. With the defaults (on=0.6, off=0.4, hold_s=1.5, window_s=3, rearm_s=1)
-    a condition fires about 1-1.5 s after it appears at any probe rate (on its second "yes" at one probe
-    per second), stays silent while it holds, and fires again only after a second of "no".
+    fresh "yes" after the drop. With the defaults (on=0.6, off=0.4, hold_s=0.8, window_s=3, rearm_s=1)
+    a condition fires on its first "yes" at one probe per second and after 0.8 s of "yes" at faster
+    rates, stays silent while it holds, and fires again only after a second of "no".
 
     Cooldown: a suppressed fire leaves the rule armed and the votes intact, so it fires at the first
     update after the cooldown where the vote still holds.
     """
 
-    def __init__(self, on: float = 0.6, off: float = 0.4, hold_s: float = 1.5, window_s: float = 3.0,
+    def __init__(self, on: float = 0.6, off: float = 0.4, hold_s: float = DEFAULT_HOLD_S, window_s: float = 3.0,
                  rearm_s: float = 1.0, cooldown_s: float = 0.0) -> None:
         _check_threshold_params(on, off, hold_s, window_s, rearm_s)
         super().__init__(cooldown_s)
