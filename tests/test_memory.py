@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from streamvlm import MemoryConfig, SamplingConfig, SessionConfig, StreamSession
 from streamvlm.config import POLICIES
 from streamvlm.engine.check import synthetic_frames
+from streamvlm.memory.manager import INDEX_VECTORS
 
 from conftest import load
 
@@ -130,8 +131,9 @@ def test_retrieved_chunks_reach_the_model_and_memory_is_restored(adapter):
 
 
 def test_a_stored_frame_is_indexed_by_its_visual_tokens(smol):
-    """The index key of an evicted frame is the mean position-free key of its image tokens: the timestamp
-    text before them would make every question match clock digits rather than what the frame shows."""
+    """The index keys of an evicted frame are the mean position-free keys of runs of its image tokens (one
+    vector per run, scored by the best): the timestamp text before them would make every question match
+    clock digits rather than what the frame shows."""
     session = StreamSession(smol, SessionConfig(system_prompt="Watch."), MemoryConfig(budget_tokens=200, recent_frames=1))
     for i, f in enumerate(synthetic_frames(8, seed=3)):
         session.ingest(f, float(i))
@@ -141,8 +143,10 @@ def test_a_stored_frame_is_indexed_by_its_visual_tokens(smol):
         record, keys, _ = session.memory.store.get(chunk.chunk_id)
         positions = torch.arange(record.position_start, record.position_end)[None]
         unrotated = [session.memory.rotator.unrotate(k.float(), positions) for k in keys]
-        expected = torch.stack([k[:, chunk.protected_prefix :].mean(dim=1) for k in unrotated])
-        everything = torch.stack([k.mean(dim=1) for k in unrotated])
+        runs = [torch.tensor_split(k[:, chunk.protected_prefix :], INDEX_VECTORS, dim=1) for k in unrotated]
+        expected = torch.stack([torch.stack([run.mean(dim=1) for run in layer]) for layer in runs])  # [L, V, H, D]
+        everything = torch.stack([torch.stack([run.mean(dim=1) for run in torch.tensor_split(k, INDEX_VECTORS, dim=1)])
+                                  for k in unrotated])
         entry = session.memory.store.index_entry(chunk.chunk_id).reshape(expected.shape).float()
         assert torch.allclose(entry, expected, atol=1e-5)
         assert not torch.allclose(entry, everything, atol=1e-3)

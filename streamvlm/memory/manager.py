@@ -1,8 +1,8 @@
 """The memory manager: keeps working memory within its budget after every step.
 
 It reads the ledger, asks the policy for a plan, and applies it: evicted chunks are copied to the
-long-term store (keys, values and a position-free index: the mean key of a frame's visual tokens, of
-a dialogue chunk's tokens) before their tokens leave the cache; compressed chunks keep the chosen
+long-term store (keys, values and a position-free index: :data:`INDEX_VECTORS` mean keys per chunk,
+one per run of a frame's visual tokens or a dialogue chunk's tokens) before their tokens leave the cache; compressed chunks keep the chosen
 tokens; merged frames vanish into their prototype. With ``positions="reindex"`` (or when positions pass half the model's range) the kept chunks are
 re-rotated to contiguous positions. Every change is reported as a memory event.
 
@@ -27,9 +27,30 @@ from . import cache as kv
 from .ledger import DROPPED, MERGED, STORE, Chunk, Ledger, Plan
 from .policies import Budget, MemoryView, make_policy
 
-__all__ = ["MemoryManager", "MemoryEvent", "Retrieved"]
+__all__ = ["MemoryManager", "MemoryEvent", "Retrieved", "INDEX_VECTORS", "RECALL_NEAR", "index_vectors"]
 
 PROXY_QUESTION = "What is happening in the video right now?"
+
+#: Index vectors per stored chunk: its tokens (a frame's visual tokens, without the timestamp text) split into
+#: this many runs in order, each run's mean position-free key one vector (a chunk of fewer tokens repeats them).
+#: A question scores a chunk by its best vector (ColBERT's max-sim), so a frame is found by the part that shows
+#: the thing asked about. Chosen on ShapeWorld validation episodes at a 10 % budget (docs/memory.md).
+INDEX_VECTORS = 5
+
+#: Chunks scoring within this many standard deviations of the best are retrieved earliest first
+#: (:meth:`LongTermStore.search` ``near``): "when did X appear" and "what came first" rest on the earliest of
+#: the frames that show a thing alike. Chosen with :data:`INDEX_VECTORS` (docs/memory.md).
+RECALL_NEAR = 1.0
+
+
+def index_vectors(keys: torch.Tensor, vectors: int = INDEX_VECTORS) -> torch.Tensor:
+    """``[kv_heads, tokens, head_dim]`` position-free keys -> ``[vectors, kv_heads, head_dim]``: the mean key of
+    each of ``vectors`` runs of the tokens, in order (fewer tokens than runs: each token repeated in turn)."""
+    tokens = keys.shape[1]
+    if tokens >= vectors:
+        return torch.stack([run.mean(dim=1) for run in torch.tensor_split(keys, vectors, dim=1)])
+    pick = torch.arange(vectors) * tokens // vectors
+    return keys[:, pick].transpose(0, 1).contiguous()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +217,11 @@ class MemoryManager:
         # A frame is found by what it shows: its timestamp text ("Frame from 00:05:", 10 of ShapeWorld's 17
         # tokens) is left out of the index key, or questions would match clock digits instead of content.
         skip = min(chunk.protected_prefix, chunk.tokens_held - 1) if chunk.kind == "frame" else 0
-        index = torch.stack([self.rotator.unrotate(k.float(), positions)[:, skip:].mean(dim=1) for k in keys])  # [L, H, D]
+        unrotated = [self.rotator.unrotate(k.float(), positions)[:, skip:] for k in keys]
+        if self.store.index_shape is not None and len(self.store.index_shape) == 3:  # a store restored from an older save
+            index = torch.stack([k.mean(dim=1) for k in unrotated])  # [L, H, D]
+        else:
+            index = torch.stack([index_vectors(k) for k in unrotated])  # [L, V, H, D]
         record = ChunkRecord(chunk.chunk_id, "text" if chunk.is_dialogue else "frame", chunk.t_start, chunk.t_end, chunk.source_id,
                              chunk.position_start, chunk.position_end, chunk.tokens_held)
         chunk.tier = STORE
@@ -269,7 +294,7 @@ class MemoryManager:
         """Place the stored chunks most relevant to the question at the end of the cache; None if none."""
         if self.store is None or not len(self.store) or not self.config.retrieval_top_k:
             return None
-        hits = self.store.search(self.retrieval_queries(question_ids), self.config.retrieval_top_k)
+        hits = self.store.search(self.retrieval_queries(question_ids), self.config.retrieval_top_k, near=RECALL_NEAR)
         if not hits:
             return None
         records = sorted((self.store.get(chunk_id) for chunk_id, _ in hits), key=lambda r: (r[0].t_start, r[0].chunk_id))

@@ -11,8 +11,8 @@ relevant ones back. It has two tiers and a small index:
   temporary directory carries an owner file (host name and process id); a process killed before it could
   close its store leaves its directory behind, and the next store created on the same host removes
   such directories whose process is gone (:func:`sweep_stale_directories`).
-* **Index** - one small position-free summary per chunk (typically the mean key per layer and kv head),
-  stored as float32. It is what :meth:`LongTermStore.search` scores; it is not counted against either
+* **Index** - one small position-free summary per chunk (the mean key per layer and kv head, or a few
+  such vectors per chunk: one per group of its tokens), stored as float32. It is what :meth:`LongTermStore.search` scores; it is not counted against either
   quota (see ``StoreStats.index_bytes``). RAM-tier chunks' entries are held in RAM; disk-tier chunks'
   entries live in one index file next to the spill files and are read back block by block when a
   question is searched, so they cost no RAM between questions (``StoreStats.index_ram_bytes``).
@@ -37,9 +37,13 @@ Scoring
     ReKV-style: per layer, the mean over query heads and query tokens of ``q . index / sqrt(head_dim)``,
     where a query head uses the kv head of its group (grouped-query attention). Position-free keys (keys
     before rotary embedding, as in LiveVLM) make the score independent of where a chunk sat in the
-    stream. Layers are then combined - each layer's scores z-normalised across chunks and averaged - so
-    one set of chunks is chosen for all layers and every retrieved chunk comes back with complete KV in
-    every layer.
+    stream. A chunk indexed by several vectors (``[layers, vectors, kv_heads, head_dim]``) scores, per
+    layer, its best vector: late interaction by max-sim as in ColBERT, so a frame is found by the part of
+    it that matches rather than by its average. Layers are then combined - each layer's scores
+    z-normalised across chunks and averaged - so one set of chunks is chosen for all layers and every
+    retrieved chunk comes back with complete KV in every layer. With ``near > 0`` the chunks that score
+    within ``near`` of the best are taken earliest first (a thing that stays on screen for many frames
+    scores alike in all of them; the earliest is where it appeared).
 
 The store is not thread-safe: call it from one thread, or guard it with a lock.
 """
@@ -255,12 +259,16 @@ def _check_kv(record: ChunkRecord, keys: Sequence[torch.Tensor], values: Sequenc
 
 
 def _check_index(index: torch.Tensor, keys: Sequence[torch.Tensor], expected: torch.Size | None) -> None:
-    """Raise InputError unless ``index`` is a finite float ``[layers, kv_heads, head_dim]`` tensor."""
+    """Raise InputError unless ``index`` is a finite float ``[layers, kv_heads, head_dim]`` or
+    ``[layers, vectors, kv_heads, head_dim]`` tensor (vectors >= 1)."""
     want = torch.Size((len(keys), keys[0].shape[0], keys[0].shape[2]))
-    if not isinstance(index, torch.Tensor) or not index.is_floating_point() or index.shape != want:
+    ok = isinstance(index, torch.Tensor) and index.is_floating_point() and (
+        index.shape == want or (index.dim() == 4 and index.shape[1] >= 1 and index.shape[:1] + index.shape[2:] == want))
+    if not ok:
         shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
         raise InputError(
-            f"index must be a float tensor of shape {tuple(want)} (layers, kv_heads, head_dim), got {shape}"
+            f"index must be a float tensor of shape {tuple(want)} (layers, kv_heads, head_dim) or "
+            f"{(want[0], 'vectors', *want[1:])} (layers, vectors, kv_heads, head_dim), got {shape}"
         )
     if expected is not None and index.shape != expected:
         raise InputError(f"index shape {tuple(index.shape)} differs from the stored chunks' {tuple(expected)}")
@@ -695,7 +703,8 @@ class LongTermStore:
         self._disk = _DiskRecords()
         self._ram_used = 0
         self._disk_used = 0
-        self._shape: tuple[int, int, int] | None = None  # (layers, kv_heads, head_dim) of the held index entries
+        # (layers, kv_heads, head_dim) or (layers, vectors, kv_heads, head_dim) of the held index entries
+        self._shape: tuple[int, ...] | None = None
         self._dropped_chunks = 0
         self._dropped_bytes = 0
         self._dropped_up_to: float | None = None
@@ -754,8 +763,13 @@ class LongTermStore:
         held += [(self._disk.record(pos), self._disk.nbytes(pos), "disk") for pos in range(len(self._disk))]
         return sorted(held, key=lambda entry: entry[0].age_key)
 
+    @property
+    def index_shape(self) -> tuple[int, ...] | None:
+        """The shape every new index entry must have (that of the held chunks), or None while the store is empty."""
+        return self._shape if self._shape is not None and len(self) else None
+
     def index_entry(self, chunk_id: int) -> torch.Tensor:
-        """A copy of a held chunk's index entry, ``[layers, kv_heads, head_dim]`` float32.
+        """A copy of a held chunk's index entry as it was put (``[layers, (vectors,) kv_heads, head_dim]``), float32.
 
         A disk-tier chunk's entry is read from the disk-tier index file. KeyError if the store does not hold the chunk.
         """
@@ -810,7 +824,8 @@ class LongTermStore:
 
         ``keys``/``values`` hold one ``[kv_heads, record.tokens, head_dim]`` float tensor per layer; they
         are copied to the CPU in their own dtype, so the caller may reuse its tensors. ``index`` is the
-        chunk's ``[layers, kv_heads, head_dim]`` retrieval summary, kept as float32. Malformed input, an
+        chunk's ``[layers, kv_heads, head_dim]`` retrieval summary, or ``[layers, vectors, kv_heads, head_dim]``
+        for several vectors (scored by the best of them), kept as float32; every chunk of a store has the same shape. Malformed input, an
         id already held or an int field outside the 64-bit range raises InputError and changes nothing.
         The events come in order: the new chunk ``"stored"`` (in RAM) or ``"spilled"`` (straight to disk)
         or ``"dropped"`` (too big for both), then every spill and drop it caused. Afterwards both tiers
@@ -824,7 +839,7 @@ class LongTermStore:
         row = index.detach().to("cpu", torch.float32).reshape(index.shape[0], -1)
         plan = self._plan(record, chunk.nbytes)
         slots = self._write_spills(plan.spill, chunk, row)
-        self._shape = (int(index.shape[0]), int(index.shape[1]), int(index.shape[2]))
+        self._shape = tuple(int(x) for x in index.shape)
         return self._commit(chunk, row, plan, slots)
 
     def _check_put(
@@ -984,7 +999,7 @@ class LongTermStore:
 
     # --------------------------------------------------------------------------------------- search
 
-    def search(self, queries: torch.Tensor, top_k: int) -> list[tuple[int, float]]:
+    def search(self, queries: torch.Tensor, top_k: int, *, near: float = 0.0) -> list[tuple[int, float]]:
         """Return up to ``top_k`` ``(chunk_id, score)`` pairs, best first (ties: smaller chunk_id first).
 
         ``queries`` is ``[layers, q_heads, n_q, head_dim]``: the question's position-free query vectors,
@@ -1000,33 +1015,70 @@ class LongTermStore:
         chunk is brought back with complete KV in every layer. Chunks are scored in chunk-id order
         whichever tier holds them; the disk tier's entries are read from its index file block by block.
         An empty store returns ``[]``.
+
+        Entries of several vectors (``[layers, vectors, kv_heads, head_dim]``) score each vector so and keep
+        the best per layer (ColBERT's max-sim). ``near > 0`` (in the combined score's units, standard
+        deviations): every chunk scoring at least ``best - near`` comes first, earliest ``t_start`` first
+        (then smaller chunk_id), and the rest follow by score; "best first" then means that order.
         """
         self._ensure_open()
         if not _is_int(top_k) or top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0, got {top_k!r}")
+        if not _is_real(near) or not math.isfinite(near) or near < 0:
+            raise ConfigError(f"near must be a finite number >= 0, got {near!r}")
         if not len(self) or top_k == 0:
             return []
         assert self._shape is not None
-        grouped = self._grouped_queries(queries, *self._shape)  # [layers, width, 1]
+        layers, kv_heads, head_dim = self._shape[0], self._shape[-2], self._shape[-1]
+        vectors = self._shape[1] if len(self._shape) == 4 else 1
+        width = kv_heads * head_dim
+        grouped = self._grouped_queries(queries, layers, kv_heads, head_dim)  # [layers, width, 1]
         id_parts: list[np.ndarray] = []
         parts: list[torch.Tensor] = []  # [chunks, layers] raw scores
         if self._ram:
             ram_ids, matrix = self._ram_index.view()
             id_parts.append(np.asarray(ram_ids, dtype=np.int64))
-            parts.append(torch.bmm(matrix, grouped)[..., 0].T)
+            n = len(ram_ids)
+            # One batched product over every vector of every chunk, then the best vector of each chunk.
+            scores = torch.bmm(matrix.reshape(layers, n * vectors, width), grouped)[..., 0]
+            parts.append(scores.view(layers, n, vectors).amax(dim=-1).T)
         for block_ids, rows in self._disk_index.blocks():
             id_parts.append(block_ids)
             # Elementwise, not bmm: a block is small, and bmm on it costs more in thread hand-offs than in work.
-            parts.append((rows * grouped[..., 0]).sum(dim=-1))
+            each = (rows.view(-1, layers, vectors, width) * grouped[:, None, :, 0]).sum(dim=-1)
+            parts.append(each.amax(dim=-1))
         ids = np.concatenate(id_parts)
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         combined = self._combine_layers(torch.cat(parts)[torch.from_numpy(order)])
         k = min(int(top_k), len(ids))
-        kth = torch.topk(combined, k).values[-1]
-        candidates = torch.nonzero(combined >= kth).flatten().tolist()  # ties at the cut are kept, then ordered by id
-        ranked = sorted(candidates, key=lambda i: (-float(combined[i]), int(ids[i])))[:k]
+        first: list[int] = []
+        if near > 0:
+            close = torch.nonzero(combined >= combined.max() - near).flatten().tolist()
+            starts = self._t_starts(ids[close])
+            first = [close[j] for j in sorted(range(len(close)), key=lambda j: (starts[j], int(ids[close[j]])))][:k]
+        rest = k - len(first)
+        ranked = list(first)
+        if rest:
+            taken = torch.zeros(len(ids), dtype=torch.bool)
+            taken[first] = True
+            open_scores = combined.masked_fill(taken, float("-inf"))
+            kth = torch.topk(open_scores, rest).values[-1]
+            candidates = torch.nonzero((open_scores >= kth) & ~taken).flatten().tolist()  # ties at the cut kept, then by id
+            ranked += sorted(candidates, key=lambda i: (-float(combined[i]), int(ids[i])))[:rest]
         return [(int(ids[i]), float(combined[i])) for i in ranked]
+
+    def _t_starts(self, chunk_ids: np.ndarray) -> list[float]:
+        """``t_start`` of each held chunk of ``chunk_ids``, in that order."""
+        out = []
+        disk = self._disk._live()
+        for chunk_id in chunk_ids.tolist():
+            chunk = self._ram.get(chunk_id)
+            if chunk is not None:
+                out.append(chunk.record.t_start)
+            else:
+                out.append(float(disk["t_start"][np.flatnonzero(disk["chunk_id"] == chunk_id)[0]]))
+        return out
 
     @staticmethod
     def _grouped_queries(queries: torch.Tensor, layers: int, kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -1193,7 +1245,7 @@ class LongTermStore:
         except InputError as exc:
             raise InputError(f"{index_path}, chunk {record.chunk_id}: {exc}") from exc
         row = index.to(torch.float32).reshape(index.shape[0], -1)
-        self._shape = (int(index.shape[0]), int(index.shape[1]), int(index.shape[2]))
+        self._shape = tuple(int(x) for x in index.shape)
         if to_ram:
             self._enter_ram(_RamChunk(record, nbytes, keys, values), row)
             return -1
