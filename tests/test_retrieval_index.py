@@ -79,3 +79,19 @@ def test_index_vectors_cover_every_token_in_order() -> None:
     few = index_vectors(keys[:, :3], INDEX_VECTORS)
     assert few.shape == (INDEX_VECTORS, 2, 3)
     assert {tuple(v.flatten().tolist()) for v in few} == {tuple(keys[:, i].flatten().tolist()) for i in range(3)}
+
+
+def test_a_large_store_still_finds_the_chunk_whose_part_matches() -> None:
+    """Past a few hundred chunks a search ranks by each chunk's mean vector first and scores the best candidates
+    by their best vector: the chunk with the matching part is still the one found, first."""
+    gen = torch.Generator().manual_seed(0)
+    store = LongTermStore(ram_bytes=1 << 30, disk_bytes=0)
+    for i in range(600):
+        noise = 0.3 * torch.randn(4, D, generator=gen)
+        noise[:, 0] = noise[:, 0].abs().neg()  # unrelated chunks lean away from the asked direction
+        if i == 417:
+            noise[0] = 3 * E0  # one part shows the thing
+        _put(store, i, float(i), noise.reshape(L, 4, H, D))
+    assert store.search(_query(E0), top_k=4, near=1.0)[0][0] == 417
+    assert store.search(_query(E0), top_k=4)[0][0] == 417
+    store.close()

@@ -106,6 +106,10 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INDEX_BLOCK_BYTES = 1 << 20
 """At most this many bytes of disk-tier index entries are read into RAM at a time during a search."""
 _AgeKey = tuple[float, int]
+_RERANK = 256
+"""With several vectors per chunk and more RAM-tier chunks than this, a search first ranks them by their mean
+vector and scores only this many best by their best vector (PLAID-style candidates for ColBERT's late
+interaction), so its cost stays about that of one vector per chunk."""
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -414,19 +418,29 @@ class _IndexMatrix:
         self.ids: list[int] = []
         self._column: dict[int, int] = {}
         self._buf: torch.Tensor | None = None
+        self._mean: torch.Tensor | None = None  # [layers, capacity, per-vector width]: each entry's mean vector
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def append(self, chunk_id: int, row: torch.Tensor) -> None:
-        """Add ``row`` (``[layers, width]``, float32) as ``chunk_id``'s entry (copied)."""
+    def append(self, chunk_id: int, row: torch.Tensor, mean: torch.Tensor | None = None) -> None:
+        """Add ``row`` (``[layers, width]``, float32) as ``chunk_id``'s entry (copied), and ``mean`` (``[layers,
+        width / vectors]``, the mean of its vectors) when the entries hold several vectors (give it always or never)."""
         n = len(self.ids)
         if self._buf is None or n == self._buf.shape[1]:
             grown = torch.empty(row.shape[0], max(16, 2 * n), row.shape[1])
             if self._buf is not None:
                 grown[:, :n] = self._buf[:, :n]
             self._buf = grown
+            if mean is not None:
+                means = torch.empty(mean.shape[0], grown.shape[1], mean.shape[1])
+                if self._mean is not None:
+                    means[:, :n] = self._mean[:, :n]
+                self._mean = means
         self._buf[:, n] = row
+        if mean is not None:
+            assert self._mean is not None
+            self._mean[:, n] = mean
         self._column[chunk_id] = n
         self.ids.append(chunk_id)
 
@@ -442,16 +456,23 @@ class _IndexMatrix:
         if col != last:
             moved = self.ids[last]
             self._buf[:, col] = self._buf[:, last]
+            if self._mean is not None:
+                self._mean[:, col] = self._mean[:, last]
             self.ids[col] = moved
             self._column[moved] = col
         self.ids.pop()
         if not self.ids:
             self._buf = None
+            self._mean = None
 
     def view(self) -> tuple[list[int], torch.Tensor]:
         """``(ids, matrix[layers, len(ids), width])``: the live part of the matrix, not a copy."""
         assert self._buf is not None
         return self.ids, self._buf[:, : len(self.ids)]
+
+    def mean_view(self) -> torch.Tensor | None:
+        """The live part of the mean vectors, ``[layers, len(ids), width / vectors]``, or None if none are kept."""
+        return None if self._mean is None else self._mean[:, : len(self.ids)]
 
 
 class _DiskIndex:
@@ -949,7 +970,10 @@ class LongTermStore:
         self._ram[chunk.record.chunk_id] = chunk
         bisect.insort(self._ram_order, chunk.record.age_key)
         self._ram_used += chunk.nbytes
-        self._ram_index.append(chunk.record.chunk_id, row)
+        mean = None
+        if self._shape is not None and len(self._shape) == 4 and self._shape[1] > 1:
+            mean = row.view(self._shape[0], self._shape[1], -1).mean(dim=1)
+        self._ram_index.append(chunk.record.chunk_id, row, mean)
 
     def _leave_ram(self, chunk_id: int) -> _RamChunk:
         """Take a chunk, its age key and its index entry out of the RAM tier."""
@@ -1017,7 +1041,9 @@ class LongTermStore:
         An empty store returns ``[]``.
 
         Entries of several vectors (``[layers, vectors, kv_heads, head_dim]``) score each vector so and keep
-        the best per layer (ColBERT's max-sim). ``near > 0`` (in the combined score's units, standard
+        the best per layer (ColBERT's max-sim). Past ``_RERANK`` (256) RAM-tier chunks, only the 256 that rank
+        best by their mean vector are scored so (and z-normalised among themselves with the disk tier's); the
+        others are not returned. ``near > 0`` (in the combined score's units, standard
         deviations): every chunk scoring at least ``best - near`` comes first, earliest ``t_start`` first
         (then smaller chunk_id), and the rest follow by score; "best first" then means that order.
         """
@@ -1037,8 +1063,14 @@ class LongTermStore:
         parts: list[torch.Tensor] = []  # [chunks, layers] raw scores
         if self._ram:
             ram_ids, matrix = self._ram_index.view()
-            id_parts.append(np.asarray(ram_ids, dtype=np.int64))
+            ram_ids = np.asarray(ram_ids, dtype=np.int64)
             n = len(ram_ids)
+            means = self._ram_index.mean_view()
+            if means is not None and n > _RERANK:  # rank by the mean vector, then score the best candidates in full
+                coarse = self._combine_layers(torch.bmm(means, grouped)[..., 0].T)
+                pick = torch.topk(coarse, _RERANK).indices.sort().values
+                ram_ids, matrix, n = ram_ids[pick.numpy()], matrix[:, pick], _RERANK
+            id_parts.append(ram_ids)
             # One batched product over every vector of every chunk, then the best vector of each chunk.
             scores = torch.bmm(matrix.reshape(layers, n * vectors, width), grouped)[..., 0]
             parts.append(scores.view(layers, n, vectors).amax(dim=-1).T)
