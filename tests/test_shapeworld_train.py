@@ -12,7 +12,7 @@ from streamvlm.errors import ConfigError
 from streamvlm.models import load_model
 from streamvlm.models.smolvlm import SmolVLMAdapter
 from streamvlm.shapeworld.model import FRAME_SIZE, build_untrained
-from streamvlm.shapeworld.questions import QA, candidates, parse_clock
+from streamvlm.shapeworld.questions import candidates, parse_clock
 from streamvlm.shapeworld.train import StreamLayout, TrainConfig, main, make_stream
 from streamvlm.shapeworld.world import make_episode
 
