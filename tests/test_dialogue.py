@@ -213,8 +213,9 @@ def test_deferred_question_acknowledged_polled_answered_once():
         else:
             assert actions == []
         answers += c.scores(t, {"deferred:q1": p})
-    # The default threshold rule (2 of 3 >= 0.6) fires on the second high score, at t=4; once.
-    assert answers == [AnswerNow(t=4.0, request_id="q1", question=text, trigger="deferred")]
+    # The default threshold rule (0.8 s of scores >= 0.6 in the last 3 s: one probe at 1/s) fires on the
+    # first high score, at t=3; once.
+    assert answers == [AnswerNow(t=3.0, request_id="q1", question=text, trigger="deferred")]
     assert c.pending_deferred == () and c.generating == "q1"
     assert c.stream_ended(t=10.0) == []  # nothing left to give up
 
@@ -259,8 +260,8 @@ def test_watch_fires_once_per_rising_edge_and_again_after_drop():
     assert dict(c.watches) == {"dog": "the dog is on the couch"}
     #        t: 0    1    2    3    4    5    6    7    8    9
     scores = [0.1, 0.9, 0.9, 0.9, 0.9, 0.5, 0.2, 0.7, 0.8, 0.9]
-    # Fires at t=2 (2 of 3), silent while it holds and in the band, re-armed at t=6, fires again at t=8.
-    assert run_watch(c, "dog", scores) == [2.0, 8.0]
+    # Fires at t=1 (the first "yes"), silent while it holds and in the band, re-armed at t=6, fires again at t=7.
+    assert run_watch(c, "dog", scores) == [1.0, 7.0]
 
 
 def test_watch_alert_carries_condition_and_evidence_time():
@@ -516,11 +517,11 @@ def test_rules_raise_the_same_alerts_at_1_2_and_10_probes_per_second(spec, scene
 
 def test_threshold_rule_in_seconds_fires_once_per_appearance_at_10_fps():
     fires = _feed_at(make_rule(TriggerSpec()), 10.0, _SCENE)
-    assert [round(t, 1) for t in fires] == [4.4, 12.4]  # 1.5 s of "yes" after each appearance
+    assert [round(t, 1) for t in fires] == [3.7, 11.7]  # 0.8 s of "yes" after each appearance
 
 
 def test_old_count_fields_convert_to_seconds_and_mean_the_old_rule_at_one_probe_per_second():
-    assert TriggerSpec(m=2, n=3) == TriggerSpec(hold_s=1.5, window_s=3.0) == TriggerSpec()
+    assert TriggerSpec(m=2, n=3) == TriggerSpec(hold_s=1.5, window_s=3.0)
     assert TriggerSpec(kind="zscore", window=10, min_history=4) == TriggerSpec(kind="zscore", history_s=10.0, min_history_s=4.0)
     with pytest.raises(ConfigError, match="^m:"):
         TriggerSpec(m=2, hold_s=1.0)
