@@ -56,7 +56,7 @@ class TurnLock:
         self._local = threading.local()
         self._held_since = 0.0
         self._use: dict[int, tuple[float, float]] = {}  # thread id -> (seconds held, decayed; when last updated)
-        self._held = [0.0, 0.0, 0.0]  # seconds the model was held, by the holder's priority (ANSWER, PROBE, FRAME)
+        self._held = [0.0, 0.0, 0.0]  # seconds the model was held, by the kind of work booked (ANSWER, PROBE, FRAME)
         self.half_life_s = half_life_s
         self._clock = clock
 
@@ -148,8 +148,8 @@ class TurnLock:
     def held_seconds(self) -> tuple[float, float, float]:
         """Seconds the model has been held since this lock was made, by the kind of work it was held
         for (the ``book`` of :meth:`priority`, else its level): ``(ANSWER, PROBE, FRAME)``, the hold in
-        progress included. Only ever grows: take differences
-        to see what each kind of work used over an interval (admission by compute does)."""
+        progress included. Only ever grows: take differences to see what each kind of work used over
+        an interval (admission by compute does)."""
         with self._cv:
             held = list(self._held)
             if self._owner is not None:

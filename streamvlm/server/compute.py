@@ -18,7 +18,8 @@ or, with no calls spread over the host, one task on its loop: ``asyncio.create_t
 Each tick also reads how long answers and probes held the model over the last ``window_s``
 (``model_time``, the model's :meth:`~streamvlm.models.turns.TurnLock.held_seconds`) and plans frames
 for what they leave (:attr:`ComputeAdmission.frame_share`), so frames and answers together never ask
-for more than the model has. Each tick measures every open session's offered frame rate (frames that reached its core, counted by
+for more than the model has. Each tick measures every open session's offered frame rate (frames that
+reached its core, counted by
 ``RealtimeSession.frames_offered``, over the last ``window_s``), feeds the admission the tick's typical
 model time per read (sessions take turns per forward pass, so reads overlap in wall time: the overlap
 is divided out; and when workers fall behind, the frames actually read per second bound it), asks for
@@ -64,7 +65,7 @@ class ComputeGovernor:
                  interval_s: float = 1.0, window_s: float = 5.0, hysteresis: float = 0.15, smoothing: float = 0.3,
                  floor_fade: float = 0.03, model_time: Callable[[], Sequence[float]] | None = None) -> None:
         self.admission = ComputeAdmission(frame_time_share, hysteresis=hysteresis, smoothing=smoothing)
-        # Seconds the model was held so far by priority (ANSWER, PROBE, FRAME), e.g. TurnLock.held_seconds:
+        # Seconds the model was held so far by kind of work (ANSWER, PROBE, FRAME), e.g. TurnLock.held_seconds:
         # what answers and probes use is left to them, frames get the rest. None: a fixed frame share.
         self.model_time = model_time
         self._others_seen: float | None = None  # answer + probe seconds at the last tick
