@@ -389,3 +389,42 @@ def test_the_governor_leaves_answers_the_model_time_they_use():
     assert governor.last_plan is not None and fixed.last_plan is not None
     assert sum(governor.last_plan.allowed.values()) == pytest.approx(0.4, rel=0.05)
     assert sum(fixed.last_plan.allowed.values()) == pytest.approx(0.8, rel=0.05)
+
+
+def test_a_session_that_joins_a_saturated_model_starts_at_an_even_split():
+    """A newcomer is capped from its first frame while the others are, instead of reading uncapped
+    until its rate is measured: a client that reconnects again and again gains nothing by it."""
+    governor = ComputeGovernor(0.8)
+    sessions = [core.RealtimeSession("m") for _ in range(4)]
+    for s in sessions:
+        s.opened(0.0)
+        assert governor.on_session_open(s, 0.0) == []  # nobody is capped yet: nothing to start at
+    model = _Model(1.6)
+    _run(governor, sessions, 0.0, 10, 2, model)
+    capacity = governor.admission.capacity_fps
+    assert all(s.read_rate is not None for s in sessions)
+
+    late = core.RealtimeSession("m")
+    greeting = late.opened(10.0)
+    told = governor.on_session_open(late, 10.0)
+    assert late.read_rate == pytest.approx(capacity / 5)
+    assert [e["type"] for e in told] == ["input_frame.rate"] and told[0]["fps"] == pytest.approx(capacity / 5)
+    assert greeting[0]["type"] == "session.created"
+    read, _ = _run(governor, [*sessions, late], 10.0, 30, 2, model)
+    counts = list(read.values())
+    assert max(counts) - min(counts) <= 1  # the newcomer reads as much as the others, no more
+    # A quiet newcomer: its cap is lifted by the next plan like anyone's.
+    quiet = core.RealtimeSession("m")
+    quiet.opened(40.0)
+    governor.on_session_open(quiet, 40.0)
+    for second in range(41, 48):
+        governor.tick(float(second))
+    assert quiet.read_rate is None
+
+
+def test_with_the_lock_engine_a_newcomer_is_never_capped():
+    governor = ComputeGovernor.from_config(ServerConfig(engine="lock"))
+    governor.admission.frame_read(1.0)
+    s = core.RealtimeSession("m")
+    s.opened(0.0)
+    assert governor.on_session_open(s, 0.0) == [] and s.read_rate is None

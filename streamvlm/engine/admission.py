@@ -168,6 +168,18 @@ class ComputeAdmission:
         """The cap last planned for this session (None: not limited)."""
         return self._caps.get(key)
 
+    def admit(self, key: Hashable, sessions: int) -> float | None:
+        """A new session joins while the model is saturated: it starts capped at an even split of the
+        capacity among ``sessions`` (the newcomer included), before its offered rate is measured; None
+        (no cap) when nobody is capped now or nothing is measured. The next :meth:`plan` treats the cap
+        as any other (moved, kept or lifted), so a session that reconnects again and again does not
+        read uncapped each time it is new."""
+        capacity = self.capacity_fps
+        if capacity is None or sessions < 1 or not any(cap is not None for cap in self._caps.values()):
+            return None
+        self._caps[key] = capacity / sessions
+        return self._caps[key]
+
     def forget(self, key: Hashable) -> None:
         """The session ended: its share goes to the others at the next :meth:`plan`."""
         self._caps.pop(key, None)

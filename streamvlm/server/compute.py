@@ -5,7 +5,7 @@
 what it returns; the class starts no task, reads no clock and touches no socket::
 
     governor = ComputeGovernor.from_config(config, metrics)
-    governor.on_session_open(session.core, now)              # a new session (not a resume: same core)
+    greeting += governor.on_session_open(session.core, now)  # a new session (not a resume: same core)
     governor.on_frame_read(session.id, read.model_s)         # each frame read (worker FrameRead.model_s)
     governor.on_frames_replaced(session.id, n)               # frames the worker dropped (latest wins)
     for session_id, outs in governor.tick(now).items():      # every ``interval_s`` on a host-wide loop
@@ -98,11 +98,17 @@ class ComputeGovernor:
         return cls(config.frame_time_share, enabled=config.engine == "scheduler", metrics=metrics, model_time=model_time)
 
     # ---- what the host reports ------------------------------------------------------------------------
-    def on_session_open(self, core: RealtimeSession, now: float) -> None:
-        """A new session: its offered rate is measured from ``now``."""
+    def on_session_open(self, core: RealtimeSession, now: float) -> list[Out]:
+        """A new session: its offered rate is measured from ``now``. While other sessions are capped (the
+        model is saturated) it starts capped at an even split too (:meth:`ComputeAdmission.admit`);
+        returns the event that tells it (send it with the session's greeting), or []."""
         tracked = _Tracked(core)
         tracked.samples.append((now, core.frames_offered))
         self._sessions[core.id] = tracked
+        if not self.enabled:
+            return []
+        cap = self.admission.admit(core.id, len(self._sessions))
+        return core.set_read_rate(cap, "compute") if cap is not None else []
 
     def on_session_close(self, session_id: str) -> None:
         """The session ended for good: its share goes to the others at the next tick."""
@@ -222,27 +228,29 @@ class ComputeGovernor:
         ``sessions`` (optional): every session the host holds now, by id; the governor then tracks
         exactly these (new ones from now, missing ones forgotten), so the host need not report opens
         and closes itself."""
+        out: dict[str, list[Out]] = {}
         if sessions is not None:
             for sid in [sid for sid in self._sessions if sid not in sessions]:
                 self.on_session_close(sid)
             for sid, state in sessions.items():
                 if sid not in self._sessions:
-                    self.on_session_open(state, now)
+                    events = self.on_session_open(state, now)
+                    if events:
+                        out[sid] = events
         for sid in [sid for sid, t in self._sessions.items() if t.core.closed is not None]:
             self.on_session_close(sid)
         self._feed_reads(now)
         if not self.enabled:
-            return {}
+            return out
         offered = {sid: self._measure(tracked, now) for sid, tracked in self._sessions.items()}
         plan = self.admission.plan(offered)
         self.last_plan = plan
         if self.metrics is not None:
             self.metrics.read_admission(plan.limited, plan.capacity_fps)
-        out: dict[str, list[Out]] = {}
         for sid, cap in plan.changes.items():
             events = self._sessions[sid].core.set_read_rate(cap, "compute")
             if events:
-                out[sid] = events
+                out[sid] = out.get(sid, []) + events
         return out
 
 

@@ -321,7 +321,8 @@ class SessionHost:
             session = HostedSession(self, state)
             self.sessions[session.id] = session
             self.metrics.session_opened()
-            greeting = state.opened(now)
+            # While the model is saturated a newcomer starts at an even split, not uncapped until measured.
+            greeting = state.opened(now) + self.governor.on_session_open(state, now)
         session.ws, session.detached_at, session.outbox = ws, None, Outbox()
         await self._execute(session, greeting)
         await self._serve_connection(session, ws)
