@@ -168,11 +168,21 @@ def test_reindex_keeps_positions_contiguous(adapter):
     for i, f in enumerate(synthetic_frames(8, seed=1)):
         session.ingest(f, float(i))
     working = session.memory.ledger.working()
-    assert working[0].position_start == 0
-    for a, b in zip(working, working[1:]):
+    assert working[0].position_start == 0 and working[0].kind == "system"
+    # After the system prompt, room for what retrieval places before the first working chunk (the
+    # default 4 chunks the size of a frame): recalled frames never take the system prompt's positions.
+    frame_tokens = max(c.tokens_held for c in working if c.kind == "frame")
+    assert working[1].position_start - working[0].position_end == 4 * frame_tokens
+    for a, b in zip(working[1:], working[2:]):
         assert b.position_start == a.position_end
     assert session.runner.next_position == working[-1].position_end
     assert any(e.kind == "reindexed" for e in session.drain_events())
+    assert len(session.memory.store) > 0
+    recalled = session.memory.retrieve(adapter.question_ids("What was there first?"))
+    assert recalled is not None and len(recalled.evidence) <= 4
+    placed = recalled.end - recalled.start  # they go just before the first working chunk, inside the room
+    assert working[1].position_start - placed >= working[0].position_end
+    session.memory.release(recalled)
 
 
 def _feed_and_capture(session: StreamSession, frames) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

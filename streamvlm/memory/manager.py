@@ -235,12 +235,25 @@ class MemoryManager:
         if self.ledger[chunk.chunk_id].tier == DROPPED:
             chunk.tier = DROPPED
 
+    def _recall_room(self) -> int:
+        """Positions kept free between the system prompt and the first working chunk after a re-index: room
+        for what :meth:`retrieve` places just before the first working chunk (``retrieval_top_k`` chunks
+        the size of the largest frame held now), so recalled chunks never take the system prompt's positions."""
+        if self.store is None or not self.config.retrieval_top_k:
+            return 0
+        largest = max((c.tokens_held for c in self.ledger.working() if c.kind == "frame"), default=0)
+        return self.config.retrieval_top_k * largest
+
     def _reindex(self) -> list[MemoryEvent]:
-        """Re-rotate working chunks to contiguous positions, closing the gaps that evictions left."""
+        """Re-rotate working chunks to contiguous positions, closing the gaps that evictions left (and
+        leaving :meth:`_recall_room` after the system prompt)."""
         self.edits += 1
         position, offset = 0, 0
+        room = self._recall_room()
         moves: list[tuple[Chunk, int, int]] = []  # (chunk, its physical offset, delta) of each chunk that moves
         for chunk in self.ledger.working():
+            if chunk.kind != "system":
+                position, room = position + room, 0
             delta = position - chunk.position_start
             if delta:
                 moves.append((chunk, offset, delta))
