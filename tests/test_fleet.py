@@ -20,7 +20,7 @@ from streamvlm.fleet import CameraLoop, load_fleet_config, parse_fleet_config
 from streamvlm.fleet.loop import events_to_log
 from streamvlm.server.eventlog import EventLog
 
-CONDITION = "a yellow circle appears"  # seed 7: the model sees a yellow circle at 3 s of this 16 s clip
+CONDITION = "a yellow circle appears"  # seed 7: a yellow circle enters at 2 s of this 16 s clip, and the model sees it
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +109,15 @@ def test_a_camera_that_dies_resumes_from_its_snapshot_and_logs_each_alert_once(t
     steady, victim = config.cameras
     log = EventLog(config.event_db)
     reference = _run_loop(config, steady, log)
-    assert _alerts(log, "steady") == [("alert1", 3.0)]
+    assert _alerts(log, "steady") == [("alert1", 2.0)]
 
-    _run_loop(config, victim, log, crash_after=7)  # snapshot at 0 s, the alert at 3 s logged, dies after 6 s
-    assert _alerts(log, "victim") == [("alert1", 3.0)]
+    _run_loop(config, victim, log, crash_after=7)  # snapshot at 0 s, the alert at 2 s logged, dies after 6 s
+    assert _alerts(log, "victim") == [("alert1", 2.0)]
     resumed = _run_loop(config, victim, log)  # what Ray does: a new process, the same camera
     status = resumed.status()
     assert (status["state"], status["restarts"], status["resumed_after"], status["frames_read"]) == ("ended", 1, 0.0, 16)
     assert status["frames_this_start"] == 15  # frames 1..15: those after the snapshot, read again
-    assert _alerts(log, "victim") == _alerts(log, "steady")  # raised again at 4 s, logged once
+    assert _alerts(log, "victim") == _alerts(log, "steady")  # raised again at 2 s, logged once
     started = log.list(session="victim", kinds=("camera.started",))
     assert [e["payload"]["resumed"] for e in started] == [False, True]
 
@@ -202,7 +202,7 @@ def test_a_camera_survives_its_actor_killed_and_its_node_lost_with_memory_and_ev
     head_cluster, second = cluster
     config = parse_fleet_config(_toml(tmp_path, clip, ("steady", "victim")), base=tmp_path)
     fleet = Fleet(config, prefer_nodes={"victim": second.node_id}).start()
-    # The victim has logged its alert (3 s) and read on; its only snapshot so far holds the first frame.
+    # The victim has logged its alert (2 s) and read on; its only snapshot so far holds the first frame.
     before = _wait_for(fleet, "victim", lambda s: s.get("last_alert") and s.get("frames_read", 0) >= 5)
     assert before["node_id"] == second.node_id
     fleet.kill("victim")  # the actor's process dies mid-stream; Ray starts it again (on its node, still there)
@@ -217,7 +217,7 @@ def test_a_camera_survives_its_actor_killed_and_its_node_lost_with_memory_and_ev
     assert victim["frames_read"] == statuses["steady"]["frames_read"] == 16
     log = EventLog(config.event_db)
     try:
-        assert _alerts(log, "victim") == _alerts(log, "steady") == [("alert1", 3.0)]  # none lost, none doubled
+        assert _alerts(log, "victim") == _alerts(log, "steady") == [("alert1", 2.0)]  # none lost, none doubled
         assert [e["payload"]["resumed"] for e in log.list(session="victim", kinds=("camera.started",))] == [False, True, True]
     finally:
         log.close()
@@ -260,9 +260,9 @@ def test_streamvlm_fleet_runs_a_camera_file_to_its_end_and_status_shows_it(tmp_p
     run = subprocess.run([sys.executable, "-m", "streamvlm.cli", "fleet", str(tmp_path / "cameras.toml")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == [f"[door 00:03.0] ALERT {CONDITION}"]
+    assert run.stdout.splitlines() == [f"[door 00:02.0] ALERT {CONDITION}"]
     log = EventLog(tmp_path / "events.db")
-    assert [e["key"] for e in log.list(kinds=("alert",))] == ["door/alert1/3.000"]
+    assert [e["key"] for e in log.list(kinds=("alert",))] == ["door/alert1/2.000"]
     log.close()
     status = subprocess.run([sys.executable, "-m", "streamvlm.cli", "fleet", str(tmp_path / "cameras.toml"), "--status", "--json"],
                             capture_output=True, text=True, timeout=120, env=env)
