@@ -68,12 +68,11 @@ class ComputeGovernor:
         # Seconds the model was held so far by kind of work (ANSWER, PROBE, FRAME), e.g. TurnLock.held_seconds:
         # what answers and probes use is left to them, frames get the rest. None: a fixed frame share.
         self.model_time = model_time
-        self._others_seen: float | None = None  # answer + probe seconds at the last tick
-        self._others: deque[tuple[float, float]] = deque()  # per tick: (seconds, answer + probe seconds)
+        self._others_seen: float | None = None  # answer + probe seconds held so far, at the last tick
         self._reads: list[float] = []  # model seconds of the reads since the last tick
         self._last_tick: float | None = None
-        # per tick: (seconds, model seconds read, longest read, reads)
-        self._history: deque[tuple[float, float, float, int]] = deque()
+        # per tick: (seconds, model seconds read, longest read, reads, seconds answers and probes held the model)
+        self._history: deque[tuple[float, float, float, int, float]] = deque()
         self._backlog = 0  # frames replaced while waiting since the last tick
         self._floor_s = 0.0  # the time per read the throughput showed when workers fell behind (fading)
         # Share by which that floor fades each tick nobody falls behind.
@@ -144,15 +143,17 @@ class ComputeGovernor:
         nobody falls behind, so the caps creep back up rather than jump."""
         reads, self._reads = sorted(self._reads), []
         backlog, self._backlog = self._backlog, 0
-        self._feed_others(now)
+        others = self._others_held()
         if self._last_tick is not None and now > self._last_tick:
-            self._history.append((now - self._last_tick, sum(reads), max(reads, default=0.0), len(reads)))
+            self._history.append((now - self._last_tick, sum(reads), max(reads, default=0.0), len(reads), others))
             while len(self._history) > 1 and sum(h[0] for h in self._history) - self._history[0][0] >= self.window_s:
                 self._history.popleft()
         self._last_tick = now
         if not self._history:
             return  # no time measured yet to tell overlap from a slow model
         elapsed = sum(h[0] for h in self._history)
+        if self.model_time is not None:  # answers and probes keep what they used: frames are planned for the rest
+            self.admission.others_used(min(1.0, sum(h[4] for h in self._history) / elapsed))
         count = sum(h[3] for h in self._history)
         if count and backlog > self.backlog_share * len(reads):
             self._floor_s = max(self._floor_s, elapsed / count)
@@ -164,20 +165,14 @@ class ComputeGovernor:
         overlap = max(1.0, busy / elapsed) if elapsed > 0 else 1.0
         self.admission.frame_read(max(reads[len(reads) // 2] / overlap, self._floor_s))
 
-    def _feed_others(self, now: float) -> None:
-        """The share of the model's time answers and probes held it over the last ``window_s`` into the
-        admission, which plans frames for what they leave (call before ``_last_tick`` moves to ``now``)."""
+    def _others_held(self) -> float:
+        """Seconds answers and probes held the model since the last tick (0 without ``model_time``)."""
         if self.model_time is None:
-            return
+            return 0.0
         held = self.model_time()
         others = float(held[0]) + float(held[1])
-        if self._others_seen is not None and self._last_tick is not None and now > self._last_tick:
-            self._others.append((now - self._last_tick, max(0.0, others - self._others_seen)))
-            while len(self._others) > 1 and sum(h[0] for h in self._others) - self._others[0][0] >= self.window_s:
-                self._others.popleft()
-            elapsed = sum(h[0] for h in self._others)
-            self.admission.others_used(min(1.0, sum(h[1] for h in self._others) / elapsed))
-        self._others_seen = others
+        since, self._others_seen = (0.0 if self._others_seen is None else others - self._others_seen), others
+        return max(0.0, since)
 
     def on_frames_replaced(self, session_id: str, count: int) -> None:
         """``count`` frames of this session were replaced by newer ones while they waited for the model
