@@ -170,16 +170,20 @@ def test_another_sessions_question_runs_while_a_batch_is_in_the_vision_tower(smo
     def encode_batch(frames):
         events.append(f"batch of {len(frames)} starts")
         started.set()
-        wait_until(lambda: smol.lock.waiting >= 1)  # M's question waits for the model now
+        # M's question waits for the model now (M's thread is in its pause, so it is no longer the thread
+        # waiting in the batcher for the model: the waiter counted is M's question)
+        wait_until(lambda: asking.is_set() and smol.lock.waiting >= 1)
         out = real_batch(frames)
         events.append("batch done")
         return out
 
     monkeypatch.setattr(smol, "encode_batch", encode_batch)
     probed: list[float] = []
+    asking = threading.Event()
 
     def m_pause() -> None:  # M's worker: serve what should not wait, while its frame is in L's batch
         if started.is_set() and not probed:
+            asking.set()
             with smol.lock.priority(ANSWER):
                 probed.extend(m.probe(["Is something red?"]))
             events.append("M answered")
