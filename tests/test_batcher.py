@@ -36,6 +36,15 @@ def close(a, b, tol: float = 1e-4) -> bool:
 
 
 @pytest.fixture
+def smol(smol, monkeypatch):
+    """tiny-smolvlm with a lock of its own for this test: which waiting thread takes the model first
+    (who leads a batch) must not depend on the recent use of an earlier test's thread whose id the
+    operating system gave to one of this test's threads."""
+    monkeypatch.setattr(smol, "lock", TurnLock())
+    return smol
+
+
+@pytest.fixture
 def fresh_batcher(adapter):
     """The family's adapter with batching on and clean counters (restored after the test)."""
     batcher = adapter.batcher
