@@ -171,7 +171,7 @@ class _RunDialogue:
             first.append(first[0] if first else time.perf_counter() - start)
             print(delta, end="", flush=True)
 
-        ans = self.session.ask(action.question, t, on_delta=show)
+        ans = self.session.ask(action.question, t, on_delta=show, time_range=action.evidence)
         span = f"{_clock(ans.evidence[0].pts_s)}-{_clock(ans.evidence[-1].pts_s)}" if ans.evidence else "none"
         ttft = _seconds(first[0]) if first else "no text"
         print(f"\n    evidence: {len(ans.evidence)} frames {span} | first text after {ttft} | "
@@ -335,7 +335,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     cfg = QualityConfig(episodes=args.episodes, duration_s=args.episode_seconds if long else args.duration, budgets=budgets,
                         policies=policies, seed_base=args.seed, retrieval_top_k=args.top_k, split=args.split,
                         layout="long" if long else "short", positions="reindex" if long else args.positions,
-                        rates=rates, answer_format=args.answer_format)
+                        rates=rates, answer_format=args.answer_format, deferred_time=args.deferred_time)
     adapter = load_model(_model_config(args))
     result = run_quality(adapter, cfg, sweep=not args.no_sweep, progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     if not args.quiet:
@@ -788,6 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--positions", choices=("keep", "reindex"), default="keep", help="working-memory positions under a budget (default keep)")
     qual.add_argument("--answer-format", choices=("auto", "text", "time"), default="auto",
                       help="auto (default): time answers decoded as one MM:SS clock; text: free decoding")
+    qual.add_argument("--deferred-time", choices=("evidence", "model"), default="evidence",
+                      help="evidence (default): a deferred answer's time lies within the evidence its rule fired on, as "
+                           "the server says it; model: any time up to the answer's moment, the model's own choice")
     qual.add_argument("--json", metavar="OUT", help="write the result to this file")
     qual.add_argument("--plot", metavar="PNG", help="draw accuracy against budget for every policy to this PNG")
     qual.add_argument("--quiet", action="store_true", help="no progress lines")

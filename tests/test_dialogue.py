@@ -214,8 +214,9 @@ def test_deferred_question_acknowledged_polled_answered_once():
             assert actions == []
         answers += c.scores(t, {"deferred:q1": p})
     # The default threshold rule (0.8 s of scores >= 0.6 in the last 3 s: one probe at 1/s) fires on the
-    # first high score, at t=3; once.
-    assert answers == [AnswerNow(t=3.0, request_id="q1", question=text, trigger="deferred")]
+    # first high score, at t=3; once. Its evidence: the kettle began to boil after the frame at t=2 (the last
+    # "no") and was seen at t=3.
+    assert answers == [AnswerNow(t=3.0, request_id="q1", question=text, trigger="deferred", evidence=(2.0, 3.0))]
     assert c.pending_deferred == () and c.generating == "q1"
     assert c.stream_ended(t=10.0) == []  # nothing left to give up
 
@@ -359,8 +360,10 @@ def test_alerts_and_deferred_answers_never_interrupt():
     actions = c.scores(1.0, {"w": 0.9, "deferred:d": 0.9})
     # The alert goes out at once; the deferred answer waits for the user's answer to finish.
     assert actions == [Alert(1.0, "w", "the baby cries", 1.0)]
-    assert c.generating == "u" and c.queued == (AnswerNow(1.0, "d", "tell me when the timer rings", "deferred"),)
-    assert c.generation_finished("u", t=2.0) == [AnswerNow(2.0, "d", "tell me when the timer rings", "deferred")]
+    # Its evidence stays that of the frame it fired on (after 0 s, seen at 1 s) while it waits and when it goes out.
+    queued = AnswerNow(1.0, "d", "tell me when the timer rings", "deferred", evidence=(0.0, 1.0))
+    assert c.generating == "u" and c.queued == (queued,)
+    assert c.generation_finished("u", t=2.0) == [AnswerNow(2.0, "d", "tell me when the timer rings", "deferred", (0.0, 1.0))]
 
 
 def test_cancel_idle_does_nothing_and_generating_cancels_and_clears_queue():
@@ -513,6 +516,26 @@ def test_rules_raise_the_same_alerts_at_1_2_and_10_probes_per_second(spec, scene
     for rate in (2.0, 10.0):
         assert len(fires[rate]) == len(fires[1.0]), fires
         assert all(abs(a - b) <= 1.0 for a, b in zip(fires[rate], fires[1.0])), fires
+
+
+@pytest.mark.parametrize(("spec", "scene", "starts"), [(TriggerSpec(), _SCENE, (3, 11)), (TriggerSpec(kind="sum"), _SCENE, (3, 11)),
+                                                       (TriggerSpec(kind="zscore"), _JUMP, (10,))], ids=["threshold", "sum", "zscore"])
+@pytest.mark.parametrize("rate", [1.0, 2.0, 10.0])
+def test_a_fire_says_where_its_evidence_starts(spec, scene, starts, rate):
+    """Each fire's evidence (last_fire_since, last_fire_t] holds the moment the condition began: the time a
+    deferred answer may name."""
+    rule, evidence, i = make_rule(spec), [], 0
+    while (t := i / rate) < len(scene):
+        if rule.update(scene[int(t)], t):
+            evidence.append((rule.last_fire_since, rule.last_fire_t))
+        i += 1
+    assert len(evidence) == len(starts), evidence
+    for (since, seen), start in zip(evidence, starts):
+        assert since < start <= seen, (since, start, seen)
+        if spec.kind == "threshold":  # the default rule: a second or two, not its whole 3 s window
+            assert seen - since <= 2.0 + 1e-9, evidence
+    rule.reset()
+    assert rule.last_fire_since is None
 
 
 def test_threshold_rule_in_seconds_fires_once_per_appearance_at_10_fps():

@@ -73,6 +73,7 @@ class FakeSession:
     config: SessionConfig = field(default_factory=lambda: SessionConfig(sampling=SamplingConfig(max_new_tokens=3)))
     asked: list[tuple[str, int]] = field(default_factory=list)  # (question, max_new_tokens)
     formats: list[str] = field(default_factory=list)  # the answer_format of each ask_stream
+    time_ranges: list = field(default_factory=list)  # the time_range of each ask_stream
 
     @property
     def last_t(self) -> float:
@@ -97,9 +98,11 @@ class FakeSession:
     def drain_events(self) -> list:
         return []
 
-    def ask_stream(self, question: str, t: float, *, sampling: SamplingConfig, answer_format: str = "auto") -> FakeStream:
+    def ask_stream(self, question: str, t: float, *, sampling: SamplingConfig, answer_format: str = "auto",
+                   time_range: tuple[float, float] | None = None) -> FakeStream:
         self.asked.append((question, sampling.max_new_tokens))
         self.formats.append(answer_format)
+        self.time_ranges.append(time_range)
         return FakeStream(self, question, t, sampling)
 
     def probe(self, prompts: list[str]) -> list[float]:
@@ -364,3 +367,7 @@ def test_a_deferred_answer_is_asked_for_as_one_time():
 
     session = asyncio.run(main())
     assert session.formats[0] == "auto" and "time" in session.formats[1:]
+    # ... within the evidence its rule fired on: the first frame probed (t=0 stands for the second before it,
+    # clamped at the stream's start) says yes, so the thing appeared by then.
+    deferred = session.time_ranges[session.formats.index("time")]
+    assert session.time_ranges[0] is None and deferred is not None and 0.0 <= deferred[0] <= deferred[1] <= 1.0, session.time_ranges

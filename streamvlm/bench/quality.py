@@ -105,6 +105,9 @@ class QualityConfig:
     retrieval_top_k: int = MemoryConfig.retrieval_top_k  # chunks a question brings back when retrieval is on
     # How answers are decoded (StreamSession.ask's answer_format): "auto" shapes time answers as clocks, "text" leaves them free.
     answer_format: str = "auto"
+    # A deferred answer's time: "evidence" bounds it by the evidence its rule fired on (AnswerNow.evidence, as the
+    # server and the CLI do), "model" only by the moment of the answer (the model's own choice among earlier times).
+    deferred_time: str = "evidence"
     # "short": make_episode and make_questions (every category, a standing watch); "long": make_long_episode (events
     # spread over minutes, things coming back) and make_long_questions (backward questions a minute or more after
     # their moment, and real-time ones); no watch and no forward questions.
@@ -136,6 +139,8 @@ class QualityConfig:
             raise ConfigError(f"rates: frames per second in (0, 30], got {self.rates!r}")
         if self.answer_format not in ("auto", "text", "time"):
             raise ConfigError(f"answer_format: must be auto, text or time, got {self.answer_format!r}")
+        if self.deferred_time not in ("evidence", "model"):
+            raise ConfigError(f"deferred_time: must be evidence or model, got {self.deferred_time!r}")
         if self.split not in ("test", "validation", "train"):
             raise ConfigError(f"split: must be test, validation or train, got {self.split!r}")
         seeds = split_range(self.split)
@@ -244,7 +249,8 @@ def run_episode(
                 queue.extend(controller.scores(t, {p.probe_id: v for p, v in zip(action.probes, values)}))
             elif isinstance(action, AnswerNow) and not isinstance(action, Narrate):
                 queue.extend(controller.generation_started(action.request_id, t))
-                answer = session.ask(action.question, t, answer_format=cfg.answer_format)  # type: ignore[arg-type]
+                bound = action.evidence if cfg.deferred_time == "evidence" else None
+                answer = session.ask(action.question, t, answer_format=cfg.answer_format, time_range=bound)  # type: ignore[arg-type]
                 qa = pending.pop(action.request_id, None)
                 if qa is not None:
                     if qa.category == "forward":  # the deferred answer: right when it comes in time

@@ -95,6 +95,10 @@ class AnswerNow:
     # Why it is answered now: "user" (asked just now), "deferred" (its condition fired),
     # "watch" or "commentary" (reserved for answers raised by those paths).
     trigger: AnswerTrigger
+    # A deferred answer's evidence, (since, seen): its condition began after ``since`` (the score
+    # before the first one that counted) and was seen on the frame at ``seen``, when its rule fired;
+    # ``t`` is later when the answer waited behind another. None for other answers.
+    evidence: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -506,7 +510,9 @@ class DialogueController:
             probe_id = deferred.probe.probe_id
             if probe_id in scores and deferred.rule.update(scores[probe_id], t):
                 del self._deferred[request_id]
-                actions.extend(self._dispatch(AnswerNow(t, request_id, deferred.question, "deferred")))
+                since = deferred.rule.last_fire_since
+                evidence = (t if since is None else min(max(since, 0.0), t), t)  # stream times start at 0
+                actions.extend(self._dispatch(AnswerNow(t, request_id, deferred.question, "deferred", evidence)))
         return actions
 
     def generation_started(self, request_id: str, t: float) -> list[Action]:

@@ -250,6 +250,9 @@ class TriggerRule:
     if newly built. ``last_fire_t`` and ``last_t`` are readable state.
     """
 
+    # See __init__ (a class default too: controller snapshots from before it load with None).
+    last_fire_since: float | None = None
+
     def __init__(self, cooldown_s: float = 0.0) -> None:
         _check_cooldown(cooldown_s)
         # Minimum seconds between two fires.
@@ -258,6 +261,9 @@ class TriggerRule:
         self.last_fire_t: float | None = None
         # Time of the last update, or None.
         self.last_t: float | None = None
+        # Where the evidence behind the last fire starts, or None: the condition began after this time
+        # (the score before the first one that counted) and was seen by ``last_fire_t``.
+        self.last_fire_since: float | None = None
 
     def update(self, score: float, t: float) -> bool:
         """Feed one probe score ``score = P(yes)`` computed on the frame at stream time ``t``.
@@ -276,6 +282,7 @@ class TriggerRule:
             self._suppressed()
             return False
         self.last_fire_t = t
+        self.last_fire_since = min(self._evidence_since(), t - span)
         self._fired()
         return True
 
@@ -283,6 +290,7 @@ class TriggerRule:
         """Forget all history and cooldown: the rule is armed and behaves as newly built."""
         self.last_fire_t = None
         self.last_t = None
+        self.last_fire_since = None
 
     def in_cooldown(self, t: float) -> bool:
         """Whether a fire at time ``t`` would be suppressed by the cooldown."""
@@ -295,6 +303,11 @@ class TriggerRule:
     # Subclasses: the fire went out; disarm / reset evidence.
     def _fired(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # Subclasses: called on a fire before ``_fired``: where the evidence behind it starts (the
+    # latest score's own span is the default).
+    def _evidence_since(self) -> float:
+        return float("inf")
 
     # Subclasses: the fire was suppressed by the cooldown; the rule stays armed.
     def _suppressed(self) -> None:
@@ -350,6 +363,9 @@ class ThresholdRule(TriggerRule):
             self._votes.append((t, span, score))
         return self.armed and self._covered(t, lambda x: x >= self.on) >= self.hold_s - 1e-9
 
+    def _evidence_since(self) -> float:
+        return min((vt - span for vt, span, score in self._votes if score >= self.on), default=float("inf"))
+
     def _fired(self) -> None:
         self.armed = False
         self._votes.clear()  # only "no" seen after the fire re-arms it
@@ -368,6 +384,9 @@ class RunningSumRule(TriggerRule):
     Cooldown: a suppressed fire leaves the rule armed and clamps ``acc`` at ``threshold``, so it
     fires at the first update after the cooldown only if that score is still at least ``baseline``.
     """
+
+    # Where the sum last left 0 (a class default: controller snapshots from before it load too).
+    _rise_since = float("inf")
 
     def __init__(self, threshold: float = 1.5, baseline: float = 0.5, cooldown_s: float = 0.0) -> None:
         _check_sum_params(threshold, baseline)
@@ -388,8 +407,13 @@ class RunningSumRule(TriggerRule):
             if score < self.baseline:
                 self.armed = True
             return False
+        if self.acc <= 0.0:
+            self._rise_since = t - span  # the evidence behind a fire starts where the sum last left 0
         self.acc = max(0.0, self.acc + (score - self.baseline) * span)
         return self.acc >= self.threshold - 1e-9
+
+    def _evidence_since(self) -> float:
+        return self._rise_since
 
     def _fired(self) -> None:
         self.acc = 0.0

@@ -20,7 +20,8 @@ import torch
 from ..config import SamplingConfig
 from ..errors import ConfigError
 
-__all__ = ["pick_token", "TimeShape", "TIME_SHAPES", "TimeAnswerMask", "clock_step", "seconds_step", "shape_accepts", "lead_digits", "earliest_value"]
+__all__ = ["pick_token", "TimeShape", "TIME_SHAPES", "TimeAnswerMask", "clock_step", "seconds_step", "shape_accepts", "lead_digits", "earliest_value",
+           "latest_end"]
 
 TimeShape = Literal["clock", "seconds"]
 
@@ -94,6 +95,23 @@ def earliest_value(shape: TimeShape, prefix: str) -> float:
     return int(whole or "0") + int(tenth or "0") / 10.0
 
 
+def latest_end(shape: TimeShape, prefix: str, lead: int) -> float:
+    """Where the latest time that any whole time of ``shape`` starting with ``prefix`` can name ends, in
+    seconds: a clock names a whole second (``"00:22"`` -> [22, 23)), "seconds" a tenth (``"12.3"`` -> [12.3,
+    12.4)), and digits still to come count as the largest they may be (``"00:1"`` -> 20.0; ``"0"`` as a
+    clock with ``lead`` 2 -> 600.0)."""
+    if shape == "clock":
+        minutes, colon, seconds = prefix.partition(":")
+        if not colon:
+            minutes += "9" * (max(2, lead) - len(minutes))
+        top = {0: 59, 1: int(seconds or "0") * 10 + 9}.get(len(seconds), int(seconds or "0"))
+        return int(minutes or "0") * 60.0 + top + 1.0
+    whole, dot, tenth = prefix.partition(".")
+    if not dot:
+        whole += "9" * (max(1, lead) - len(whole))
+    return int(whole or "0") + (int(tenth) + 1 if tenth else 10) / 10.0
+
+
 class TimeAnswerMask:
     """The tokens a time answer of ``shape`` may take next, given what it has generated so far.
 
@@ -103,12 +121,13 @@ class TimeAnswerMask:
     as one token of its own, never inside the time. Once the time is whole, :meth:`allowed` returns
     ``stop_ids``: the caller's next token ends the answer. ``lead`` caps the leading digits (minutes of
     a clock, whole seconds): :func:`lead_digits` of the stream's latest time. ``latest_s``, when given,
-    also refuses times after it (a moment the stream has not reached); which of the earlier times is
-    said stays the model's choice.
+    also refuses times after it (a moment the stream has not reached), and ``earliest_s`` times that end
+    before it (a clock names a whole second: with ``earliest_s=22.0``, ``00:22`` may be said and
+    ``00:21`` not); which of the times left is said stays the model's choice.
     """
 
     def __init__(self, token_texts: Sequence[str], stop_ids: frozenset[int], shape: TimeShape = "clock", lead: int = 2,
-                 latest_s: float | None = None) -> None:
+                 latest_s: float | None = None, earliest_s: float | None = None) -> None:
         if shape not in TIME_SHAPES:
             raise ConfigError(f"answer shape: must be one of {', '.join(TIME_SHAPES)}, got {shape!r}")
         if not stop_ids:
@@ -117,6 +136,7 @@ class TimeAnswerMask:
         self.stop_ids = frozenset(stop_ids)
         self.lead = lead
         self.latest_s = latest_s
+        self.earliest_s = earliest_s
         self._step = TIME_SHAPES[shape]
         chars = set("0123456789:.")
         self._candidates = [(i, text) for i, text in enumerate(token_texts)
@@ -137,7 +157,8 @@ class TimeAnswerMask:
         return self._written
 
     def _advance(self, text: str) -> tuple[tuple[int, int], str] | None:
-        """The state and written time after ``text``, or None if it breaks the shape or passes ``latest_s``."""
+        """The state and written time after ``text``, or None if it breaks the shape or leaves
+        [``earliest_s``, ``latest_s``]."""
         if not self._written:
             text = text.lstrip()
         elif text != text.strip():
@@ -149,6 +170,8 @@ class TimeAnswerMask:
                 return None
         written = self._written + text
         if self.latest_s is not None and earliest_value(self.shape, written) > self.latest_s + 1e-6:
+            return None
+        if self.earliest_s is not None and latest_end(self.shape, written, self.lead) <= self.earliest_s + 1e-6:
             return None
         return state, written
 

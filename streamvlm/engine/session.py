@@ -79,6 +79,17 @@ def time_shape(adapter: ModelAdapter) -> TimeShape:
     return getattr(adapter, "time_answer_shape", "clock")
 
 
+def _check_time_range(time_range: object, t: float) -> tuple[float, float]:
+    """``time_range`` as (first, last) floats; QuestionError unless finite numbers with 0 <= first <= last <= ``t``."""
+    try:
+        first, last = (float(x) for x in time_range)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise QuestionError(f"time_range: must be two stream times (first, last), got {time_range!r}") from None
+    if not (math.isfinite(first) and math.isfinite(last) and 0.0 <= first <= last <= t + 1e-9):
+        raise QuestionError(f"time_range: must satisfy 0 <= first <= last <= the question's time {t:g}, got {time_range!r}")
+    return first, min(last, t)
+
+
 _TOKEN_TEXTS: "weakref.WeakKeyDictionary[object, list[str]]" = weakref.WeakKeyDictionary()
 
 
@@ -371,12 +382,13 @@ class StreamSession:
         sampling: SamplingConfig | None = None,
         on_delta: Callable[[str], None] | None = None,
         answer_format: AnswerFormat = "auto",
+        time_range: tuple[float, float] | None = None,
     ) -> Answer:
         """Answer ``question`` at stream time ``t`` (default: the latest time seen) and return the answer.
 
         ``on_delta`` receives the text as it is generated. See :meth:`ask_stream` for the rules.
         """
-        stream = self.ask_stream(question, t, sampling=sampling, answer_format=answer_format)
+        stream = self.ask_stream(question, t, sampling=sampling, answer_format=answer_format, time_range=time_range)
         for delta in stream:
             if on_delta is not None:
                 on_delta(delta)
@@ -385,7 +397,7 @@ class StreamSession:
 
     def ask_stream(
         self, question: str, t: float | None = None, *, sampling: SamplingConfig | None = None, return_logits: bool = False,
-        answer_format: AnswerFormat = "auto",
+        answer_format: AnswerFormat = "auto", time_range: tuple[float, float] | None = None,
     ) -> AnswerStream:
         """Start answering ``question`` and return an :class:`AnswerStream` of text deltas.
 
@@ -393,6 +405,9 @@ class StreamSession:
         (``00:12`` for SmolVLM, ``12.0`` for Qwen) and ends it there; the digits are the model's own
         choice, only the shape is fixed. "auto" (default) does that for :func:`is_time_question`
         questions, such as the deferred "Tell me when ..." answer, and leaves other answers free ("text").
+        ``time_range`` (stream seconds, first <= last <= ``t``) bounds a time answer further: only times
+        that meet it may be said (for a deferred answer, its :attr:`AnswerNow.evidence`: the condition
+        began after the first and was seen at the last); it has no effect on an answer that is not a time.
 
         Input is checked now (empty or over-long question: :class:`QuestionError`; ``t`` before the
         latest frame: :class:`TimestampError`); generation runs as the stream is iterated. The answer
@@ -411,9 +426,12 @@ class StreamSession:
             t = self._last_t if math.isfinite(self._last_t) else 0.0
         self._check_time(t, what="question")
         self._check_idle()
+        if time_range is not None:
+            time_range = _check_time_range(time_range, float(t))
         timed = answer_format == "time" or (answer_format == "auto" and is_time_question(question))
         stream = AnswerStream()
-        stream._gen = self._generate(question.strip(), float(t), sampling or self.config.sampling, stream, return_logits, timed)
+        stream._gen = self._generate(question.strip(), float(t), sampling or self.config.sampling, stream, return_logits,
+                                     (time_range or (None, float(t))) if timed else None)
         return stream
 
     def probe(self, prompts: list[str]) -> list[float]:
@@ -438,7 +456,8 @@ class StreamSession:
         return [float(p) for p in torch.softmax(pair, dim=-1)[:, 0]]
 
     # ---- internals -----------------------------------------------------------------------------------
-    def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool, timed: bool) -> Iterator[str]:
+    def _generate(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool,
+                  timed: tuple[float | None, float] | None) -> Iterator[str]:
         self._check_usable()
         self._check_idle()  # another stream may have started since this one was created
         self._check_time(t, what="question")
@@ -449,13 +468,16 @@ class StreamSession:
             finally:
                 self._generating = False
 
-    def _answer(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool, timed: bool) -> Iterator[str]:
-        """The body of one question step; a fault propagates to :meth:`_step`, which undoes the whole exchange."""
+    def _answer(self, question: str, t: float, cfg: SamplingConfig, stream: AnswerStream, return_logits: bool,
+                timed: tuple[float | None, float] | None) -> Iterator[str]:
+        """The body of one question step; a fault propagates to :meth:`_step`, which undoes the whole exchange.
+        ``timed``: the answer is one time, within (earliest or None, latest)."""
         start = time.perf_counter()
         mask = None
-        if timed:
+        if timed is not None:
             shape = time_shape(self.adapter)
-            mask = TimeAnswerMask(_token_texts(self.adapter), self.adapter.stop_ids, shape, lead_digits(shape, t), latest_s=t)
+            mask = TimeAnswerMask(_token_texts(self.adapter), self.adapter.stop_ids, shape, lead_digits(shape, t),
+                                  latest_s=timed[1], earliest_s=timed[0])
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         prompt_ids = self.adapter.question_ids(question)
         retrieved = self.memory.retrieve(prompt_ids)  # placed at the end of the cache: undoing the step crops it away

@@ -605,9 +605,11 @@ class LiveWorker:
         try:
             self._act(self.controller.generation_started(request_id, self._now()))
             self._emit("answer.started", request_id=request_id, trigger=trigger)
-            # A deferred answer says when its thing appeared: shaped as one time, whatever the question's wording.
-            stream = self.session.ask_stream(question, self._now(), sampling=sampling,
-                                             answer_format="time" if trigger == "deferred" else "auto")
+            # A deferred answer says when its thing appeared: one time, whatever the question's wording, within
+            # the evidence its rule fired on.
+            deferred = trigger == "deferred"
+            stream = self.session.ask_stream(question, self._now(), sampling=sampling, answer_format="time" if deferred else "auto",
+                                             time_range=action.evidence if deferred else None)
             try:
                 for delta in stream:
                     self._emit("answer.delta", request_id=request_id, text=delta)
