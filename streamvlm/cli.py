@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cameras import DEFAULT_READ_FPS
 from .config import POLICIES, IngestConfig, MemoryConfig, ModelConfig, SamplingConfig, SessionConfig, parse_size
 from .errors import ConfigError, StreamVLMError
 
@@ -335,7 +336,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     cfg = QualityConfig(episodes=args.episodes, duration_s=args.episode_seconds if long else args.duration, budgets=budgets,
                         policies=policies, seed_base=args.seed, retrieval_top_k=args.top_k, split=args.split,
                         layout="long" if long else "short", positions="reindex" if long else args.positions,
-                        rates=rates, answer_format=args.answer_format, deferred_time=args.deferred_time)
+                        rates=rates, read_fps=args.read_fps, answer_format=args.answer_format, deferred_time=args.deferred_time)
     adapter = load_model(_model_config(args))
     result = run_quality(adapter, cfg, sweep=not args.no_sweep, progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     if not args.quiet:
@@ -513,8 +514,8 @@ def _watch_plan(args: argparse.Namespace) -> Any:
         raise ConfigError("watch needs a camera: SOURCE [SOURCE ...], --source SOURCE (repeatable) or --config cameras.toml")
     if not args.alert:
         raise ConfigError("watch needs at least one --alert CONDITION")
-    if args.fps is not None and not 0 < args.fps <= 60:
-        raise ConfigError(f"--fps: frames read per second must be in (0, 60], got {args.fps!r}")
+    if args.fps is not None and not 0 <= args.fps <= 60:
+        raise ConfigError(f"--fps: frames read per second must be in (0, 60], or 0 for every frame, got {args.fps!r}")
     if args.cooldown is not None:
         from .dialogue import TriggerSpec
 
@@ -522,7 +523,8 @@ def _watch_plan(args: argparse.Namespace) -> Any:
     budget = 4096 if args.memory_budget is None else args.memory_budget
     _check_memory_budget(budget)
     MemoryConfig(budget_tokens=budget, policy=args.policy or "merge")  # so do bad memory settings
-    return WatchPlan(cameras_from_sources(sources, args.alert, fps=args.fps, cooldown_s=args.cooldown, budget_tokens=budget,
+    fps = DEFAULT_READ_FPS if args.fps is None else args.fps
+    return WatchPlan(cameras_from_sources(sources, args.alert, fps=fps, cooldown_s=args.cooldown, budget_tokens=budget,
                                   policy=args.policy or "merge"))
 
 
@@ -785,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "questions a minute or more after their moment; positions re-indexed under a budget), e.g. 300")
     qual.add_argument("--rates", default="", metavar="FPS,...",
                       help="also measure alerts with the same episodes streamed at these frame rates, e.g. 1,2,10")
+    qual.add_argument("--read-fps", type=float, default=DEFAULT_READ_FPS, metavar="FPS",
+                      help="frames read per second of each --rates stream, as `watch --fps` reads a camera (default "
+                           f"{DEFAULT_READ_FPS:g}, watch's default; 0: every frame)")
     qual.add_argument("--positions", choices=("keep", "reindex"), default="keep", help="working-memory positions under a budget (default keep)")
     qual.add_argument("--answer-format", choices=("auto", "text", "time"), default="auto",
                       help="auto (default): time answers decoded as one MM:SS clock; text: free decoding")
@@ -911,7 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
     wat.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until every source ends)")
     wat.add_argument("--name", default=None, help="this run's session name in the event log (default: a fresh watch_... id)")
     wat.add_argument("--fps", type=float, default=None,
-                     help="frames read per second from each source (default: every frame it delivers); alerts do not depend on it")
+                     help="frames read per second from each source (default 2; 0: every frame it delivers); the alert "
+                          "rules count seconds, not frames")
     wat.add_argument("--cooldown", type=float, default=None,
                      help="seconds of stream time between two alerts of the same condition (default 0: none)")
     _add_precision_flags(wat)  # with --config: the file's device and dtype apply where these are left at auto

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .cameras import CameraConfig, default_name
+from .cameras import DEFAULT_READ_FPS, CameraConfig, default_name
 from .config import MemoryConfig, SessionConfig
 from .dialogue import TriggerSpec
 from .engine.session import StreamSession
@@ -315,12 +315,12 @@ async def run_watch(
     session_name: str | None = None,
     trigger: TriggerSpec | None = None,
     source_config: SourceConfig | None = None,
-    fps: float | None = None,
+    fps: float | None = DEFAULT_READ_FPS,
 ) -> int:
     """Watch one camera until the source ends, ``duration_s`` passes, or the task is cancelled; returns alerts raised.
 
-    ``fps`` caps the frames read per second of stream time (None: every new frame the source delivers);
-    the trigger rules count stream seconds, so the same scene raises the same alerts at any ``fps``.
+    ``fps`` caps the frames read per second of stream time (default 2; 0 or None: every new frame the source
+    delivers); the trigger rules count stream seconds, not frames.
     ``trigger`` (e.g. ``TriggerSpec(cooldown_s=30)``) is the rule of every alert (default: the controller's).
 
     Events are logged under ``session_name`` (default: a fresh ``watch_...`` id, printed on stderr).

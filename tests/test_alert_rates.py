@@ -23,11 +23,15 @@ SEEDS = (2,)
 def test_the_same_alerts_at_1_2_and_10_frames_per_second() -> None:
     seed = SEEDS[0]
     adapter = load("shapeworld")
-    cfg = QualityConfig(episodes=1, split="validation", seed_base=seed)
+    cfg = QualityConfig(episodes=1, split="validation", seed_base=seed, read_fps=0)  # every frame read
     memory = MemoryConfig(budget_tokens=RATE_BUDGET_TOKENS, positions="reindex")
     episode = make_episode(seed, duration_s=cfg.duration_s, fps=1.0)
     truth = appearances(episode, *watch_target(episode))
     times = {fps: run_episode(adapter, seed, memory, cfg, fps=fps, ask=False).alert_times for fps in (1.0, 2.0, 10.0)}
+    # Read as `watch` reads a camera by default (2 frames a second), the 10 fps stream gives the 2 fps alerts.
+    default = QualityConfig(episodes=1, split="validation", seed_base=seed)
+    assert default.read_fps == 2.0
+    assert run_episode(adapter, seed, memory, default, fps=10.0, ask=False).alert_times == times[2.0]
     for fps, alerts in times.items():
         # One alert per appearance, each within the 2 s a StreamingBench-style answer is given, nothing else.
         assert len(alerts) == len(truth) and match_alerts(alerts, truth) == len(truth), (fps, alerts, truth)

@@ -127,7 +127,7 @@ def test_watch_fps_and_cooldown_flags_are_checked_before_the_model_loads(tmp_pat
     args = build_parser().parse_args(["watch", "clip.mp4", "--alert", "x", "--fps", "2", "--cooldown", "30"])
     assert (args.fps, args.cooldown) == (2.0, 30.0)
     clip = write_test_clip(tmp_path / "clip.mp4", seconds=0.5, fps=10.0)
-    assert main(["watch", str(clip), "--alert", "x", "--fps", "0", "--model", "no-such-model"]) == 2
+    assert main(["watch", str(clip), "--alert", "x", "--fps", "-1", "--model", "no-such-model"]) == 2
     assert "--fps" in capsys.readouterr().err
     assert main(["watch", str(clip), "--alert", "x", "--cooldown", "-5", "--model", "no-such-model"]) == 2
     assert "cooldown_s" in capsys.readouterr().err

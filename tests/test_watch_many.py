@@ -121,7 +121,8 @@ def test_a_refused_camera_is_named_and_the_others_read_to_the_end(tmp_path, caps
     last = err.splitlines()[-1]
     assert "1 of 2 camera(s) failed" in last and "camera '127.0.0.1'" in last and "HTTP 404 Not Found" in last
     assert re.search(r"streamvlm: 127\.0\.0\.1: camera FAILED: .*HTTP 404", err)  # said when it happened
-    assert re.search(r"camera lobby \(lobby\.mp4\): 30 frame\(s\) taken, [1-9]\d* read by the model, .*; ended", err)
+    # a 10 fps file read at the default 2 frames a second: 6 of its 30 frames are taken
+    assert re.search(r"camera lobby \(lobby\.mp4\): 6 frame\(s\) taken, [1-9]\d* read by the model, .*; ended", err)
     events = EventLog(tmp_path / "events.db").list()
     lobby = [e["kind"] for e in events if e["payload"]["camera"] == "lobby"]
     assert lobby[0] == "camera.online" and lobby[-1] == "camera.closed"
@@ -131,7 +132,7 @@ def test_a_refused_camera_is_named_and_the_others_read_to_the_end(tmp_path, caps
 
 @pytest.mark.parametrize("toml, expected", [
     ('[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\nfsp = 2\n', r"camera 'door': unknown key 'fsp'"),
-    ('[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\nfps = 0\n', r"camera 'door': fps: .*\(0, 60\]"),
+    ('[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\nfps = -1\n', r"camera 'door': fps: .*\(0, 60\], or 0"),
     ('[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\nfps = "fast"\n', r"camera 'door': fps"),
     ('[[camera]]\nname = "door"\nalerts = ["x"]\n', r"camera 'door': source: missing"),
     ('[[camera]]\nsource = "a.mp4"\nalerts = ["x"]\n', r"camera #1: name"),
@@ -143,7 +144,7 @@ def test_a_refused_camera_is_named_and_the_others_read_to_the_end(tmp_path, caps
     ('[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\npolicy = "lru"\n', r"camera 'door': policy"),
     ('[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\nbudget = 8\n', r"camera 'door': budget"),
     ('[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\ncooldown = -5\n', r"camera 'door': cooldown"),
-    ('fps = 0\n[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\n', r"camera 'door': fps"),  # a bad default names who gets it
+    ('fps = 99\n[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\n', r"camera 'door': fps"),  # a bad default names who gets it
     ('modle = "shapeworld"\n[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\n', r"unknown top-level key 'modle'"),
     ('[[cameras]]\nname = "door"\n', r"unknown top-level key 'cameras' \(cameras are \[\[camera\]\] tables\)"),
     ('model = "shapeworld"\n', r"no cameras"),
@@ -153,6 +154,17 @@ def test_a_refused_camera_is_named_and_the_others_read_to_the_end(tmp_path, caps
 def test_a_bad_cameras_file_names_the_camera_and_the_key(toml, expected):
     with pytest.raises(ConfigError, match=rf"^cameras\.toml: {expected}"):
         parse_plan(toml, origin="cameras.toml")
+
+
+def test_a_camera_reads_two_frames_a_second_unless_told_otherwise():
+    from streamvlm.cameras import DEFAULT_READ_FPS, cameras_from_sources
+
+    camera = '[[camera]]\nname = "door"\nsource = "a.mp4"\nalerts = ["x"]\n'
+    assert DEFAULT_READ_FPS == 2.0 and parse_plan(camera).cameras[0].fps == 2.0
+    assert parse_plan("fps = 0\n" + camera).cameras[0].fps == 0  # every frame the source delivers
+    assert parse_plan(camera + "fps = 10\n").cameras[0].fps == 10.0
+    assert cameras_from_sources(["a.mp4"], ["x"])[0].fps == 2.0
+    assert CameraConfig(name="door", source="a.mp4", alerts=("x",)).fps == 2.0
 
 
 def test_a_bad_cameras_file_or_camera_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -40,7 +40,9 @@ from ..dialogue import (
     TriggerSpec,
     make_rule,
 )
+from ..cameras import DEFAULT_READ_FPS
 from ..engine.session import StreamSession
+from ..ingest.sampler import FpsSampler
 from ..errors import ConfigError
 from ..models.base import ModelAdapter
 from ..shapeworld import FORWARD_TOLERANCE_S, QA, make_episode, make_questions
@@ -118,6 +120,9 @@ class QualityConfig:
     # Input rates (frames per second) at which alerts are measured apart (the standing watch only, probed every
     # frame) under a working memory capped at RATE_BUDGET_TOKENS with positions re-indexed; () = none.
     rates: tuple[float, ...] = ()
+    # Frames read per second of each rate's stream, as `streamvlm watch --fps` reads a camera (its default; 0: every
+    # frame): a 10 fps stream is read at 2 frames a second unless this says otherwise.
+    read_fps: float = DEFAULT_READ_FPS
 
     def __post_init__(self) -> None:
         if not isinstance(self.episodes, int) or self.episodes < 1:
@@ -137,6 +142,8 @@ class QualityConfig:
             raise ConfigError(f"positions: must be keep or reindex, got {self.positions!r}")
         if any(not (isinstance(r, (int, float)) and 0 < r <= 30) for r in self.rates):
             raise ConfigError(f"rates: frames per second in (0, 30], got {self.rates!r}")
+        if isinstance(self.read_fps, bool) or not isinstance(self.read_fps, (int, float)) or not 0 <= self.read_fps <= 30:
+            raise ConfigError(f"read_fps: frames read per second in (0, 30], or 0 for every frame, got {self.read_fps!r}")
         if self.answer_format not in ("auto", "text", "time"):
             raise ConfigError(f"answer_format: must be auto, text or time, got {self.answer_format!r}")
         if self.deferred_time not in ("evidence", "model"):
@@ -279,7 +286,7 @@ def run_episode(
     if not long:
         act(controller.add_watch("watch", f"a {colour} {shape} appears", 0.0), 0.0)
     remaining = list(questions)
-    for t, image in episode.frames():
+    for t, image in _read(episode, cfg.read_fps):
         session.ingest(image, t)
         act(controller.frame(t), t)
         while remaining and remaining[0].t < t + 1.0 / fps:
@@ -437,7 +444,7 @@ def watch_scores(adapter: ModelAdapter, seed: int, cfg: QualityConfig, fps: floa
     session = StreamSession(adapter, SessionConfig(sampling=SamplingConfig(max_new_tokens=12)), memory)
     scores: list[tuple[float, float]] = []
     try:
-        for t, image in episode.frames():
+        for t, image in _read(episode, cfg.read_fps):
             session.ingest(image, t)
             for action in controller.frame(t):
                 if isinstance(action, Poll):
@@ -446,6 +453,12 @@ def watch_scores(adapter: ModelAdapter, seed: int, cfg: QualityConfig, fps: floa
     finally:
         session.close()
     return scores, appearances(episode, colour, shape)
+
+
+def _read(episode: Any, read_fps: float) -> Iterable[tuple[float, Any]]:
+    """The frames of ``episode`` a camera read at ``read_fps`` takes (0: every frame), as `streamvlm watch` samples them."""
+    sampler = FpsSampler(read_fps) if read_fps else None
+    return ((t, image) for t, image in episode.frames() if sampler is None or sampler.offer(t))
 
 
 def replay_alerts(spec: TriggerSpec, scores: Iterable[tuple[float, float]]) -> list[float]:
