@@ -3,9 +3,10 @@
 A *time answer* (the answer to "Tell me when a red circle appears." or "When did ... appear?") is a
 stream time written the way the model's adapter writes it before every frame: ``MM:SS`` for SmolVLM
 (``"\\nFrame from 00:12:"``), ``S.S`` seconds for Qwen (``"<12.0 seconds>"``). :class:`TimeAnswerMask`
-constrains decoding to that shape and nothing else: which digits come is still the model's choice
-(the mask never writes a time in), but once a whole time is written the only token left is the end of
-the answer, so an answer cannot run on into ``00:1777 square square ...``. This is grammar-constrained
+constrains decoding to that shape and to a range of times (never after the answer's moment; for a deferred
+answer, within the evidence its trigger fired on): which of the times left is said is the model's choice
+(evidence that lies within one second of the clock leaves that second alone), and once a whole time is
+written the only token left is the end of the answer, so an answer cannot run on into ``00:1777 square square ...``. This is grammar-constrained
 decoding in the manner of Outlines' regex-guided generation and llama.cpp's GBNF grammars, reduced to
 one tiny automaton per shape.
 """
