@@ -222,6 +222,22 @@ def test_two_questions_back_to_back_are_both_created_at_once_bound_to_their_even
     assert sum(isinstance(o, core.StartWorker) for o in outs) == 1
 
 
+def test_a_deferred_question_that_moves_keeps_its_max_output_tokens():
+    # The server it was asked on books it for a snapshot; the server it moves to asks it again, the same way.
+    s = core.RealtimeSession("m")
+    s.opened(0.0)
+    s.client_event(user_item("Tell me when a red square appears."), 0.1)
+    asked = [o for o in s.client_event(m.ResponseCreate(event_id="d", max_output_tokens=3), 0.1) if isinstance(o, core.Ask)]
+    assert [a.max_new_tokens for a in asked] == [3]
+    (book,) = s.open_response_books()
+    assert book["max_output_tokens"] == 3 and book["trigger"] == "deferred"
+    moved = core.RealtimeSession("m")
+    again = moved.reopen(book["response_id"], book["trigger"], book["client_event_id"], book["question"], 5.0,
+                         book["max_output_tokens"])
+    assert again == [core.Ask(book["response_id"], "Tell me when a red square appears.", 3)]
+    assert moved.open_response_books() == [book]
+
+
 def test_a_failed_request_ends_failed_with_an_error_naming_it():
     s = core.RealtimeSession("m")
     s.opened(0.0)

@@ -190,6 +190,7 @@ class _Response:
     asked_at: float
     question: str | None = None  # the user's text it answers (None for commentary)
     first_token: bool = False
+    max_new_tokens: int | None = None  # the response.create's max_output_tokens (None: the session's)
 
 
 @dataclass
@@ -253,9 +254,10 @@ class RealtimeSession:
 
     def open_response_books(self) -> list[dict[str, Any]]:
         """What the session knows of each open response, oldest first (for a snapshot): ``response_id``,
-        ``trigger``, ``client_event_id`` and the ``question`` it answers (None for commentary)."""
-        return [{"response_id": rid, "trigger": r.trigger, "client_event_id": r.client_event_id, "question": r.question}
-                for rid, r in self._responses.items()]
+        ``trigger``, ``client_event_id``, the ``question`` it answers (None for commentary) and its
+        ``max_output_tokens`` (None: the session's)."""
+        return [{"response_id": rid, "trigger": r.trigger, "client_event_id": r.client_event_id, "question": r.question,
+                 "max_output_tokens": r.max_new_tokens} for rid, r in self._responses.items()]
 
     @property
     def missed(self) -> list[dict]:
@@ -362,17 +364,19 @@ class RealtimeSession:
         text, self._user_text = self._user_text, None
         rid = new_id("resp")
         trigger = "deferred" if parse_forward_request(text) is not None else "user"
-        self._responses[rid] = _Response(trigger, event.event_id, now, text)
+        self._responses[rid] = _Response(trigger, event.event_id, now, text, max_new_tokens=event.max_output_tokens)
         out = self._start()
         return out + [m.response_created(rid, trigger, client_event_id=event.event_id),
                       Ask(rid, text, event.max_output_tokens)]
 
-    def reopen(self, response_id: str, trigger: str, client_event_id: str | None, question: str, now: float) -> list[Out]:
+    def reopen(self, response_id: str, trigger: str, client_event_id: str | None, question: str, now: float,
+               max_new_tokens: int | None = None) -> list[Out]:
         """A response opened elsewhere (its ``response.created`` went out from the server the session moved
         from) goes on here: it is open again under the same id, and its question is asked of this
-        server's worker (the Ask command to carry out once the worker runs). It ends exactly once, as any other."""
-        self._responses[response_id] = _Response(trigger, client_event_id, now, question)
-        return [Ask(response_id, question)]
+        server's worker (the Ask command to carry out once the worker runs), with the ``max_output_tokens``
+        it was created with. It ends exactly once, as any other."""
+        self._responses[response_id] = _Response(trigger, client_event_id, now, question, max_new_tokens=max_new_tokens)
+        return [Ask(response_id, question, max_new_tokens)]
 
     def _on_ResponseCancel(self, event: m.ResponseCancel, now: float) -> list[Out]:
         rid = event.response_id

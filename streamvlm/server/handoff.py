@@ -364,7 +364,7 @@ class Handoff:
         for response in state["open_responses"]:
             if stream is not None and response["trigger"] == "deferred" and response["question"]:
                 reasks += realtime.reopen(response["response_id"], response["trigger"], response["client_event_id"],
-                                          response["question"], time.monotonic())
+                                          response["question"], time.monotonic(), response.get("max_output_tokens"))
                 continue
             message = "the replica serving this response stopped before it ended; ask again"
             lost += [m.error_event("server_error", message, None, response["client_event_id"], response["response_id"]),
