@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from conftest import load
 from streamvlm.config import MemoryConfig, SamplingConfig
-from streamvlm.engine.sampling import TimeAnswerMask, earliest_value, latest_end, lead_digits, shape_accepts
+from streamvlm.engine.sampling import TimeAnswerMask, completion_spans, earliest_value, lead_digits, shape_accepts
 from streamvlm.engine.session import StreamSession, is_time_question, time_shape
 from streamvlm.errors import ConfigError, QuestionError
 
@@ -76,9 +78,38 @@ def test_mask_refuses_times_that_end_before_the_earliest() -> None:
     for token in ("00", ":"):
         mask.feed(VOCAB.index(token), token)
     assert {VOCAB[i] for i in mask.allowed()} == {"2"}  # 00:1x ends by 20 s: too early
-    assert latest_end("clock", "00:22", 2) == 23.0 and latest_end("clock", "00:1", 2) == 20.0
-    assert latest_end("clock", "0", 2) == 600.0 and latest_end("clock", "0", 3) == 6000.0
-    assert latest_end("seconds", "12.3", 2) == pytest.approx(12.4) and latest_end("seconds", "1", 2) == pytest.approx(20.0)
+    assert completion_spans("clock", "00:22", 2) == [(22.0, 23.0)] and completion_spans("clock", "00:1", 2) == [(10.0, 20.0)]
+    assert completion_spans("clock", "0", 2) == [(0.0, 600.0)] and completion_spans("clock", "1", 3) == [(600.0, 1200.0), (6000.0, 12000.0)]
+    assert completion_spans("seconds", "12.3", 2) == [(pytest.approx(12.3), pytest.approx(12.4))]
+    assert completion_spans("seconds", "1", 2) == [(1.0, 2.0), (10.0, 20.0)]
+
+
+# Digits alone, in pairs, with their separators and a space: how tokenizers cut times.
+TIME_VOCAB = ["<end>", " ", ":", ".", *"0123456789", *(f"{a}{b}" for a in "0123456789" for b in "0123456789"), ":0", ":1", ".5", " 0"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=st.sampled_from(["clock", "seconds"]), lead=st.integers(1, 3), first=st.floats(0.0, 900.0),
+       width=st.floats(0.0, 5.0), choices=st.lists(st.integers(0, 10_000), min_size=12, max_size=12))
+def test_a_time_within_any_range_is_always_reachable_and_said(shape, lead, first, width, choices) -> None:
+    """Whatever the model prefers, a time answer bounded by a range ends as one time that meets the range:
+    no prefix is allowed that cannot be finished inside it (``"1"`` could be 1 s or 10-19 s, not 5 s)."""
+    limit = (10 ** max(2, lead)) * 60.0 if shape == "clock" else 10.0 ** max(1, lead)
+    first = min(first, limit - 10.0)
+    last = first + width
+    mask = TimeAnswerMask(TIME_VOCAB, frozenset({0}), shape, lead=lead, latest_s=last, earliest_s=first)
+    text = ""
+    for pick in choices + [0] * 8:
+        allowed = mask.allowed()
+        assert allowed, f"dead end after {text!r} for [{first}, {last}]"
+        token = allowed[pick % len(allowed)]
+        if token == 0:
+            break
+        mask.feed(token, TIME_VOCAB[token])
+        text += TIME_VOCAB[token]
+    assert mask.done and shape_accepts(shape, text, lead=max(lead, 2)), text
+    ((start, end),) = completion_spans(shape, text.strip(), lead)
+    assert start <= last + 1e-6 and end > first + 1e-6, (text, first, last)
 
 
 def test_which_questions_ask_for_a_time() -> None:

@@ -13,6 +13,7 @@ one tiny automaton per shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -22,7 +23,7 @@ from ..config import SamplingConfig
 from ..errors import ConfigError
 
 __all__ = ["pick_token", "TimeShape", "TIME_SHAPES", "TimeAnswerMask", "clock_step", "seconds_step", "shape_accepts", "lead_digits", "earliest_value",
-           "latest_end"]
+           "completion_spans"]
 
 TimeShape = Literal["clock", "seconds"]
 
@@ -96,21 +97,29 @@ def earliest_value(shape: TimeShape, prefix: str) -> float:
     return int(whole or "0") + int(tenth or "0") / 10.0
 
 
-def latest_end(shape: TimeShape, prefix: str, lead: int) -> float:
-    """Where the latest time that any whole time of ``shape`` starting with ``prefix`` can name ends, in
-    seconds: a clock names a whole second (``"00:22"`` -> [22, 23)), "seconds" a tenth (``"12.3"`` -> [12.3,
-    12.4)), and digits still to come count as the largest they may be (``"00:1"`` -> 20.0; ``"0"`` as a
-    clock with ``lead`` 2 -> 600.0)."""
+def completion_spans(shape: TimeShape, prefix: str, lead: int) -> list[tuple[float, float]]:
+    """The stretches of stream time, ``[start, end)`` seconds, that the whole times of ``shape`` starting with
+    ``prefix`` name: a clock names a whole second (``"00:22"`` -> [22, 23)), "seconds" a tenth (``"12.3"`` ->
+    [12.3, 12.4)). While the leading digits may still grow (up to ``lead``), one stretch per length:
+    ``"1"`` as "seconds" with ``lead`` 2 is [1, 2) or [10, 20), nothing between."""
     if shape == "clock":
-        minutes, colon, seconds = prefix.partition(":")
-        if not colon:
-            minutes += "9" * (max(2, lead) - len(minutes))
-        top = {0: 59, 1: int(seconds or "0") * 10 + 9}.get(len(seconds), int(seconds or "0"))
-        return int(minutes or "0") * 60.0 + top + 1.0
-    whole, dot, tenth = prefix.partition(".")
-    if not dot:
-        whole += "9" * (max(1, lead) - len(whole))
-    return int(whole or "0") + (int(tenth) + 1 if tenth else 10) / 10.0
+        head, sep, tail = prefix.partition(":")
+        unit, shortest, longest = 60.0, 2, max(2, lead)
+    else:
+        head, sep, tail = prefix.partition(".")
+        unit, shortest, longest = 1.0, 1, max(1, lead)
+    if sep:
+        whole = int(head) * unit
+        if shape == "clock":
+            size = {0: 60, 1: 10}.get(len(tail), 1)
+            low = whole + (int(tail) * (10 if len(tail) == 1 else 1) if tail else 0)
+            return [(low, low + size)]
+        return [(whole + int(tail) / 10, whole + (int(tail) + 1) / 10)] if tail else [(whole, whole + 1.0)]
+    spans = []
+    for digits in range(max(len(head), shortest), longest + 1):
+        low, high = int(head.ljust(digits, "0") or "0"), int(head.ljust(digits, "9") or "0")
+        spans.append((low * unit, (high + 1) * unit))
+    return spans
 
 
 class TimeAnswerMask:
@@ -170,9 +179,10 @@ class TimeAnswerMask:
             if state is None:
                 return None
         written = self._written + text
-        if self.latest_s is not None and earliest_value(self.shape, written) > self.latest_s + 1e-6:
-            return None
-        if self.earliest_s is not None and latest_end(self.shape, written, self.lead) <= self.earliest_s + 1e-6:
+        earliest = -math.inf if self.earliest_s is None else self.earliest_s + 1e-6
+        latest = math.inf if self.latest_s is None else self.latest_s + 1e-6
+        # Kept only if some whole time it can still become meets [earliest_s, latest_s]: no dead end on the way.
+        if not any(start <= latest and end > earliest for start, end in completion_spans(self.shape, written, self.lead)):
             return None
         return state, written
 
