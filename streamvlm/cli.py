@@ -754,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("--kv-heads", type=int, default=3)
     ret.add_argument("--q-heads", type=int, default=9)
     ret.add_argument("--head-dim", type=int, default=64)
-    ret.add_argument("--top-k", type=int, default=4)
+    ret.add_argument("--top-k", type=int, default=MemoryConfig.retrieval_top_k, help=f"chunks fetched (default {MemoryConfig.retrieval_top_k}, the engine's)")
     ret.add_argument("--json", metavar="OUT", help="write the result to this file")
     ret.set_defaults(func=_cmd_bench_retrieval)
 

@@ -170,19 +170,41 @@ def test_reindex_keeps_positions_contiguous(adapter):
     working = session.memory.ledger.working()
     assert working[0].position_start == 0 and working[0].kind == "system"
     # After the system prompt, room for what retrieval places before the first working chunk (the
-    # default 4 chunks the size of a frame): recalled frames never take the system prompt's positions.
+    # default number of chunks, each the size of a frame): recalled frames never take the system prompt's positions.
     frame_tokens = max(c.tokens_held for c in working if c.kind == "frame")
-    assert working[1].position_start - working[0].position_end == 4 * frame_tokens
+    depth = MemoryConfig().retrieval_top_k
+    assert working[1].position_start - working[0].position_end == depth * frame_tokens
     for a, b in zip(working[1:], working[2:]):
         assert b.position_start == a.position_end
     assert session.runner.next_position == working[-1].position_end
     assert any(e.kind == "reindexed" for e in session.drain_events())
     assert len(session.memory.store) > 0
     recalled = session.memory.retrieve(adapter.question_ids("What was there first?"))
-    assert recalled is not None and len(recalled.evidence) <= 4
+    assert recalled is not None and len(recalled.evidence) <= depth
     placed = recalled.end - recalled.start  # they go just before the first working chunk, inside the room
     assert working[1].position_start - placed >= working[0].position_end
     session.memory.release(recalled)
+
+
+def test_recall_room_is_capped_and_retrieval_recalls_only_what_fits(adapter, monkeypatch):
+    """A model with few positions: the room left for recalled chunks is at most a quarter of them, and a
+    question recalls the best chunks that fit there, never onto the system prompt's positions."""
+    monkeypatch.setattr(adapter, "max_positions", lambda: 300)
+    session = StreamSession(adapter, SessionConfig(system_prompt="Watch."),
+                            MemoryConfig(budget_tokens=200, positions="reindex", retrieval_top_k=12))
+    for i, f in enumerate(synthetic_frames(16, seed=2)):
+        session.ingest(f, float(i))
+    working = session.memory.ledger.working()
+    room = working[1].position_start - working[0].position_end
+    frame_tokens = max(c.tokens_held for c in working if c.kind == "frame")
+    assert room == min(12 * frame_tokens, 300 // 4)
+    # The room is in positions (a Qwen frame's image tokens share positions: fewer positions than tokens).
+    span = min(r.position_end - r.position_start for r in session.memory.store.records() if r.kind == "frame")
+    assert len(session.memory.store) > room // span  # more is stored than fits
+    recalled = session.memory.retrieve(adapter.question_ids("What was there first?"))
+    assert recalled is not None and 1 <= len(recalled.evidence) <= room // span
+    session.memory.release(recalled)
+    session.close()
 
 
 def _feed_and_capture(session: StreamSession, frames) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

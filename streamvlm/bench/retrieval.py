@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..config import MemoryConfig
 from ..memory.manager import INDEX_VECTORS, RECALL_NEAR
 from ..memory.store import ChunkRecord, LongTermStore
 
@@ -26,7 +27,7 @@ __all__ = ["run_retrieval_bench"]
 
 def run_retrieval_bench(
     chunks: int = 10_000, *, layers: int = 30, kv_heads: int = 3, q_heads: int = 9, head_dim: int = 64,
-    chunk_tokens: int = 78, question_tokens: int = 20, top_k: int = 4, repeats: int = 20, seed: int = 0,
+    chunk_tokens: int = 78, question_tokens: int = 20, top_k: int = MemoryConfig.retrieval_top_k, repeats: int = 20, seed: int = 0,
     vectors: int = INDEX_VECTORS,
 ) -> dict[str, Any]:
     """Time ``search`` over ``chunks`` index entries ``[layers, vectors, kv_heads, head_dim]`` (``vectors=0``: the

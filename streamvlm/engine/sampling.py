@@ -3,12 +3,12 @@
 A *time answer* (the answer to "Tell me when a red circle appears." or "When did ... appear?") is a
 stream time written the way the model's adapter writes it before every frame: ``MM:SS`` for SmolVLM
 (``"\\nFrame from 00:12:"``), ``S.S`` seconds for Qwen (``"<12.0 seconds>"``). :class:`TimeAnswerMask`
-constrains decoding to that shape and to a range of times (never after the answer's moment; for a deferred
-answer, within the evidence its trigger fired on): which of the times left is said is the model's choice
-(evidence that lies within one second of the clock leaves that second alone), and once a whole time is
-written the only token left is the end of the answer, so an answer cannot run on into ``00:1777 square square ...``. This is grammar-constrained
-decoding in the manner of Outlines' regex-guided generation and llama.cpp's GBNF grammars, reduced to
-one tiny automaton per shape.
+constrains decoding to that shape and to a range of times (never after the answer's moment; for a
+deferred answer, within the evidence its trigger fired on): which of the times left is said is the
+model's choice (evidence that lies within one second of the clock leaves that second alone), and once a
+whole time is written the only token left is the end of the answer, so an answer cannot run on into
+``00:1777 square square ...``. This is grammar-constrained decoding in the manner of Outlines'
+regex-guided generation and llama.cpp's GBNF grammars, reduced to one tiny automaton per shape.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from ..config import SamplingConfig
 from ..errors import ConfigError
 
-__all__ = ["pick_token", "TimeShape", "TIME_SHAPES", "TimeAnswerMask", "clock_step", "seconds_step", "shape_accepts", "lead_digits", "earliest_value",
-           "completion_spans"]
+__all__ = ["pick_token", "TimeShape", "TIME_SHAPES", "TimeAnswerMask", "clock_step", "seconds_step", "shape_accepts",
+           "lead_digits", "earliest_value", "completion_spans"]
 
 TimeShape = Literal["clock", "seconds"]
 

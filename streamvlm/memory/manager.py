@@ -238,11 +238,13 @@ class MemoryManager:
     def _recall_room(self) -> int:
         """Positions kept free between the system prompt and the first working chunk after a re-index: room
         for what :meth:`retrieve` places just before the first working chunk (``retrieval_top_k`` chunks
-        the size of the largest frame held now), so recalled chunks never take the system prompt's positions."""
+        the size of the largest frame held now, and at most a quarter of the model's positions), so recalled
+        chunks never take the system prompt's positions."""
         if self.store is None or not self.config.retrieval_top_k:
             return 0
         largest = max((c.tokens_held for c in self.ledger.working() if c.kind == "frame"), default=0)
-        return self.config.retrieval_top_k * largest
+        # At most a quarter of the model's positions: working memory keeps the rest (retrieve recalls what fits).
+        return min(self.config.retrieval_top_k * largest, self.runner.adapter.max_positions() // 4)
 
     def _reindex(self) -> list[MemoryEvent]:
         """Re-rotate working chunks to contiguous positions, closing the gaps that evictions left (and
@@ -304,15 +306,26 @@ class MemoryManager:
         return self.runner.query_vectors(question_ids, rotated=False)[:, :, -1:]
 
     def retrieve(self, question_ids: list[int]) -> Retrieved | None:
-        """Place the stored chunks most relevant to the question at the end of the cache; None if none."""
+        """Place the stored chunks most relevant to the question at the end of the cache; None if none.
+
+        Up to ``retrieval_top_k`` chunks, best first, as many as fit in the positions between the system
+        prompt and the first working chunk (after a re-index, the room :meth:`_recall_room` left)."""
         if self.store is None or not len(self.store) or not self.config.retrieval_top_k:
             return None
         hits = self.store.search(self.retrieval_queries(question_ids), self.config.retrieval_top_k, near=RECALL_NEAR)
-        if not hits:
+        working = self.ledger.working()
+        first_working = next((c.position_start for c in working if c.kind != "system"), self.runner.next_position)
+        room = first_working - next((c.position_end for c in working if c.kind == "system"), 0)
+        records = []
+        for chunk_id, _ in hits:  # best first, as many as fit between the system prompt and working memory
+            record = self.store.get(chunk_id)
+            if record[0].position_end - record[0].position_start <= room:
+                room -= record[0].position_end - record[0].position_start
+                records.append(record)
+        if not records:
             return None
-        records = sorted((self.store.get(chunk_id) for chunk_id, _ in hits), key=lambda r: (r[0].t_start, r[0].chunk_id))
+        records.sort(key=lambda r: (r[0].t_start, r[0].chunk_id))
         start = self.runner.cache_length
-        first_working = next((c.position_start for c in self.ledger.working() if c.kind != "system"), self.runner.next_position)
         place = first_working - sum(r[0].position_end - r[0].position_start for r in records)
         evidence, spans = [], []
         for record, keys, values in records:
