@@ -308,8 +308,9 @@ class MemoryManager:
     def retrieve(self, question_ids: list[int]) -> Retrieved | None:
         """Place the stored chunks most relevant to the question at the end of the cache; None if none.
 
-        Up to ``retrieval_top_k`` chunks, best first, as many as fit in the positions between the system
-        prompt and the first working chunk (after a re-index, the room :meth:`_recall_room` left)."""
+        Up to ``retrieval_top_k`` chunks, best first. A chunk evicted before the latest re-index goes back
+        just before the first working chunk, so those are recalled only as far as they fit between the
+        system prompt and it (the room :meth:`_recall_room` left); the others keep their own positions."""
         if self.store is None or not len(self.store) or not self.config.retrieval_top_k:
             return None
         hits = self.store.search(self.retrieval_queries(question_ids), self.config.retrieval_top_k, near=RECALL_NEAR)
@@ -317,11 +318,14 @@ class MemoryManager:
         first_working = next((c.position_start for c in working if c.kind != "system"), self.runner.next_position)
         room = first_working - next((c.position_end for c in working if c.kind == "system"), 0)
         records = []
-        for chunk_id, _ in hits:  # best first, as many as fit between the system prompt and working memory
+        for chunk_id, _ in hits:  # best first; those that must move take room between the system prompt and working memory
             record = self.store.get(chunk_id)
-            if record[0].position_end - record[0].position_start <= room:
-                room -= record[0].position_end - record[0].position_start
-                records.append(record)
+            if self.ledger[chunk_id].epoch != self.compactions:
+                size = record[0].position_end - record[0].position_start
+                if size > room:
+                    continue
+                room -= size
+            records.append(record)
         if not records:
             return None
         records.sort(key=lambda r: (r[0].t_start, r[0].chunk_id))
