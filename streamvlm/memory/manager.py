@@ -317,20 +317,20 @@ class MemoryManager:
         working = self.ledger.working()
         first_working = next((c.position_start for c in working if c.kind != "system"), self.runner.next_position)
         room = first_working - next((c.position_end for c in working if c.kind == "system"), 0)
-        records = []
+        records, moved = [], 0
         for chunk_id, _ in hits:  # best first; those that must move take room between the system prompt and working memory
             record = self.store.get(chunk_id)
             if self.ledger[chunk_id].epoch != self.compactions:
                 size = record[0].position_end - record[0].position_start
-                if size > room:
+                if moved + size > room:
                     continue
-                room -= size
+                moved += size
             records.append(record)
         if not records:
             return None
         records.sort(key=lambda r: (r[0].t_start, r[0].chunk_id))
         start = self.runner.cache_length
-        place = first_working - sum(r[0].position_end - r[0].position_start for r in records)
+        place = first_working - moved  # the moved ones, in time order, end just before the first working chunk
         evidence, spans = [], []
         for record, keys, values in records:
             chunk = self.ledger[record.chunk_id]
@@ -338,7 +338,7 @@ class MemoryManager:
                 delta = 0  # positions untouched since eviction: the original place is still right
             else:
                 delta = place - record.position_start
-            place += record.position_end - record.position_start
+                place += record.position_end - record.position_start
             at = self.runner.cache_length
             kv.append(self.runner.cache, [self.rotator.rotate(k, delta) for k in keys], values)
             if record.kind == "frame":
