@@ -379,7 +379,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allowed_origin or ()),
         allowed_hosts=tuple(args.allowed_host or ()), max_sessions=args.max_sessions, session_budget_tokens=args.session_budget,
         max_session_budget_tokens=max(args.max_session_budget, args.session_budget), global_budget_tokens=args.global_budget,
-        max_parked_sessions=args.max_parked, max_watches=args.max_watches, engine=args.engine, frame_time_share=args.frame_time_share, resume_window_s=args.resume_window,
+        max_parked_sessions=args.max_parked, max_watches=args.max_watches, max_open_responses=args.max_open_responses, engine=args.engine, frame_time_share=args.frame_time_share, resume_window_s=args.resume_window,
         session_store_ram_bytes=parse_size(args.store_ram, what="--store-ram"),
         session_store_disk_bytes=parse_size(args.store_disk, what="--store-disk"), event_db=str(_events_db(args.event_db)), ice_servers=tuple(args.ice_server or ()),
     )
@@ -874,6 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-parked", type=int, default=16,
                      help="sessions kept for their client to resume; the oldest ends first when a live one needs room")
     srv.add_argument("--max-watches", type=int, default=32, help="watches one session may hold")
+    srv.add_argument("--max-open-responses", type=int, default=16,
+                     help="responses one session may have open at once (answering, queued or waiting for their condition)")
     srv.add_argument("--engine", choices=("scheduler", "lock"), default="scheduler",
                      help="scheduler: frames of all sessions batched, read rates capped evenly when the model is saturated; "
                           "lock: one frame per forward, no caps (the previous mode)")

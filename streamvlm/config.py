@@ -241,7 +241,8 @@ class ServerConfig:
     once (parked sessions, waiting for their client to resume, never block a live one: the oldest is
     ended to make room, and at most ``max_parked_sessions`` are kept), each starting with a
     working-memory budget of ``session_budget_tokens`` (a client may ask for up to
-    ``max_session_budget_tokens``, never unbounded, and at most ``max_watches`` watches; its long-term
+    ``max_session_budget_tokens``, never unbounded, at most ``max_watches`` watches and at most
+    ``max_open_responses`` responses open at once; its long-term
     store holds ``session_store_ram_bytes`` in RAM and ``session_store_disk_bytes`` on disk) under a global cap of
     ``global_budget_tokens``; a session left by its client can be resumed for ``resume_window_s``.
     ``max_session_s`` (None: unlimited) ends sessions after that long, with a ``session.go_away``
@@ -264,6 +265,7 @@ class ServerConfig:
     max_session_budget_tokens: int = 16384
     max_parked_sessions: int = 16
     max_watches: int = 32
+    max_open_responses: int = 16  # responses one session may have open at once (answering, queued or deferred)
     session_store_ram_bytes: int = 64 * 2**20  # each session's long-term store in RAM (older chunks beyond it spill or drop)
     session_store_disk_bytes: int = 0  # each session's long-term store on disk (0: chunks past the RAM quota are dropped)
     global_budget_tokens: int = 8 * 4096
@@ -289,6 +291,7 @@ class ServerConfig:
                  "must be >= session_budget_tokens")
         _require(self.max_parked_sessions >= 0, "max_parked_sessions", "must be >= 0")
         _require(self.max_watches >= 1, "max_watches", "must be >= 1")
+        _require(self.max_open_responses >= 1, "max_open_responses", "must be >= 1")
         _require(self.session_store_ram_bytes >= 0 and self.session_store_disk_bytes >= 0, "session_store_ram_bytes",
                  "store quotas must be >= 0 bytes")
         _require(self.global_budget_tokens >= self.session_budget_tokens, "global_budget_tokens", "must be >= session_budget_tokens")

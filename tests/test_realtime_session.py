@@ -43,10 +43,11 @@ def user_item(text: str = "What do you see?", event_id: str | None = None) -> m.
 class Lifecycle(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.core = core.RealtimeSession("test-model", policy=core.SessionPolicy(max_watches=2))
+        self.core = core.RealtimeSession("test-model", policy=core.SessionPolicy(max_watches=2, max_open_responses=3))
         self.sent: list[dict] = []
         self.asked: dict[str, str] = {}  # request id the worker was asked -> client event id
         self.creates = 0
+        self.refused: set[str] = set()  # response.create event ids refused for the open-response limit
         self.now = 0.0
         self.submitted = 0  # SubmitFrame commands
         self.compute_drops = 0  # FrameDropped("compute") commands
@@ -77,7 +78,14 @@ class Lifecycle(RuleBasedStateMachine):
     def ask(self, text):
         self.creates += 1
         self.client(user_item(text))
+        open_before = len(self.core.open_responses)
         self.client(m.ResponseCreate(event_id=f"c{self.creates}"))
+        last = self.sent[-1]
+        if last["type"] == "error" and last["error"]["code"] == "response_limit":
+            assert open_before >= 3 and last["error"]["event_id"] == f"c{self.creates}"
+            self.refused.add(f"c{self.creates}")
+        else:  # never more open than the limit
+            assert len(self.core.open_responses) <= 3
 
     @rule()
     def create_without_item(self):
@@ -178,7 +186,8 @@ class Lifecycle(RuleBasedStateMachine):
         # every response.create with an item got its response.created carrying its event id, in order
         bound = [e["response"]["client_event_id"] for e in self.sent
                  if e["type"] == "response.created" and e["response"]["client_event_id"] is not None]
-        assert bound == [f"c{i}" for i in range(1, len(bound) + 1)]
+        accepted = [f"c{i}" for i in range(1, self.creates + 1) if f"c{i}" not in self.refused]
+        assert bound == accepted[:len(bound)]
 
     @invariant()
     def frames_above_the_compute_cap_are_counted_not_refused_and_the_client_knows_the_cap(self):
@@ -236,6 +245,21 @@ def test_a_deferred_question_that_moves_keeps_its_max_output_tokens():
                          book["max_output_tokens"])
     assert again == [core.Ask(book["response_id"], "Tell me when a red square appears.", 3)]
     assert moved.open_response_books() == [book]
+
+
+def test_a_session_may_have_so_many_responses_open_and_one_more_after_one_ends():
+    s = core.RealtimeSession("m", policy=core.SessionPolicy(max_open_responses=2))
+    s.opened(0.0)
+    asked = []
+    for i in (1, 2, 3):
+        s.client_event(user_item(f"Tell me when a red square appears ({i})."), 0.1)
+        outs = s.client_event(m.ResponseCreate(event_id=f"q{i}"), 0.1)
+        asked += [o for o in outs if isinstance(o, core.Ask)]
+    errors = [o for o in outs if isinstance(o, dict) and o["type"] == "error"]
+    assert len(asked) == 2 and [(e["error"]["code"], e["error"]["event_id"]) for e in errors] == [("response_limit", "q3")]
+    s.worker_event("request.ended", {"request_id": asked[0].request_id, "status": "cancelled", "code": None, "message": "x"}, 0.2)
+    again = s.client_event(m.ResponseCreate(event_id="q3"), 0.3)  # the user message stayed: the same create works now
+    assert [o.text for o in again if isinstance(o, core.Ask)] == ["Tell me when a red square appears (3)."]
 
 
 def test_a_failed_request_ends_failed_with_an_error_naming_it():

@@ -100,6 +100,7 @@ APPLICATION_ERROR_CODES: Mapping[str, str] = {
     "setting_locked": "session.update of a setting that cannot change once the stream has started",
     "budget_too_large": "session.update asks for more working memory than this server gives one session (or none: null)",
     "watch_limit": "watch.create beyond the watches one session may hold",
+    "response_limit": "response.create beyond the responses one session may have open at once",
     "engine_fault": "the engine failed on this request or step; the request ends 'failed', the session goes on",
     "session_closed": "the session ended (an unusable engine state, the server stopping, a slow consumer); "
                       "the connection is closed after this error",

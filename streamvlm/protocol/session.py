@@ -89,6 +89,8 @@ class SessionPolicy:
     # The session's long-term store: bytes in RAM, and on disk beyond that (0: older chunks are dropped).
     store_ram_bytes: int = 64 * 2**20
     store_disk_bytes: int = 0
+    # Responses one session may have open at once (answering, queued, or waiting for their condition).
+    max_open_responses: int = 16
 
 
 # ---- commands for the transport --------------------------------------------------------------------
@@ -361,6 +363,9 @@ class RealtimeSession:
     def _on_ResponseCreate(self, event: m.ResponseCreate, now: float) -> list[Out]:
         if not self._user_text:
             return [m.error_event("no_user_message", "send conversation.item.create first", None, event.event_id)]
+        if len(self._responses) >= self.policy.max_open_responses:  # the user message stays for a later response.create
+            return [m.error_event("response_limit", f"a session may have {self.policy.max_open_responses} responses open; "
+                                  "wait for one to end or cancel one", None, event.event_id)]
         text, self._user_text = self._user_text, None
         rid = new_id("resp")
         trigger = "deferred" if parse_forward_request(text) is not None else "user"

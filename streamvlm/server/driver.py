@@ -172,7 +172,8 @@ class SessionHost:
         self.log = EventLog(self.config.event_db) if self.config.event_db else None
         self.policy = core.SessionPolicy(self.config.session_budget_tokens, self.config.max_session_budget_tokens,
                                          self.config.max_watches, self.limits.max_frames_per_s,
-                                         self.config.session_store_ram_bytes, self.config.session_store_disk_bytes)
+                                         self.config.session_store_ram_bytes, self.config.session_store_disk_bytes,
+                                         self.config.max_open_responses)
         self.handoff = handoff
         if handoff is not None:
             handoff.attach(self)
