@@ -227,3 +227,45 @@ def test_go_away_comes_before_the_server_ends_a_session(smol):
             await server.stop()
 
     run(main())
+
+
+def test_a_client_that_floods_questions_gets_the_limit_as_errors_and_every_accepted_one_ends_once(smol):
+    """Twelve questions sent at once to a server that lets a session have 4 open: the first 4 are created, each
+    of the other 8 gets a response_limit error naming its response.create, and each created one ends exactly once;
+    once they have ended, the session answers again."""
+    async def main():
+        server, url, _ = await started(smol, max_open_responses=4)
+        try:
+            async with connect(url) as ws:
+                await next_of(ws, "session.created")
+                await ws.send(encode_frame(synthetic_frames(1)[0], 0.0, "cam"))
+                for i in range(12):  # "tell me when" questions wait for their condition: they stay open
+                    await ws.send(json.dumps({"type": "conversation.item.create", "event_id": f"i{i}", "item": {
+                        "type": "message", "role": "user", "content": [{"type": "input_text", "text": f"Tell me when a red giraffe {i} appears."}]}}))
+                    await ws.send(json.dumps({"type": "response.create", "event_id": f"q{i}"}))
+                created, refused, ids = [], [], []
+                while len(created) + len(refused) < 12:
+                    event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                    if event["type"] == "response.created":
+                        created.append(event["response"]["client_event_id"])
+                        ids.append(event["response"]["id"])
+                    elif event["type"] == "error":
+                        assert event["error"]["code"] == "response_limit", event
+                        refused.append(event["error"]["event_id"])
+                for rid in ids:  # cancel the waiting ones: each ends once
+                    await ws.send(json.dumps({"type": "response.cancel", "event_id": f"k-{rid}", "response_id": rid}))
+                done = []
+                while len(done) < len(created):
+                    event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                    if event["type"] == "response.done":
+                        done.append(event["response"]["client_event_id"])
+                await ask(ws, "What do you see?")
+                after = await next_of(ws, "response.done")
+                return created, refused, done, after
+        finally:
+            await server.stop()
+
+    created, refused, done, after = run(main())
+    assert created == ["q0", "q1", "q2", "q3"] and refused == [f"q{i}" for i in range(4, 12)]
+    assert sorted(done) == created
+    assert after["response"]["client_event_id"] == "c2" and after["response"]["status"] in ("completed", "incomplete")
