@@ -38,8 +38,8 @@ __all__ = ["CameraConfig", "WatchPlan", "load_plan", "parse_plan", "cameras_from
 #: Frames a camera reads per second of stream time unless told otherwise (``fps = 0``: every frame it delivers).
 #: Chosen on validation episodes: the shipped model's alerts are as good at 1 and 2 frames a second (F1 0.967 and
 #: 0.966) and worse when every frame of a 10 fps camera fills its short memory with near-copies (0.852); two a
-#: second is also how ``streamvlm run`` reads, and the rate Qwen2.5-VL samples video at by default. It costs a
-#: tenth of the model time of reading a 20 fps camera frame by frame.
+#: second is also how ``streamvlm run`` reads, and the rate Qwen2.5-VL samples video at by default. A 20 fps
+#: camera has a tenth of its frames read.
 DEFAULT_READ_FPS = 2.0
 
 # Keys a camera may have, and the top-level keys that are defaults for every camera.

@@ -319,13 +319,13 @@ class MemoryManager:
         room = first_working - next((c.position_end for c in working if c.kind == "system"), 0)
         records, moved = [], 0
         for chunk_id, _ in hits:  # best first; those that must move take room between the system prompt and working memory
-            record = self.store.get(chunk_id)
-            if self.ledger[chunk_id].epoch != self.compactions:
-                size = record[0].position_end - record[0].position_start
+            chunk = self.ledger[chunk_id]  # a stored chunk keeps the positions its record was written with
+            if chunk.epoch != self.compactions:
+                size = chunk.position_end - chunk.position_start
                 if moved + size > room:
-                    continue
+                    continue  # not read from the store at all
                 moved += size
-            records.append(record)
+            records.append(self.store.get(chunk_id))
         if not records:
             return None
         records.sort(key=lambda r: (r[0].t_start, r[0].chunk_id))
