@@ -38,8 +38,7 @@ def close(a, b, tol: float = 1e-4) -> bool:
 @pytest.fixture
 def smol(smol, monkeypatch):
     """tiny-smolvlm with a lock of its own for this test: which waiting thread takes the model first
-    (who leads a batch) must not depend on the recent use of an earlier test's thread whose id the
-    operating system gave to one of this test's threads."""
+    (who leads a batch) must not depend on the recent use of an earlier test's threads."""
     monkeypatch.setattr(smol, "lock", TurnLock())
     return smol
 

@@ -167,13 +167,46 @@ def test_model_time_of_a_shared_step_is_billed_to_the_threads_it_served():
     # leader's next request is not served after everyone else's merely because it led.
     now = [0.0]
     lock = TurnLock(half_life_s=1e9, clock=lambda: now[0])
-    me = threading.get_ident()
+    me = threading.current_thread()
     with lock:
         now[0] += 4.0
         lock.charge({me: 1.0, 101: 1.0, 102: 1.0, 103: 1.0})
     assert [lock.usage(t) for t in (me, 101, 102, 103)] == pytest.approx([1.0, 1.0, 1.0, 1.0])
     with pytest.raises(RuntimeError):
         lock.charge({101: 1.0})  # only the holder bills its hold
+
+
+def test_a_new_thread_that_gets_an_ended_threads_id_starts_with_no_model_time(monkeypatch):
+    # The operating system reuses an ended thread's id; a new session's thread must not inherit the
+    # recent use (and so the place in the queue) of the thread that had the id before it.
+    now = [0.0]
+    lock = TurnLock(half_life_s=1e9, clock=lambda: now[0])
+    monkeypatch.setattr(threading, "get_ident", lambda: 4242)  # every thread of this test has the same id
+
+    def hold(seconds: float) -> None:
+        with lock:
+            now[0] += seconds
+
+    old = threading.Thread(target=hold, args=(5.0,))
+    old.start()
+    old.join(10)
+    new = threading.Thread(target=hold, args=(1.0,))
+    new.start()
+    new.join(10)
+    assert lock.usage(old) == pytest.approx(5.0)
+    assert lock.usage(new) == pytest.approx(1.0)  # not 6.0: the books follow the thread, not its id
+
+
+def test_the_books_forget_threads_that_ended_first():
+    lock = TurnLock(half_life_s=1e9, clock=lambda: 0.0)
+    ended = [threading.Thread(target=lambda: None) for _ in range(1100)]
+    for thread in ended:
+        thread.start()
+        thread.join(10)
+    with lock:  # more than 1,024 books when it lets go: the ended threads' go, not the least used
+        lock.charge({"a live worker": 0.5, **{thread: 1.0 for thread in ended}})
+    assert lock.usage("a live worker") == pytest.approx(0.5)
+    assert all(lock.usage(thread) == 0.0 for thread in ended)
 
 
 def test_held_seconds_add_up_by_the_priority_the_model_was_held_at():

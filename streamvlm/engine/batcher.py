@@ -81,7 +81,7 @@ class _Ticket:
 
     __slots__ = ("frame", "thread", "level", "arrival", "cost", "state", "result", "error", "vision_s", "abandoned")
 
-    def __init__(self, frame: PreparedFrame, thread: int, level: int, arrival: int, cost: int) -> None:
+    def __init__(self, frame: PreparedFrame, thread: threading.Thread, level: int, arrival: int, cost: int) -> None:
         self.frame = frame
         self.thread = thread  # the waiting thread (the session's model thread): whom the model time is billed to
         self.level = level  # the waiter's priority (turns.ANSWER / PROBE / FRAME)
@@ -94,7 +94,7 @@ class _Ticket:
         self.abandoned = False
 
 
-def choose_batch(pending: Sequence[_Ticket], first: _Ticket | None, usage: Callable[[int], float], max_batch: int, max_tokens: int) -> list[_Ticket]:
+def choose_batch(pending: Sequence[_Ticket], first: _Ticket | None, usage: Callable[[threading.Thread], float], max_batch: int, max_tokens: int) -> list[_Ticket]:
     """The frames of the next forward: ``first`` (the leader's own, which won the turn), then the most
     urgent, then those of the threads with the least recent model time, then the oldest; at most
     ``max_batch`` frames and ``max_tokens`` visual tokens (a frame over the cap alone still goes alone).
@@ -162,7 +162,7 @@ class VisionBatcher:
         level = lock.current_level() if hasattr(lock, "current_level") else FRAME
         with self._cv:
             self._arrivals += 1
-            ticket = _Ticket(frame, threading.get_ident(), level, self._arrivals, max(1, self.adapter.batch_cost(frame)))
+            ticket = _Ticket(frame, threading.current_thread(), level, self._arrivals, max(1, self.adapter.batch_cost(frame)))
             self._pending.append(ticket)
         try:
             while ticket.state != _DONE:
@@ -230,7 +230,7 @@ class VisionBatcher:
             raise exc.cause if isinstance(exc, _LeaderInterrupted) else exc
         charge = getattr(lock, "charge", None)
         if charge is not None and len(batch) > 1:
-            shares: dict[int, float] = {}
+            shares: dict[threading.Thread, float] = {}
             for ticket in batch:
                 shares[ticket.thread] = shares.get(ticket.thread, 0.0) + seconds / len(batch)
             charge(shares)

@@ -13,7 +13,9 @@ token, per vision tower call), an answer waits for at most the one forward in pr
 forward that can be suspended (a vision tower, between its layers) calls :meth:`TurnLock.yield_turn`
 to let a more urgent waiter of another session run first.
 
-The books of model time are per thread (one model thread per session). A step that runs work of
+The books of model time are per thread (one model thread per session), kept by the thread object, not
+its id: the operating system reuses an ended thread's id, and a new session's thread must not start
+with the recent use of an ended one. Books of threads that have ended are dropped. A step that runs work of
 several threads in one forward (a batch of vision encodes, :mod:`streamvlm.engine.batcher`) moves
 each one's share of the time to it with :meth:`TurnLock.charge`, so the thread that happened to lead
 the batch is not billed for the others. Ordering equals by least recent (decayed) model time is a
@@ -33,7 +35,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 
 __all__ = ["TurnLock", "ANSWER", "PROBE", "FRAME"]
@@ -55,7 +57,7 @@ class TurnLock:
         self._arrivals = itertools.count()
         self._local = threading.local()
         self._held_since = 0.0
-        self._use: dict[int, tuple[float, float]] = {}  # thread id -> (seconds held, decayed; when last updated)
+        self._use: dict[Hashable, tuple[float, float]] = {}  # thread -> (seconds held, decayed; when last updated)
         self._held = [0.0, 0.0, 0.0]  # seconds the model was held, by the kind of work booked (ANSWER, PROBE, FRAME)
         self.half_life_s = half_life_s
         self._clock = clock
@@ -96,7 +98,7 @@ class TurnLock:
     def _wait_turn(self, level: int, depth: int, timeout: float | None, until: Callable[[], bool] | None = None) -> bool:
         """Queue this thread and wait for its turn (call with ``_cv`` held)."""
         me = threading.get_ident()
-        entry = (level, self._recent_use(me, self._clock()), next(self._arrivals), me)
+        entry = (level, self._recent_use(threading.current_thread(), self._clock()), next(self._arrivals), me)
         heapq.heappush(self._waiting, entry)
 
         def turn() -> bool:
@@ -123,25 +125,28 @@ class TurnLock:
         self._owner_book = min(max(level if book is None else book, ANSWER), FRAME)
         self._held_since = self._clock()
 
-    def _recent_use(self, thread: int, now: float) -> float:
+    def _recent_use(self, thread: Hashable, now: float) -> float:
         used, when = self._use.get(thread, (0.0, now))
         return used * 0.5 ** ((now - when) / self.half_life_s)
 
     def _give_up(self) -> None:
         """The owner lets go (call with ``_cv`` held): book its hold time, wake the waiters."""
         now = self._clock()
-        me = self._owner
-        assert me is not None
+        assert self._owner is not None
+        me = threading.current_thread()  # _give_up runs on the owner's thread
         self._use[me] = (self._recent_use(me, now) + now - self._held_since, now)
         self._held[self._owner_book] += now - self._held_since
-        if len(self._use) > 1024:  # threads come and go: forget the ones that used the least
-            for thread, _ in sorted(self._use.items(), key=lambda kv: kv[1][0])[:512]:
+        if len(self._use) > 1024:  # threads come and go: forget the ended ones, then the ones that used the least
+            for thread in [t for t in self._use if isinstance(t, threading.Thread) and not t.is_alive()]:
+                del self._use[thread]
+            for thread, _ in sorted(self._use.items(), key=lambda kv: kv[1][0])[:max(0, len(self._use) - 512)]:
                 del self._use[thread]
         self._owner, self._depth = None, 0
         self._cv.notify_all()
 
-    def usage(self, thread: int) -> float:
-        """Recent (decayed) model seconds booked to ``thread``; lower goes first among equals."""
+    def usage(self, thread: Hashable) -> float:
+        """Recent (decayed) model seconds booked to ``thread`` (a :class:`threading.Thread`, or a key a
+        caller billed with :meth:`charge`); lower goes first among equals."""
         with self._cv:
             return self._recent_use(thread, self._clock())
 
@@ -156,17 +161,19 @@ class TurnLock:
                 held[self._owner_book] += self._clock() - self._held_since
             return held[0], held[1], held[2]
 
-    def charge(self, shares: Mapping[int, float]) -> None:
+    def charge(self, shares: Mapping[Hashable, float]) -> None:
         """Held by this thread: book ``shares`` (thread id -> seconds) of this hold to those threads instead.
 
         For a step that ran work of several threads at once (a batch of vision encodes): each gets its
-        share of the model time, and the holder is billed only for its own. Seconds are taken off the
+        share of the model time, and the holder is billed only for its own. Threads are named by their
+        :class:`threading.Thread` object (the holder's own share, under ``threading.current_thread()``,
+        stays with it). Seconds are taken off the
         holder's books now and its whole hold is booked when it lets go, so they even out.
         """
-        me = threading.get_ident()
         with self._cv:
-            if self._owner != me:
+            if self._owner != threading.get_ident():
                 raise RuntimeError("charge() of a TurnLock this thread does not hold")
+            me = threading.current_thread()
             now = self._clock()
             moved = 0.0
             for thread, seconds in shares.items():
