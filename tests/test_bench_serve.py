@@ -38,6 +38,12 @@ def test_serve_bench_reports_latency_frames_and_memory():
     assert 0 <= result["lag_p50_s"] <= result["lag_p95_s"]
     assert result["sessions_capped"] >= 0 and result["frames_dropped_compute"] >= 0
     assert {"device", "dtype"} <= set(result)
+    # where the model's time went: shares of the run that add up to 1, and the frame ceiling they imply
+    share = result["model_share"]
+    assert set(share) == {"answer", "probe", "frame", "idle"} and all(0 <= v <= 1 for v in share.values())
+    assert sum(share.values()) == pytest.approx(1.0, abs=1e-3) and share["answer"] > 0 and share["frame"] > 0
+    assert result["model_s_per_frame"] > 0
+    assert result["frames_read_per_s_ceiling"] == pytest.approx((1 - share["answer"] - share["probe"]) / result["model_s_per_frame"], rel=1e-3)
 
 
 def test_serve_bench_rejects_bad_arguments():
@@ -71,3 +77,5 @@ def test_one_invocation_compares_engines_across_session_counts(tmp_path):
         by_run[("scheduler", 2)]["frames_read_per_s"] / by_run[("lock", 2)]["frames_read_per_s"])
     assert rows[("scheduler", 2)]["frames_read_per_s_vs_single"] == pytest.approx(
         by_run[("scheduler", 2)]["frames_read_per_s"] / by_run[("scheduler", 1)]["frames_read_per_s"])
+    assert rows[("scheduler", 2)]["frames_ceiling_vs_single"] == pytest.approx(
+        by_run[("scheduler", 2)]["frames_read_per_s_ceiling"] / by_run[("scheduler", 1)]["frames_read_per_s"])

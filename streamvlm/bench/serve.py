@@ -100,7 +100,9 @@ def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8
     dropped for compute), ``frames_dropped_compute``, ``vision_batch_mean`` (frames per vision forward; None before the first), ``vision_batches``
     (the batcher's counters for the run),
     ``rss_start_bytes``, ``rss_at_10pct_bytes``, ``rss_end_bytes``, ``rss_growth_ratio``,
-    ``memory_per_session_bytes`` (working-memory bytes of each session at the end), the sample counts
+    ``memory_per_session_bytes`` (working-memory bytes of each session at the end), ``model_share``,
+    ``model_s_per_frame`` and ``frames_read_per_s_ceiling`` (where the model's time went, and the
+    frames per second it could read with what answers and probes left: :func:`_model_time`), the sample counts
     ``event_latency_samples``, ``questions``, ``answers``, and the device/dtype the model ran in.
     Raises ConfigError for a non-positive ``sessions``, ``fps``, ``duration`` or ``ask_every``, or an
     unknown ``engine``.
@@ -123,8 +125,9 @@ def run_serve_sweep(model: str | ModelConfig = "tiny-smolvlm", sessions: Sequenc
 
     Returns ``benchmark`` ("serve"), ``model``, ``fps``, ``duration_s``, ``sessions`` and ``engines``
     (as run), ``runs`` (one :func:`run_serve_bench` result each, engines in the order given, session
-    counts ascending), ``comparison`` (one row per run: ``ttft_p95_vs_single`` and
-    ``frames_read_per_s_vs_single``, against the smallest session count of the same engine, and
+    counts ascending), ``comparison`` (one row per run: ``ttft_p95_vs_single``,
+    ``frames_read_per_s_vs_single`` and ``frames_ceiling_vs_single`` (the run's frame ceiling over the
+    single run's frames read), against the smallest session count of the same engine, and
     ``ttft_p95_vs_lock`` / ``frames_read_per_s_vs_lock`` against ``lock`` at the same count when it
     ran; None where a figure is missing), and the device/dtype fields. Raises ConfigError as
     :func:`run_serve_bench` does.
@@ -160,6 +163,7 @@ def compare_runs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "engine": run["engine"], "sessions": run["sessions"],
             "ttft_p95_vs_single": _ratio(run["ttft_p95_s"], single["ttft_p95_s"]),
             "frames_read_per_s_vs_single": _ratio(run["frames_read_per_s"], single["frames_read_per_s"]),
+            "frames_ceiling_vs_single": _ratio(run.get("frames_read_per_s_ceiling"), single["frames_read_per_s"]),
             "ttft_p95_vs_lock": _ratio(run["ttft_p95_s"], lock["ttft_p95_s"]) if lock is not None else None,
             "frames_read_per_s_vs_lock": _ratio(run["frames_read_per_s"], lock["frames_read_per_s"]) if lock is not None else None,
             "share_max_min": run["share_max_min"],
@@ -203,6 +207,7 @@ async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarr
     side = max(2, min(_FRAME_SIZE) // 16)
     t0 = time.monotonic()
     end = t0 + duration
+    held_at_start = server.adapter.lock.held_seconds()
 
     async def until(t: float) -> None:
         delay = t - time.monotonic()
@@ -279,6 +284,7 @@ async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarr
         await asyncio.sleep(0.05)
     memory = [int(w.session.stats()["working_bytes"]) for w in live]
     reads = _server_side(server, duration)
+    reads.update(_model_time(server, held_at_start, time.monotonic() - t0, sum(reads["frames_read_per_session"])))
     rss_end = rss_bytes()
     rss.append((time.monotonic() - t0, rss_end))
     at_10 = next((b for t, b in rss if t >= 0.1 * duration), rss[-1][1])
@@ -303,6 +309,27 @@ async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarr
         **reads,
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _model_time(server: StreamServer, held_at_start: tuple[float, float, float], elapsed: float, frames: int) -> dict[str, Any]:
+    """Where the model's time went from the start of the run to the end of its last answer, and the most
+    frames per second the model could have read in that time.
+
+    ``model_share``: the share of those seconds the model was held for answers, probes and frame reads
+    (the lock's books, :meth:`~streamvlm.models.turns.TurnLock.held_seconds`), and idle. ``model_s_per_frame``:
+    model seconds per frame read (a batch's forward shared by its frames). ``frames_read_per_s_ceiling``:
+    frames per second had every second that answers and probes left gone to frames at that cost; with
+    the model never idle it is the frames read per second, and no scheduler reads more frames without
+    taking time from answers or making a frame cheaper."""
+    spent = [max(0.0, b - a) for a, b in zip(held_at_start, server.adapter.lock.held_seconds())]
+    answer, probe, frame = (x / elapsed for x in spent) if elapsed > 0 else (0.0, 0.0, 0.0)
+    per_frame = spent[2] / frames if frames else None
+    return {
+        "model_share": {"answer": round(answer, 4), "probe": round(probe, 4), "frame": round(frame, 4),
+                        "idle": round(max(0.0, 1.0 - answer - probe - frame), 4)},
+        "model_s_per_frame": per_frame,
+        "frames_read_per_s_ceiling": max(0.0, 1.0 - answer - probe) / per_frame if per_frame else None,
     }
 
 
