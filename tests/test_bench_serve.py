@@ -70,6 +70,9 @@ def test_one_invocation_compares_engines_across_session_counts(tmp_path):
         assert run["vision_batches"]["frames"] >= sum(run["frames_read_per_session"]) - run["sessions"]
         if run["engine"] == "lock":
             assert run["vision_batch_mean"] == 1.0 and run["vision_batches"]["max_batch"] == 1
+            assert run["decode_batches"]["steps"] == 0  # the lock steps alone, outside the batcher
+        else:
+            assert run["decode_batches"]["steps"] > 0
     rows = {(row["engine"], row["sessions"]): row for row in result["comparison"]}
     assert rows[("lock", 1)]["frames_read_per_s_vs_single"] == 1.0 and rows[("lock", 2)]["frames_read_per_s_vs_lock"] == 1.0
     by_run = {(r["engine"], r["sessions"]): r for r in result["runs"]}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -11,6 +14,13 @@ import pytest
 from streamvlm.errors import ConfigError
 from streamvlm.server.eventlog import EventLog
 from streamvlm.server.webhook import WebhookSender
+
+
+def wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 class Receiver:
@@ -95,6 +105,35 @@ def test_webhook_to_a_closed_port_backs_off(tmp_path):
     assert sender.deliver_due(now=1000.0) == 0
     assert log.due(sender.sink, now=1000.0) == []  # not due again before the backoff
     assert len(log.due(sender.sink, now=1031.0)) == 1
+
+
+def test_the_webhook_thread_says_when_the_log_fails_and_goes_on_delivering(tmp_path, receiver, monkeypatch, caplog):
+    # The sender's thread reads what is due from the log. If that read fails (a locked or full disk),
+    # the thread must not die quietly and leave every later alert undelivered: it logs the error, keeps
+    # it, and delivers once the log answers again.
+    log = EventLog(tmp_path / "events.db")
+    sender = WebhookSender(receiver.url, log, backoff_s=0.05)
+    due = log.due
+    failures = [2]
+
+    def flaky_due(sink, now):
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return due(sink, now)
+
+    monkeypatch.setattr(log, "due", flaky_due)
+    log.append("s", "alert", {"n": 1}, sinks=(sender.sink,))
+    with caplog.at_level(logging.WARNING, logger="streamvlm.webhook"):
+        sender.start(poll_s=0.05)
+        try:
+            wait_until(lambda: len(receiver.bodies) == 1, timeout=10)
+        finally:
+            sender.stop()
+    assert [b["payload"]["n"] for b in receiver.bodies] == [1]
+    assert sender.loop_failures == 2 and sender.last_error == "OperationalError: database is locked"
+    assert sum("database is locked" in r.getMessage() for r in caplog.records) == 2
+    log.close()
 
 
 def test_webhook_url_must_be_http():

@@ -240,6 +240,41 @@ def test_a_camera_survives_its_actor_killed_and_its_node_lost_with_memory_and_ev
     fleet.stop()
 
 
+def test_the_status_writer_says_when_a_write_fails_and_writes_the_next_report(tmp_path, monkeypatch, caplog):
+    # The recorder keeps status.json (what `fleet --status` reads) in a thread of its own. A failed write
+    # must not end that thread quietly and freeze the file: it is logged, kept, and the next report is written.
+    import json
+    import logging
+
+    from streamvlm.fleet import actors
+
+    path = tmp_path / "status.json"
+    real = actors.write_status_file
+    fail = [True]
+
+    def flaky(target, statuses):
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("dictionary changed size during iteration")
+        real(target, statuses)
+
+    monkeypatch.setattr(actors, "write_status_file", flaky)
+    with caplog.at_level(logging.WARNING, logger="streamvlm.fleet"):
+        recorder = actors._Recorder(str(tmp_path / "events.db"), status_path=str(path))
+        recorder.report({"camera": "door", "state": "reading"})
+        deadline = time.monotonic() + 10
+        while recorder.status_error is None:
+            assert time.monotonic() < deadline, "the failed write was never reported"
+            time.sleep(0.01)
+        assert recorder.status_error == "RuntimeError: dictionary changed size during iteration"
+        recorder.report({"camera": "yard", "state": "reading"})
+        while not (path.exists() and set(json.loads(path.read_text())["cameras"]) == {"door", "yard"}):
+            assert time.monotonic() < deadline, "the next report was never written"
+            time.sleep(0.01)
+    assert recorder.status_error is None
+    assert any("dictionary changed size" in r.getMessage() for r in caplog.records)
+
+
 def test_fleet_status_of_a_fleet_that_never_ran_says_so(tmp_path, clip):
     import subprocess
     import sys

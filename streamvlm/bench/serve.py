@@ -20,8 +20,10 @@ From the server side: frames read per second in all, each session's frames read 
 ``max/min`` between sessions (1.0 = perfectly even; None when a session read nothing), frame lag
 (arrival to the start of its read) p50/p95, the sessions admission by compute capped (frames were
 dropped above their cap) and the frames dropped for it, and the vision batches (frames per vision
-forward: 1.0 for ``lock``). The server sets the shared adapter's vision mode from the engine
-(``adapter.vision_batching``: batched for ``scheduler``, one frame per forward for ``lock``).
+forward: 1.0 for ``lock``) and decode steps (steps per language-model forward: sessions answering at
+the same moment share one). The server sets the shared adapter's modes from the engine
+(``adapter.vision_batching`` and ``adapter.decode_batching``: batched for ``scheduler``, one frame or
+step per forward for ``lock``).
 
 :func:`run_serve_sweep` runs several session counts and engines (``ServerConfig.engine``: ``lock``,
 the previous mode where sessions take turns on one lock, and ``scheduler``) against one loaded model
@@ -98,7 +100,8 @@ def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8
     ``frames_dropped_per_session``, ``frames_read_per_s``, ``frames_read_per_session``,
     ``share_max_min``, ``lag_p50_s``/``lag_p95_s``, ``sessions_capped`` (sessions that had frames
     dropped for compute), ``frames_dropped_compute``, ``vision_batch_mean`` (frames per vision forward; None before the first), ``vision_batches``
-    (the batcher's counters for the run),
+    (the batcher's counters for the run), ``decode_batch_mean`` (decode steps per forward; None before
+    the first) and ``decode_batches`` (the decode batcher's counters),
     ``rss_start_bytes``, ``rss_at_10pct_bytes``, ``rss_end_bytes``, ``rss_growth_ratio``,
     ``memory_per_session_bytes`` (working-memory bytes of each session at the end), ``model_share``,
     ``model_s_per_frame`` and ``frames_read_per_s_ceiling`` (where the model's time went, and the
@@ -176,7 +179,8 @@ async def _run(adapter: Any, client_module: ModuleType, model: str, sessions: in
     defaults = ServerConfig()
     config = ServerConfig(host="127.0.0.1", port=0, max_sessions=sessions, stats_every_s=_STATS_EVERY_S, engine=engine,
                           global_budget_tokens=max(defaults.global_budget_tokens, sessions * defaults.session_budget_tokens))
-    adapter.batcher.reset_stats()  # runs of a sweep share one adapter; the server sets its vision mode from the engine
+    adapter.batcher.reset_stats()  # runs of a sweep share one adapter; the server sets its batching modes from the engine
+    adapter.decode_batcher.reset_stats()
     server = StreamServer(adapter, config)
     host, port = await server.start()
     url = f"ws://{host}:{port}"
@@ -353,4 +357,6 @@ def _server_side(server: StreamServer, duration: float) -> dict[str, Any]:
         "admission": getattr(server, "governor", None) is not None,
         "vision_batch_mean": batches.mean_batch if batches.batches else None,
         "vision_batches": batches.as_dict(),
+        "decode_batch_mean": server.adapter.decode_batcher.stats().mean_batch or None,
+        "decode_batches": server.adapter.decode_batcher.stats().as_dict(),
     }

@@ -194,12 +194,21 @@ class Runner:
 
     @torch.inference_mode()
     def decode(self, token_id: int) -> torch.Tensor:
-        """Append one token and return the next token's logits ``[V]``."""
+        """Append one token and return the next token's logits ``[V]``.
+
+        When other sessions sharing the model decode at the same moment, the step may run in one forward
+        with theirs (``adapter.decode_batcher``, :mod:`.decoding`); the result is the same either way."""
         t0 = time.perf_counter()
-        logits = self._forward([token_id], [], None, keep=1)
+        ids = [token_id]
+        positions, next_position = self._positions(ids, [])
+        held = self.cache_length
+        logits = self.adapter.decode_batcher.step(
+            self.cache, token_id, int(positions.reshape(-1)[-1]),
+            alone=lambda: self._run(ids, positions, None, keep=1)[-1], crop=lambda: self._crop_to(held))
+        self._advance(ids, positions, next_position)
         self.times.decode_s += time.perf_counter() - t0
         self.times.calls["decode"] += 1
-        return logits[-1]
+        return logits
 
     def mark(self) -> tuple[int, int, int]:
         """A point to come back to with :meth:`rollback`: (tokens held, next position, tokens seen)."""
@@ -345,15 +354,30 @@ class Runner:
         self, ids: list[int], grids: list[tuple[int, int, int]], encoded: Any | None, keep: int, hooks: list[Hook] | None = None,
         attention: SpanAttention | None = None,
     ) -> torch.Tensor:
+        positions, next_position = self._positions(ids, grids)
+        logits = self._run(ids, positions, encoded, keep, hooks, attention)
+        self._advance(ids, positions, next_position)
+        return logits
+
+    def _positions(self, ids: list[int], grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+        """The position ids of ``ids`` fed next (as the model takes them) and the next position after them.
+
+        Raises :class:`CapacityError` when that passes the model's maximum."""
         positions, next_position = self.adapter.position_ids(ids, self.next_position, grids)
         if next_position > self._max_positions:
             raise CapacityError(
                 f"the stream would reach position {next_position}, past the model's maximum of {self._max_positions}; "
                 "start a new session or enable memory compression"
             )
+        return (positions[0] if self.adapter.position_rows == 1 else positions), next_position
+
+    def _run(
+        self, ids: list[int], positions: torch.Tensor, encoded: Any | None, keep: int, hooks: list[Hook] | None = None,
+        attention: SpanAttention | None = None,
+    ) -> torch.Tensor:
+        """One forward of ``ids`` on this stream's cache; returns float32 logits ``[n, V]``. The cache is as
+        before when it raises; the position counters are the caller's (:meth:`_advance`)."""
         device = self.adapter.device
-        if self.adapter.position_rows == 1:
-            positions = positions[0]
         held = self.cache_length
         saved = (attention.mass.clone(), attention.baseline.clone(), attention.reads, attention.baseline_reads) if attention is not None else None
         try:
@@ -373,12 +397,15 @@ class Runner:
             if attention is not None and saved is not None:
                 attention.mass, attention.baseline, attention.reads, attention.baseline_reads = saved  # a failed forward adds nothing
             raise
+        return out.logits[0].float()
+
+    def _advance(self, ids: list[int], positions: torch.Tensor, next_position: int) -> None:
+        """``ids`` are in the cache now: move the position counters past them."""
         self.next_position = next_position
         self.last_positions = positions.reshape(positions.shape[0] if positions.dim() == 3 else 1, -1).cpu()
         self.seen += len(ids)
         if self.keep_ids:
             self.ids.extend(ids)
-        return out.logits[0].float()
 
 
 def _queries(module: Any, args: tuple, kwargs: dict, *, rotated: bool, rows: list[int] | None = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ The cost is one model copy per camera (small for the models a camera watch needs
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -33,6 +34,8 @@ from .camera import FleetEvent
 from .config import CameraConfig, FleetConfig
 
 __all__ = ["Fleet", "namespace_of", "status_file", "RECORDER"]
+
+_log = logging.getLogger("streamvlm.fleet")
 
 RECORDER = "recorder"
 _STATUS_EVERY_S = 0.5
@@ -65,6 +68,8 @@ class _Recorder:
         self.log = EventLog(event_db)
         self.statuses: dict[str, dict[str, Any]] = {}
         self.status_path = status_path
+        self.status_error: str | None = None  # the last failure to write ``status_path``
+        self._statuses_lock = threading.Lock()  # reports arrive on the actor's thread, the writer runs on its own
         self._changed = threading.Event()
         if status_path:
             threading.Thread(target=self._write_statuses, name="fleet-status", daemon=True).start()
@@ -86,7 +91,8 @@ class _Recorder:
         return new
 
     def report(self, status: dict[str, Any]) -> None:
-        self.statuses[status["camera"]] = {**status, "reported_wall": time.time()}
+        with self._statuses_lock:
+            self.statuses[status["camera"]] = {**status, "reported_wall": time.time()}
         self._changed.set()
 
     def _write_statuses(self) -> None:
@@ -96,13 +102,16 @@ class _Recorder:
             self._changed.wait()
             self._changed.clear()
             try:
-                write_status_file(path, self.statuses)
-            except OSError:
-                pass  # the storage is away for a moment: the next report writes it again
+                write_status_file(path, self.all_statuses())
+                self.status_error = None
+            except Exception as exc:  # the storage is away for a moment: say so; the next report writes it again
+                self.status_error = f"{type(exc).__name__}: {exc}"
+                _log.warning("fleet status file %s not written: %s", path, self.status_error)
             time.sleep(1.0)
 
     def all_statuses(self) -> dict[str, dict[str, Any]]:
-        return dict(self.statuses)
+        with self._statuses_lock:
+            return dict(self.statuses)
 
     def events(self, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Logged events with an id above ``after_id``, oldest first."""

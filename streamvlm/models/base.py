@@ -21,6 +21,7 @@ from .turns import TurnLock
 
 if TYPE_CHECKING:
     from ..engine.batcher import VisionBatcher
+    from ..engine.decoding import DecodeBatcher
 
 __all__ = ["PreparedFrame", "ModelAdapter", "Hook"]
 
@@ -90,6 +91,7 @@ class ModelAdapter(ABC):
         # The hooks attached now, by the thread holding the lock (a stack: holds nest in one thread).
         self._attached: list[tuple[Hook, Any]] = []
         self._batcher: VisionBatcher | None = None
+        self._decode_batcher: DecodeBatcher | None = None
 
     # ---- vision encodes of every session, batched ---------------------------------------------------
     @property
@@ -113,6 +115,28 @@ class ModelAdapter(ABC):
     @vision_batching.setter
     def vision_batching(self, on: bool) -> None:
         self.batcher.enabled = bool(on)
+
+    # ---- decode steps of every session, batched ------------------------------------------------------
+    @property
+    def decode_batcher(self) -> DecodeBatcher:
+        """The one place decode steps of every session sharing this model run (see
+        :mod:`streamvlm.engine.decoding`): steps waiting at the same moment run in one forward."""
+        if self._decode_batcher is None:
+            from ..engine.decoding import DecodeBatcher
+
+            self._decode_batcher = DecodeBatcher(self)
+        return self._decode_batcher
+
+    @property
+    def decode_batching(self) -> bool:
+        """True (default) when the language model's layers allow it: next tokens of sessions decoding at
+        the same moment run in one forward. Set False for one step per forward (``--engine lock``); the
+        answers are the same either way, only the throughput differs."""
+        return self.decode_batcher.active
+
+    @decode_batching.setter
+    def decode_batching(self, on: bool) -> None:
+        self.decode_batcher.enabled = bool(on)
 
     # ---- owning the model for one step ------------------------------------------------------------
     @contextmanager

@@ -161,7 +161,7 @@ class SessionHost:
         # One engine for every session: frames of sessions waiting together share a vision forward, and
         # admission by compute caps read rates evenly when the offered frames exceed what the model reads
         # ("lock": the previous mode, one frame per forward and no caps).
-        adapter.vision_batching = self.config.engine == "scheduler"
+        adapter.vision_batching = adapter.decode_batching = self.config.engine == "scheduler"
         self.governor = ComputeGovernor.from_config(self.config, self.metrics, model_time=adapter.lock.held_seconds)
         self.metrics.track_live(
             live=lambda: sum(s.ws is not None for s in self.sessions.values()),

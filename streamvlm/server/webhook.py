@@ -2,12 +2,15 @@
 
 The sender never holds events itself: it reads what is due from the :class:`EventLog`, POSTs each as
 JSON, and marks it delivered (2xx) or schedules a retry with exponential backoff. Run it in a thread
-(:meth:`start`) or call :meth:`deliver_due` yourself.
+(:meth:`start`) or call :meth:`deliver_due` yourself. The thread never dies quietly: when the log
+itself fails (the database is locked, the disk is full) it logs a warning naming the error (logger
+``streamvlm.webhook``), keeps it in :attr:`WebhookSender.last_error`, backs off and tries again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -17,6 +20,8 @@ from ..errors import ConfigError
 from .eventlog import EventLog
 
 __all__ = ["WebhookSender"]
+
+_log = logging.getLogger("streamvlm.webhook")
 
 
 class WebhookSender:
@@ -29,6 +34,8 @@ class WebhookSender:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.last_error: str | None = None  # the last failure of the delivery loop itself (not of a POST)
+        self.loop_failures = 0  # how many times the delivery loop failed
 
     def deliver_due(self, now: float | None = None) -> int:
         """POST every event that is due now; returns how many were delivered."""
@@ -59,9 +66,17 @@ class WebhookSender:
 
     def start(self, poll_s: float = 1.0) -> None:
         def run() -> None:
+            failed = 0  # failures in a row
             while not self._stop.is_set():
-                self.deliver_due()
-                self._wake.wait(poll_s)
+                try:
+                    self.deliver_due()
+                    failed = 0
+                except Exception as exc:  # the log failed, not a POST: say so, back off, try again
+                    failed += 1
+                    self.loop_failures += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    _log.warning("webhook %s: delivery stopped by %s; retrying", self.url, self.last_error)
+                self._wake.wait(min(self.backoff_max_s, self.backoff_s * 2 ** (failed - 1)) if failed else poll_s)
                 self._wake.clear()
 
         self._thread = threading.Thread(target=run, name="streamvlm-webhook", daemon=True)

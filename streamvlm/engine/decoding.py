@@ -1,0 +1,269 @@
+"""One language-model forward for the next token of every session decoding at the same moment.
+
+On a CPU (and on a GPU at small batch) one decode step is bound by reading the language model's
+weights, not by arithmetic: measured on ``smolvlm-256m-random`` here, a step costs 50-90 ms whether
+it carries one token or several. Each session of a server decodes its answers in its own model
+thread, one token per turn on the shared model, so four sessions answering at once read the weights
+four times per round. :class:`DecodeBatcher`, owned by the adapter (``adapter.decode_batcher``), is
+where their steps meet, in the manner of the vision batcher (:mod:`.batcher`):
+
+- :meth:`DecodeBatcher.step` submits the caller's next token (its cache, its position) and waits.
+  Whichever waiting thread gets the model's turn (the adapter's :class:`~streamvlm.models.turns.TurnLock`,
+  at the caller's priority) leads: it takes every step pending at that moment (up to ``max_batch``),
+  runs one forward for all of them and hands each waiter its logits (schedule -> execute -> update).
+- The forward batches everything that reads weights (embeddings, projections, MLPs, norms, the output
+  head: one matrix product for all rows) and runs attention per row, each over its own session's cache
+  (selective batching, as in Orca: Yu et al., OSDI 2022). Caches of different lengths and positions
+  are never padded or copied.
+- A batched forward that raises is undone on every cache and re-run step by step through the caller's
+  own path, so an error reaches only the step that caused it, and every waiter gets its own result or
+  its own exception.
+- Model time is billed fairly: each step of a batch is charged an equal share to its own thread
+  (:meth:`TurnLock.charge`).
+- A step alone goes through the caller's own forward (the model's own code), so one session decoding
+  alone decodes exactly as before.
+
+Only language models whose layers are transformers' Llama layers (SmolVLM2, the tiny and ShapeWorld
+models) are batched (:func:`batchable`); others, and ``enabled = False`` (``adapter.decode_batching =
+False``, the ``lock`` engine), step alone. :meth:`DecodeBatcher.stats` counts batches for benchmarks.
+The batcher knows nothing about sessions or answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..models.base import ModelAdapter
+
+__all__ = ["DecodeBatcher", "DecodeStats", "batchable", "batched_step"]
+
+_PENDING, _RUNNING, _DONE = "pending", "running", "done"
+
+
+@dataclass
+class DecodeStats:
+    """What the decode batcher did since it was made (or since :meth:`DecodeBatcher.reset_stats`)."""
+
+    forwards: int = 0  # forwards run for decode steps (a step alone counts)
+    steps: int = 0  # decode steps run through them
+    max_batch: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # steps per forward -> how many forwards had it
+    split: int = 0  # batched forwards that raised and were re-run step by step
+    failed: int = 0  # steps whose own forward raised (their waiter got the error)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.steps / self.forwards if self.forwards else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"forwards": self.forwards, "steps": self.steps, "mean_batch": round(self.mean_batch, 3), "max_batch": self.max_batch,
+                "sizes": dict(sorted(self.sizes.items())), "split": self.split, "failed": self.failed}
+
+
+def _text_parts(model: Any) -> tuple[Any, Any] | None:
+    """``(text model, output head)`` of a model whose language model is made of transformers' Llama layers."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel
+
+    inner = getattr(model, "model", None)
+    text = getattr(inner, "text_model", None)
+    head = getattr(model, "lm_head", None)
+    if not isinstance(text, LlamaModel) or head is None:
+        return None
+    if not all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention and type(layer.mlp) is LlamaMLP
+               for layer in text.layers):
+        return None
+    return text, head
+
+
+def batchable(model: Any) -> bool:
+    """True when :func:`batched_step` can run ``model``'s decode steps (its language model is Llama layers)."""
+    return _text_parts(model) is not None
+
+
+@torch.inference_mode()
+def batched_step(model: Any, caches: list[Any], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    """One forward for one new token in each of several caches: returns float32 logits ``[len(caches), V]``.
+
+    Row ``i`` appends ``tokens[i]`` at position ``positions[i]`` to ``caches[i]`` (a transformers
+    ``DynamicCache``) and attends over that cache only, as a forward of that token alone would. If it
+    raises, some caches may hold the new token in some layers: the caller crops them back.
+    """
+    parts = _text_parts(model)
+    if parts is None:
+        raise ConfigError("batched decode steps need a language model of Llama layers")
+    text, head = parts
+    device = next(head.parameters()).device
+    ids = torch.tensor(tokens, device=device).view(-1, 1)
+    hidden = text.embed_tokens(ids)  # [k, 1, width]
+    cos, sin = text.rotary_emb(hidden, torch.tensor(positions, device=device).view(-1, 1))
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rows = len(caches)
+    for index, layer in enumerate(text.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        out = []
+        for row, cache in enumerate(caches):  # attention per row, over its own cache
+            keys, values = cache.update(k[row : row + 1], v[row : row + 1], index)
+            out.append(torch.nn.functional.scaled_dot_product_attention(
+                q[row : row + 1], keys, values, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1))
+        attended = torch.cat(out).transpose(1, 2).reshape(rows, 1, -1)
+        hidden = hidden + attn.o_proj(attended)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return head(text.norm(hidden))[:, -1].float()
+
+
+class _Step:
+    __slots__ = ("cache", "token", "position", "alone", "crop", "thread", "state", "result", "error")
+
+    def __init__(self, cache: Any, token: int, position: int, alone: Callable[[], torch.Tensor], crop: Callable[[], None]) -> None:
+        self.cache, self.token, self.position = cache, token, position
+        self.alone = alone  # the caller's own forward of this step (used for a step alone, and after a failed batch)
+        self.crop = crop  # undoes a partial append of this step on its cache
+        self.thread = threading.current_thread()  # whom the model time is billed to
+        self.state = _PENDING
+        self.result: torch.Tensor | None = None
+        self.error: BaseException | None = None
+
+
+class DecodeBatcher:
+    """Runs decode steps of every thread sharing ``adapter``, several per forward. One per adapter."""
+
+    def __init__(self, adapter: ModelAdapter, *, max_batch: int = 16, enabled: bool = True) -> None:
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ConfigError(f"max_batch: must be an integer >= 1, got {max_batch!r}")
+        self.adapter = adapter
+        self.max_batch = max_batch
+        self.enabled = enabled
+        self.supported = batchable(adapter.model)
+        self._cv = threading.Condition(threading.Lock())
+        self._pending: list[_Step] = []
+        self._stats = DecodeStats()
+
+    @property
+    def active(self) -> bool:
+        """True when steps go through the batcher (enabled, and the model's layers can be batched)."""
+        return self.enabled and self.supported
+
+    def step(self, cache: Any, token: int, position: int, *, alone: Callable[[], torch.Tensor], crop: Callable[[], None]) -> torch.Tensor:
+        """Append ``token`` at ``position`` to ``cache`` (alone or with other threads' steps); return its logits ``[V]``.
+
+        ``alone`` runs this step by the caller's own path (it holds the model itself) and returns its
+        logits; ``crop`` takes back whatever a failed forward appended to ``cache``. Raises what the
+        step alone raises; the cache is then as before. Call it from the thread that owns ``cache``.
+        """
+        if not self.active:
+            return alone()
+        ticket = _Step(cache, token, position, alone, crop)
+        with self._cv:
+            self._pending.append(ticket)
+        lock = self.adapter.lock
+        try:
+            while ticket.state != _DONE:
+                if ticket.state == _PENDING:
+                    if lock.acquire(until=lambda: ticket.state != _PENDING):
+                        try:
+                            if ticket.state == _PENDING:
+                                self._lead(ticket)
+                        finally:
+                            lock.release()
+                else:
+                    with self._cv:
+                        self._cv.wait_for(lambda: ticket.state == _DONE)
+        except BaseException:
+            with self._cv:
+                if ticket in self._pending:
+                    self._pending.remove(ticket)
+            raise
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.result is not None
+        return ticket.result
+
+    @property
+    def pending(self) -> int:
+        """Steps waiting for a forward now."""
+        with self._cv:
+            return len(self._pending)
+
+    def stats(self) -> DecodeStats:
+        """A copy of the counters (forwards, steps, batch sizes, splits, failures)."""
+        with self._cv:
+            s = self._stats
+            return DecodeStats(s.forwards, s.steps, s.max_batch, dict(s.sizes), s.split, s.failed)
+
+    def reset_stats(self) -> None:
+        with self._cv:
+            self._stats = DecodeStats()
+
+    # ---- the leader's side: schedule -> execute -> update -------------------------------------------
+    def _lead(self, mine: _Step) -> None:
+        lock = self.adapter.lock
+        with self._cv:
+            batch = [mine] + [t for t in self._pending if t is not mine][: self.max_batch - 1]
+            for ticket in batch:
+                ticket.state = _RUNNING
+            taken = {id(t) for t in batch}
+            self._pending = [t for t in self._pending if id(t) not in taken]
+        getattr(lock, "wake", lambda: None)()  # their waiters leave the lock's queue and wait for their results
+        t0 = time.perf_counter()
+        results: list[tuple[torch.Tensor | None, BaseException | None]] = []
+        try:
+            results = self._execute(batch)
+        finally:  # every waiter gets its result or an error, also when the leader is interrupted
+            seconds = time.perf_counter() - t0
+            charge = getattr(lock, "charge", None)
+            if charge is not None and len(batch) > 1:
+                charge({t.thread: seconds / len(batch) for t in batch})
+            with self._cv:
+                for ticket, (result, error) in zip(batch, results):
+                    ticket.result, ticket.error = result, error
+                    self._stats.failed += error is not None
+                for ticket in batch[len(results):]:
+                    ticket.error = RuntimeError("the decode step's batch was interrupted")
+                for ticket in batch:
+                    ticket.state = _DONE
+                self._cv.notify_all()
+
+    def _execute(self, batch: list[_Step]) -> list[tuple[torch.Tensor | None, BaseException | None]]:
+        """One forward for ``batch`` (or one per step if it raises): ``[(logits, error)]`` in order."""
+        if len(batch) > 1:
+            try:
+                logits = batched_step(self.adapter.model, [t.cache for t in batch], [t.token for t in batch],
+                                      [t.position for t in batch])
+                self._count(len(batch))
+                return [(row, None) for row in logits]
+            except Exception:
+                for ticket in batch:
+                    ticket.crop()
+                with self._cv:
+                    self._stats.split += 1
+        results: list[tuple[torch.Tensor | None, BaseException | None]] = []
+        for ticket in batch:  # alone: the model's own forward, so an error reaches only its own step
+            try:
+                results.append((ticket.alone(), None))
+            except Exception as exc:
+                results.append((None, exc))
+            self._count(1)
+        return results
+
+    def _count(self, n: int) -> None:
+        with self._cv:
+            s = self._stats
+            s.forwards += 1
+            s.steps += n
+            s.max_batch = max(s.max_batch, n)
+            s.sizes[n] = s.sizes.get(n, 0) + 1
