@@ -613,9 +613,11 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sessions {args.sessions!r}: expected positive integers separated by commas, e.g. 1,2,4,8")
     engines = list(_split_names(args.engine)) or ["scheduler"]
     if len(counts) == 1 and len(engines) == 1:  # one run: the flat result, as before
-        result = run_serve_bench(_model_config(args), sessions=counts[0], fps=args.fps, duration=args.duration, engine=engines[0])
+        result = run_serve_bench(_model_config(args), sessions=counts[0], fps=args.fps, duration=args.duration, engine=engines[0],
+                                 ask_together=args.ask_together)
     else:
-        result = run_serve_sweep(_model_config(args), sessions=counts, engines=engines, fps=args.fps, duration=args.duration)
+        result = run_serve_sweep(_model_config(args), sessions=counts, engines=engines, fps=args.fps, duration=args.duration,
+                                 ask_together=args.ask_together)
     return _emit_json(result, args.json)
 
 
@@ -820,6 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "or both to compare: lock,scheduler (default: scheduler)")
     bserve.add_argument("--fps", type=float, default=2.0)
     bserve.add_argument("--duration", type=float, default=30.0)
+    bserve.add_argument("--ask-together", action="store_true",
+                        help="every session asks at the same moment (many users at once) instead of staggered")
     bserve.add_argument("--json", metavar="OUT", help="write the result to this file")
     _add_precision_flags(bserve)
     bserve.set_defaults(func=_cmd_bench_serve)

@@ -42,7 +42,7 @@ def test_serve_bench_reports_latency_frames_and_memory():
     share = result["model_share"]
     assert set(share) == {"answer", "probe", "frame", "idle"} and all(0 <= v <= 1 for v in share.values())
     assert sum(share.values()) == pytest.approx(1.0, abs=1e-3) and share["answer"] > 0 and share["frame"] > 0
-    assert result["model_s_per_frame"] > 0
+    assert result["model_s_per_frame"] > 0 and result["model_s_per_answer"] > 0
     assert result["frames_read_per_s_ceiling"] == pytest.approx((1 - share["answer"] - share["probe"]) / result["model_s_per_frame"], rel=1e-3)
 
 
@@ -59,10 +59,10 @@ def test_serve_bench_rejects_bad_arguments():
 def test_one_invocation_compares_engines_across_session_counts(tmp_path):
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--model", "tiny-smolvlm", "--sessions", "2,1", "--engine", "lock,scheduler",
-                 "--fps", "2", "--duration", "2", "--json", str(out)]) == 0
+                 "--fps", "2", "--duration", "2", "--ask-together", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert (result["benchmark"], result["sessions"], result["engines"]) == ("serve", [1, 2], ["lock", "scheduler"])
-    assert {"device", "dtype"} <= set(result)
+    assert {"device", "dtype"} <= set(result) and all(r["ask_together"] for r in result["runs"])
     runs = [(r["engine"], r["sessions"]) for r in result["runs"]]
     assert runs == [("lock", 1), ("lock", 2), ("scheduler", 1), ("scheduler", 2)]
     assert all(r["frames_read_per_s"] > 0 and len(r["frames_read_per_session"]) == r["sessions"] for r in result["runs"])

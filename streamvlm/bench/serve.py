@@ -9,8 +9,9 @@ seconds every session:
 * once a second sends an empty ``session.update`` and times the ``session.updated`` reply: the
   latency of a protocol event that never waits on the model, i.e. how responsive the server's event
   loop stays under load;
-* every ``ask_every`` seconds (staggered across sessions) asks a question, unless its previous answer
-  is still running, and times the first streamed piece of text (TTFT, from sending the question).
+* every ``ask_every`` seconds (staggered across sessions; all at the same moment with ``ask_together``,
+  as when many users ask at once) asks a question, unless its previous answer is still running, and
+  times the first streamed piece of text (TTFT, from sending the question).
 
 Meanwhile the process's RSS is sampled every second (more often for runs under 10 s). Reported:
 event latency and TTFT p50/p95, the sessions' frame counters from their last ``input_frame.stats``
@@ -90,7 +91,8 @@ def _check(sessions: Sequence[int], engines: Sequence[str], fps: float, duration
 
 
 def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8, fps: float = 2.0, duration: float = 30.0, *,
-                    ask_every: float = 5.0, max_new_tokens: int = 16, engine: str = "scheduler") -> dict[str, Any]:
+                    ask_every: float = 5.0, max_new_tokens: int = 16, engine: str = "scheduler",
+                    ask_together: bool = False) -> dict[str, Any]:
     """Run the benchmark once (about ``duration`` seconds plus model loading and the last answers) and
     return a JSON-ready dict; see the module docstring for what is measured.
 
@@ -104,7 +106,7 @@ def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8
     the first) and ``decode_batches`` (the decode batcher's counters),
     ``rss_start_bytes``, ``rss_at_10pct_bytes``, ``rss_end_bytes``, ``rss_growth_ratio``,
     ``memory_per_session_bytes`` (working-memory bytes of each session at the end), ``model_share``,
-    ``model_s_per_frame`` and ``frames_read_per_s_ceiling`` (where the model's time went, and the
+    ``model_s_per_frame``, ``model_s_per_answer`` and ``frames_read_per_s_ceiling`` (where the model's time went, and the
     frames per second it could read with what answers and probes left: :func:`_model_time`), the sample counts
     ``event_latency_samples``, ``questions``, ``answers``, and the device/dtype the model ran in.
     Raises ConfigError for a non-positive ``sessions``, ``fps``, ``duration`` or ``ask_every``, or an
@@ -116,13 +118,13 @@ def run_serve_bench(model: str | ModelConfig = "tiny-smolvlm", sessions: int = 8
     client_module = _client_module()
     adapter = load_model(model)  # a preset, id or path, or a ModelConfig (device, dtype)
     result = asyncio.run(_run(adapter, client_module, getattr(model, "model", model), sessions, float(fps), float(duration),
-                              float(ask_every), max_new_tokens, engine))
+                              float(ask_every), max_new_tokens, engine, ask_together))
     return {**result, **precision_of(adapter).to_dict()}
 
 
 def run_serve_sweep(model: str | ModelConfig = "tiny-smolvlm", sessions: Sequence[int] = (1, 2, 4, 8),
                     engines: Sequence[str] = ("lock", "scheduler"), fps: float = 1.0, duration: float = 30.0, *,
-                    ask_every: float = 5.0, max_new_tokens: int = 16) -> dict[str, Any]:
+                    ask_every: float = 5.0, max_new_tokens: int = 16, ask_together: bool = False) -> dict[str, Any]:
     """Run :func:`run_serve_bench` for every engine at every session count, on one loaded model, and
     compare them. Takes about ``len(engines) * len(sessions) * duration`` seconds plus the last answers.
 
@@ -145,7 +147,7 @@ def run_serve_sweep(model: str | ModelConfig = "tiny-smolvlm", sessions: Sequenc
     for engine in engines:
         for n in counts:
             runs.append(asyncio.run(_run(adapter, client_module, name, n, float(fps), float(duration), float(ask_every),
-                                         max_new_tokens, engine)))
+                                         max_new_tokens, engine, ask_together)))
     return {"benchmark": "serve", "model": name, "fps": float(fps), "duration_s": float(duration), "sessions": counts,
             "engines": engines, "runs": runs, "comparison": compare_runs(runs), **precision_of(adapter).to_dict()}
 
@@ -175,7 +177,7 @@ def compare_runs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def _run(adapter: Any, client_module: ModuleType, model: str, sessions: int, fps: float, duration: float,
-               ask_every: float, max_new_tokens: int, engine: str = "scheduler") -> dict[str, Any]:
+               ask_every: float, max_new_tokens: int, engine: str = "scheduler", ask_together: bool = False) -> dict[str, Any]:
     defaults = ServerConfig()
     config = ServerConfig(host="127.0.0.1", port=0, max_sessions=sessions, stats_every_s=_STATS_EVERY_S, engine=engine,
                           global_budget_tokens=max(defaults.global_budget_tokens, sessions * defaults.session_budget_tokens))
@@ -191,17 +193,17 @@ async def _run(adapter: Any, client_module: ModuleType, model: str, sessions: in
             client = await client_module.AsyncClient.connect(url, event_buffer=0)
             clients.append(client)
             await client.update(max_new_tokens=max_new_tokens)
-        result = await _measure(server, clients, base, sessions, fps, duration, ask_every)
+        result = await _measure(server, clients, base, sessions, fps, duration, ask_every, ask_together)
     finally:
         for client in clients:
             await client.close()
         await server.stop()
     return {"benchmark": "serve", "model": model, "engine": engine, "sessions": sessions, "fps": fps, "duration_s": duration,
-            **result}
+            "ask_together": ask_together, **result}
 
 
 async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarray], sessions: int, fps: float,
-                   duration: float, ask_every: float) -> dict[str, Any]:
+                   duration: float, ask_every: float, ask_together: bool = False) -> dict[str, Any]:
     latencies: list[float] = []
     ttfts: list[float] = []
     sent = [0] * sessions
@@ -246,7 +248,7 @@ async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarr
             ttfts.append(float(reply["ttft_s"]))
 
     async def questions_of(i: int) -> None:
-        t = t0 + min(0.5, duration / 4) + i * ask_every / sessions
+        t = t0 + min(0.5, duration / 4) + (0.0 if ask_together else i * ask_every / sessions)
         while t < end:
             await until(t)
             running = answering[i]
@@ -288,7 +290,7 @@ async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarr
         await asyncio.sleep(0.05)
     memory = [int(w.session.stats()["working_bytes"]) for w in live]
     reads = _server_side(server, duration)
-    reads.update(_model_time(server, held_at_start, time.monotonic() - t0, sum(reads["frames_read_per_session"])))
+    reads.update(_model_time(server, held_at_start, time.monotonic() - t0, sum(reads["frames_read_per_session"]), len(ttfts)))
     rss_end = rss_bytes()
     rss.append((time.monotonic() - t0, rss_end))
     at_10 = next((b for t, b in rss if t >= 0.1 * duration), rss[-1][1])
@@ -316,13 +318,15 @@ async def _measure(server: StreamServer, clients: list[Any], base: list[np.ndarr
     }
 
 
-def _model_time(server: StreamServer, held_at_start: tuple[float, float, float], elapsed: float, frames: int) -> dict[str, Any]:
+def _model_time(server: StreamServer, held_at_start: tuple[float, float, float], elapsed: float, frames: int,
+                answers: int) -> dict[str, Any]:
     """Where the model's time went from the start of the run to the end of its last answer, and the most
     frames per second the model could have read in that time.
 
     ``model_share``: the share of those seconds the model was held for answers, probes and frame reads
     (the lock's books, :meth:`~streamvlm.models.turns.TurnLock.held_seconds`), and idle. ``model_s_per_frame``:
-    model seconds per frame read (a batch's forward shared by its frames). ``frames_read_per_s_ceiling``:
+    model seconds per frame read (a batch's forward shared by its frames), ``model_s_per_answer`` the same
+    for answers (decode steps of answers running together share forwards). ``frames_read_per_s_ceiling``:
     frames per second had every second that answers and probes left gone to frames at that cost; with
     the model never idle it is the frames read per second, and no scheduler reads more frames without
     taking time from answers or making a frame cheaper."""
@@ -333,6 +337,7 @@ def _model_time(server: StreamServer, held_at_start: tuple[float, float, float],
         "model_share": {"answer": round(answer, 4), "probe": round(probe, 4), "frame": round(frame, 4),
                         "idle": round(max(0.0, 1.0 - answer - probe - frame), 4)},
         "model_s_per_frame": per_frame,
+        "model_s_per_answer": spent[0] / answers if answers else None,
         "frames_read_per_s_ceiling": max(0.0, 1.0 - answer - probe) / per_frame if per_frame else None,
     }
 
