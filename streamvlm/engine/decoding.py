@@ -11,6 +11,12 @@ where their steps meet, in the manner of the vision batcher (:mod:`.batcher`):
   Whichever waiting thread gets the model's turn (the adapter's :class:`~streamvlm.models.turns.TurnLock`,
   at the caller's priority) leads: it takes every step pending at that moment (up to ``max_batch``),
   runs one forward for all of them and hands each waiter its logits (schedule -> execute -> update).
+- A thread that got its logits a moment ago is still answering: it picks its next token (about a
+  millisecond) and comes back. Left alone, two answering threads would take turns forever, each
+  leading a batch of one while the other picks its token. So a leader first waits for every thread
+  that got a result within the last two forwards to submit its next step, for at most ``gather``
+  of the last forward's time (a quarter by default); a thread whose answer ended costs that wait
+  once, then it is no longer waited for.
 - The forward batches everything that reads weights (embeddings, projections, MLPs, norms, the output
   head: one matrix product for all rows) and runs attention per row, each over its own session's cache
   (selective batching, as in Orca: Yu et al., OSDI 2022). Caches of different lengths and positions
@@ -142,12 +148,17 @@ class _Step:
 class DecodeBatcher:
     """Runs decode steps of every thread sharing ``adapter``, several per forward. One per adapter."""
 
-    def __init__(self, adapter: ModelAdapter, *, max_batch: int = 16, enabled: bool = True) -> None:
+    def __init__(self, adapter: ModelAdapter, *, max_batch: int = 16, gather: float = 0.25, enabled: bool = True) -> None:
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ConfigError(f"max_batch: must be an integer >= 1, got {max_batch!r}")
+        if not 0.0 <= gather <= 1.0:
+            raise ConfigError(f"gather: must be a share of a forward in [0, 1], got {gather!r}")
         self.adapter = adapter
         self.max_batch = max_batch
+        self.gather = gather  # how long a leader waits for threads still answering, as a share of the last forward
         self.enabled = enabled
+        self._last_forward_s = 0.0
+        self._answered: dict[threading.Thread, float] = {}  # thread -> when it last got its logits (monotonic)
         self.supported = batchable(adapter.model)
         self._cv = threading.Condition(threading.Lock())
         self._pending: list[_Step] = []
@@ -170,6 +181,7 @@ class DecodeBatcher:
         ticket = _Step(cache, token, position, alone, crop)
         with self._cv:
             self._pending.append(ticket)
+            self._cv.notify_all()  # a leader may be gathering
         lock = self.adapter.lock
         try:
             while ticket.state != _DONE:
@@ -213,6 +225,7 @@ class DecodeBatcher:
     def _lead(self, mine: _Step) -> None:
         lock = self.adapter.lock
         with self._cv:
+            self._gather(mine)
             batch = [mine] + [t for t in self._pending if t is not mine][: self.max_batch - 1]
             for ticket in batch:
                 ticket.state = _RUNNING
@@ -234,17 +247,33 @@ class DecodeBatcher:
                     self._stats.failed += error is not None
                 for ticket in batch[len(results):]:
                     ticket.error = RuntimeError("the decode step's batch was interrupted")
+                done = time.monotonic()
                 for ticket in batch:
                     ticket.state = _DONE
+                    self._answered[ticket.thread] = done
                 self._cv.notify_all()
+
+    def _gather(self, mine: _Step) -> None:
+        """(Called holding ``_cv`` and the model.) Wait, briefly, for the threads still answering to submit
+        their next step, so they join this forward instead of each leading one of their own."""
+        if not self.gather or self._last_forward_s <= 0:
+            return
+        now = time.monotonic()
+        recent = 2.0 * self._last_forward_s + 0.01
+        self._answered = {t: at for t, at in self._answered.items() if now - at < recent}  # the rest are done answering
+        expected = set(self._answered) - {mine.thread}
+        if expected:
+            self._cv.wait_for(lambda: expected <= {t.thread for t in self._pending} or len(self._pending) >= self.max_batch,
+                              timeout=self.gather * self._last_forward_s)
 
     def _execute(self, batch: list[_Step]) -> list[tuple[torch.Tensor | None, BaseException | None]]:
         """One forward for ``batch`` (or one per step if it raises): ``[(logits, error)]`` in order."""
+        t0 = time.perf_counter()
         if len(batch) > 1:
             try:
                 logits = batched_step(self.adapter.model, [t.cache for t in batch], [t.token for t in batch],
                                       [t.position for t in batch])
-                self._count(len(batch))
+                self._count(len(batch), time.perf_counter() - t0)
                 return [(row, None) for row in logits]
             except Exception:
                 for ticket in batch:
@@ -253,15 +282,17 @@ class DecodeBatcher:
                     self._stats.split += 1
         results: list[tuple[torch.Tensor | None, BaseException | None]] = []
         for ticket in batch:  # alone: the model's own forward, so an error reaches only its own step
+            t0 = time.perf_counter()
             try:
                 results.append((ticket.alone(), None))
             except Exception as exc:
                 results.append((None, exc))
-            self._count(1)
+            self._count(1, time.perf_counter() - t0)
         return results
 
-    def _count(self, n: int) -> None:
+    def _count(self, n: int, seconds: float) -> None:
         with self._cv:
+            self._last_forward_s = seconds
             s = self._stats
             s.forwards += 1
             s.steps += n
