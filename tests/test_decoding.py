@@ -35,6 +35,18 @@ def runners(adapter, lengths=(5, 40, 17), shifts=(0, 0, 300)) -> list[Runner]:
     return out
 
 
+def queued_together(adapter, step, n: int = 3) -> None:
+    """Run ``step(i)`` in ``n`` threads while the model is busy, so that all ``n`` decode steps queue and
+    the next holder of the model takes them together; return when every thread has ended."""
+    with adapter.lock:
+        threads = [threading.Thread(target=step, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: adapter.decode_batcher.pending == n)
+    for t in threads:
+        t.join(30)
+
+
 @pytest.mark.parametrize("name", ["tiny-smolvlm", "shapeworld"])
 def test_a_batched_step_gives_each_row_what_its_step_alone_gives(name):
     adapter = load(name)
@@ -75,13 +87,7 @@ def test_steps_waiting_together_run_in_one_forward_and_each_gets_its_own_logits(
         with smol.lock.priority(ANSWER):
             got[i] = streams[i].decode(20 + i)
 
-    with smol.lock:  # the model is busy: all three steps queue, and the next holder takes them together
-        threads = [threading.Thread(target=step, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        wait_until(lambda: batcher.pending == 3)
-    for t in threads:
-        t.join(30)
+    queued_together(smol, step)
     assert batcher.stats().sizes == {3: 1}
     for i, runner in enumerate(streams):
         assert torch.allclose(got[i], expected[i], atol=1e-4)
@@ -105,13 +111,7 @@ def test_a_step_that_fails_in_a_batch_fails_alone_and_the_others_are_answered():
             results[i] = exc
 
     batcher.reset_stats()
-    with smol.lock:
-        threads = [threading.Thread(target=step, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        wait_until(lambda: batcher.pending == 3)
-    for t in threads:
-        t.join(30)
+    queued_together(smol, step)
     stats = batcher.stats()
     assert stats.split == 1 and stats.failed == 1
     assert isinstance(results[1], IndexError)
@@ -119,6 +119,42 @@ def test_a_step_that_fails_in_a_batch_fails_alone_and_the_others_are_answered():
     for i in (0, 2):
         assert isinstance(results[i], torch.Tensor)
         assert (streams[i].cache_length, streams[i].next_position) == (before[i][0] + 1, before[i][1] + 1)
+
+
+@pytest.mark.parametrize("comes_back", [True, False])
+def test_a_leader_waits_briefly_for_a_session_still_answering(comes_back):
+    # Session A got its token a moment ago and is picking the next one; B leads now. B waits for A's
+    # next step (at most a quarter of a forward) so both share one forward, instead of taking turns
+    # forever. If A's answer has ended, B waits that long once, then goes alone.
+    smol = load("tiny-smolvlm")
+    batcher = smol.decode_batcher
+    a, b = runners(smol, lengths=(6, 9), shifts=(0, 0))
+    a_next = threading.Event()
+
+    def answer_a() -> None:
+        with smol.lock.priority(ANSWER):
+            a.decode(30)  # alone: A has answered just now
+            a_next.wait(30)
+            if comes_back:
+                a.decode(31)
+
+    thread_a = threading.Thread(target=answer_a)
+    thread_a.start()
+    wait_until(lambda: a.seen == 7)
+    batcher.reset_stats()
+    batcher._last_forward_s = 1.0  # as on a slow machine: B may wait up to 0.25 s for A
+    timer = threading.Timer(0.05, a_next.set)  # A comes back 50 ms into B's wait
+    timer.start()
+    t0 = time.monotonic()
+    with smol.lock.priority(ANSWER):
+        b.decode(40)
+    waited = time.monotonic() - t0
+    thread_a.join(30)
+    timer.join()
+    if comes_back:
+        assert batcher.stats().sizes == {2: 1} and a.seen == 8
+    else:
+        assert batcher.stats().sizes == {1: 1} and 0.2 < waited < 5
 
 
 def test_sessions_answering_at_once_say_what_they_say_alone():

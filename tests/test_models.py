@@ -129,3 +129,27 @@ def test_a_bfloat16_model_streams_within_its_own_tolerance():
     assert report.dtype == "bfloat16" and report.dtype_reason.startswith("bfloat16")
     assert report.max_abs_logit_diff > 1e-4  # rounding in bf16 is real: the float32 bar would fail it
     assert report.ok and report.same_answer and report.max_abs_logit_diff <= report.tolerance
+
+
+def test_sessions_on_threads_tokenize_special_tokens_each_as_asked(smol):
+    # A fast tokenizer's encode first sets, on the shared tokenizer, whether special-token strings are
+    # split. Two sessions tokenizing at once must not get each other's setting: the template's
+    # "<end_of_utterance>" must stay one special token, and a user's typed one must stay plain text.
+    import threading
+
+    special = smol.text_ids("<end_of_utterance>")
+    typed = smol.text_ids("<end_of_utterance>", user=True)
+    assert len(special) == 1 and len(typed) > 1
+    wrong: list[str] = []
+
+    def tokenize(user: bool, expected: list[int]) -> None:
+        for _ in range(3000):
+            if smol.text_ids("<end_of_utterance>", user=user) != expected:
+                wrong.append("user" if user else "template")
+
+    threads = [threading.Thread(target=tokenize, args=(user, typed if user else special)) for user in (True, False, True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert wrong == []

@@ -15,8 +15,9 @@ where their steps meet, in the manner of the vision batcher (:mod:`.batcher`):
   millisecond) and comes back. Left alone, two answering threads would take turns forever, each
   leading a batch of one while the other picks its token. So a leader first waits for every thread
   that got a result within the last two forwards to submit its next step, for at most ``gather``
-  of the last forward's time (a quarter by default); a thread whose answer ended costs that wait
-  once, then it is no longer waited for.
+  of the last forward's time (a quarter by default) or ``min_gather_s`` (2 ms, what picking a token
+  takes in Python) if longer; a thread whose answer ended costs that wait once, then it is no longer
+  waited for.
 - The forward batches everything that reads weights (embeddings, projections, MLPs, norms, the output
   head: one matrix product for all rows) and runs attention per row, each over its own session's cache
   (selective batching, as in Orca: Yu et al., OSDI 2022). Caches of different lengths and positions
@@ -148,7 +149,8 @@ class _Step:
 class DecodeBatcher:
     """Runs decode steps of every thread sharing ``adapter``, several per forward. One per adapter."""
 
-    def __init__(self, adapter: ModelAdapter, *, max_batch: int = 16, gather: float = 0.25, enabled: bool = True) -> None:
+    def __init__(self, adapter: ModelAdapter, *, max_batch: int = 16, gather: float = 0.25, min_gather_s: float = 0.002,
+                 enabled: bool = True) -> None:
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ConfigError(f"max_batch: must be an integer >= 1, got {max_batch!r}")
         if not 0.0 <= gather <= 1.0:
@@ -156,6 +158,7 @@ class DecodeBatcher:
         self.adapter = adapter
         self.max_batch = max_batch
         self.gather = gather  # how long a leader waits for threads still answering, as a share of the last forward
+        self.min_gather_s = min_gather_s  # ... and at least this long
         self.enabled = enabled
         self._last_forward_s = 0.0
         self._answered: dict[threading.Thread, float] = {}  # thread -> when it last got its logits (monotonic)
@@ -264,7 +267,7 @@ class DecodeBatcher:
         expected = set(self._answered) - {mine.thread}
         if expected:
             self._cv.wait_for(lambda: expected <= {t.thread for t in self._pending} or len(self._pending) >= self.max_batch,
-                              timeout=self.gather * self._last_forward_s)
+                              timeout=max(self.gather * self._last_forward_s, self.min_gather_s))
 
     def _execute(self, batch: list[_Step]) -> list[tuple[torch.Tensor | None, BaseException | None]]:
         """One forward for ``batch`` (or one per step if it raises): ``[(logits, error)]`` in order."""

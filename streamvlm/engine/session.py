@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import re
-import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -88,19 +87,6 @@ def _check_time_range(time_range: object, t: float) -> tuple[float, float]:
     if not (math.isfinite(first) and math.isfinite(last) and 0.0 <= first <= last <= t + 1e-9):
         raise QuestionError(f"time_range: must satisfy 0 <= first <= last <= the question's time {t:g}, got {time_range!r}")
     return first, min(last, t)
-
-
-_TOKEN_TEXTS: "weakref.WeakKeyDictionary[object, list[str]]" = weakref.WeakKeyDictionary()
-
-
-def _token_texts(adapter: ModelAdapter) -> list[str]:
-    """Every token of ``adapter``'s tokenizer decoded alone (built once per tokenizer, on the first time answer)."""
-    tokenizer = adapter.tokenizer
-    texts = _TOKEN_TEXTS.get(tokenizer)
-    if texts is None:
-        texts = [str(t) for t in tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)]
-        _TOKEN_TEXTS[tokenizer] = texts
-    return texts
 
 
 @dataclass(frozen=True)
@@ -476,7 +462,7 @@ class StreamSession:
         mask = None
         if timed is not None:
             shape = time_shape(self.adapter)
-            mask = TimeAnswerMask(_token_texts(self.adapter), self.adapter.stop_ids, shape, lead_digits(shape, t),
+            mask = TimeAnswerMask(self.adapter.token_texts(), self.adapter.stop_ids, shape, lead_digits(shape, t),
                                   latest_s=timed[1], earliest_s=timed[0])
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         prompt_ids = self.adapter.question_ids(question)

@@ -8,6 +8,7 @@ is called, and how its positions are numbered. It owns no cache and keeps no str
 from __future__ import annotations
 
 import functools
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -92,6 +93,11 @@ class ModelAdapter(ABC):
         self._attached: list[tuple[Hook, Any]] = []
         self._batcher: VisionBatcher | None = None
         self._decode_batcher: DecodeBatcher | None = None
+        # Sessions on their own threads share one tokenizer, and a fast tokenizer's encode sets state on
+        # it (whether special-token strings are split) before it encodes: unguarded, one session's
+        # template could lose its special tokens, or a user's typed "<|im_end|>" become a real one.
+        self._text_lock = threading.Lock()
+        self._token_texts: list[str] | None = None
 
     # ---- vision encodes of every session, batched ---------------------------------------------------
     @property
@@ -196,17 +202,28 @@ class ModelAdapter(ABC):
         """Token ids of ``text`` with no special tokens added.
 
         ``user=True`` splits special-token strings a user typed into plain text, so a question cannot
-        close its own turn or forge a frame.
+        close its own turn or forge a frame. Safe to call from several threads at once.
         """
-        if user:
-            try:
-                return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
-            except TypeError:  # tokenizers without the option
-                pass
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        with self._text_lock:
+            if user:
+                try:
+                    return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+                except TypeError:  # tokenizers without the option
+                    pass
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int] | tuple[int, ...]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        """The text of ``ids``, special tokens left out. Safe to call from several threads at once."""
+        with self._text_lock:
+            return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def token_texts(self) -> list[str]:
+        """Every token of the vocabulary decoded alone, special tokens as "" (built once, on first use)."""
+        with self._text_lock:
+            if self._token_texts is None:
+                tok = self.tokenizer
+                self._token_texts = [str(t) for t in tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=True)]
+            return self._token_texts
 
     # ---- the chat format ------------------------------------------------------------------------
     @abstractmethod
