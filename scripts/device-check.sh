@@ -52,7 +52,9 @@ r = json.load(open(sys.argv[1]))
 def g(v):
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 if "checks" in r:  # check-model: one entry per dtype
-    print(" ".join(f"[{c['dtype']}: diff {g(c['max_abs_logit_diff'])} <= {g(c['tolerance'])} {'ok' if c['ok'] else 'NOT OK'}]" for c in r["checks"]))
+    print(" ".join(f"[{c['dtype']}: diff {g(c['max_abs_logit_diff'])}"
+                   + (f", batched decode {g(c['batched_decode_diff'])}" if c.get("batched_decode_diff") is not None else "")
+                   + f" <= {g(c['tolerance'])} {'ok' if c['ok'] else 'NOT OK'}]" for c in r["checks"]))
 else:
     head = " ".join(f"{k}={g(r[k])}" for k in ("device", "dtype", "gpu") if r.get(k) is not None)
     if r.get("benchmark") == "latency":

@@ -13,10 +13,16 @@ in different orders (one token at a time against one long prefill), so they diff
 the last place of the largest logit: the bar is :data:`LOW_PRECISION_ULPS` of those, e.g. about 0.8
 for bfloat16 logits near 25, where one unit is 0.125. :func:`check_dtypes` runs the check for several
 dtypes and also says whether each greedy answer is the float32 one.
+
+Where the adapter batches decode steps of several sessions (:mod:`.decoding`), the check also runs
+one batched step over three copies of the streamed context cut to different lengths and compares each
+row with the same step alone through the model's own forward (``batched_decode_diff``, held to the
+same tolerance): the path many sessions answering at once take.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -64,6 +70,8 @@ class CheckReport:
     dtype_reason: str = ""
     #: Whether the streamed greedy answer equals the one of the model in float32 (None: not compared).
     same_answer_as_float32: bool | None = None
+    #: Largest logit difference between a batched decode step and the same steps alone (None: not batched).
+    batched_decode_diff: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +140,7 @@ def check_exactness(
     dtype = next(adapter.model.parameters()).dtype
     if tolerance is None:
         tolerance = tolerance_for(dtype, float(reference[:n].abs().max()) if n else 0.0)
+    batched = _batched_decode_diff(adapter, session.runner.cache, prompt[:3]) if adapter.decode_batching else None
     return CheckReport(
         model=adapter.source,
         family=adapter.model_type,
@@ -142,11 +151,36 @@ def check_exactness(
         stream_answer_ids=list(answer.token_ids),
         offline_answer_ids=offline_ids,
         tolerance=tolerance,
-        ok=bool(same and diff <= tolerance),
+        ok=bool(same and diff <= tolerance and (batched is None or batched <= tolerance)),
         dtype=str(dtype).removeprefix("torch."),
         device=str(adapter.device),
         dtype_reason=precision_of(adapter).dtype_reason,
+        batched_decode_diff=batched,
     )
+
+
+def _batched_decode_diff(adapter: ModelAdapter, context: object, tokens: list[int]) -> float:
+    """One batched decode step over copies of ``context`` cut to its whole, half and a third of its length
+    (``tokens[i]`` appended to row ``i``), against each step alone: the largest logit difference."""
+    from .decoding import batched_step
+
+    held = context.get_seq_length()  # type: ignore[attr-defined]
+    lengths = [held, max(1, held // 2), max(1, held // 3)][: len(tokens)]
+    caches, alone = [], []
+    for n in lengths:
+        for into in (caches, alone):
+            cache = copy.deepcopy(context)
+            if n < held:
+                cache.crop(n - held)  # type: ignore[attr-defined]  # transformers 5.23: a negative count removes that many
+            into.append(cache)
+    with adapter.hold():
+        rows = batched_step(adapter.model, caches, tokens[: len(lengths)], lengths)
+        diffs = []
+        for cache, token, n, row in zip(alone, tokens, lengths, rows):
+            out = adapter.model(input_ids=torch.tensor([[token]], device=adapter.device), position_ids=torch.tensor([[n]], device=adapter.device),
+                                past_key_values=cache, use_cache=True)
+            diffs.append(float((out.logits[0, -1].float() - row).abs().max()))
+    return max(diffs)
 
 
 def check_dtypes(
