@@ -63,7 +63,9 @@ else:
         head += f" lag p95 {g(r.get('lag_p95_s'))} s, ttft under load {g(r.get('ttft_load_s'))} s"
     elif r.get("benchmark") == "serve":
         head += " | " + "; ".join(f"{x.get('engine', '?')} x{x['sessions']}: {g(x.get('frames_read_per_s'))} frames/s, "
-                                  f"lag p95 {g(x.get('lag_p95_s'))} s, ttft p95 {g(x.get('ttft_p95_s'))} s" for x in r.get("runs", []))
+                                  f"lag p95 {g(x.get('lag_p95_s'))} s, ttft p95 {g(x.get('ttft_p95_s'))} s, "
+                                  f"{g(x.get('vision_batch_mean'))} frames per vision forward, {g(x.get('decode_batch_mean'))} steps per decode forward"
+                                  for x in r.get("runs", []))
     print(head)
 PY
 }
