@@ -153,3 +153,30 @@ def test_sessions_on_threads_tokenize_special_tokens_each_as_asked(smol):
     for t in threads:
         t.join(120)
     assert wrong == []
+
+
+def test_sessions_on_threads_prepare_frames_each_as_alone(adapter):
+    # Every session's thread runs the shared processor (and tokenizer, for the timestamp) on its frames
+    # at the same time as the others: each must get what it gets alone.
+    import threading
+
+    from streamvlm.engine.check import synthetic_frames
+
+    frames = synthetic_frames(4, height=72, width=96)
+    alone = [adapter.prepare_frame(f, float(i)) for i, f in enumerate(frames)]
+    wrong: list[int] = []
+
+    def prepare(i: int) -> None:
+        for _ in range(40):
+            got = adapter.prepare_frame(frames[i], float(i))
+            same = got.input_ids == alone[i].input_ids and got.grid == alone[i].grid and all(
+                torch.equal(got.pixels[k], alone[i].pixels[k]) for k in alone[i].pixels)
+            if not same:
+                wrong.append(i)
+
+    threads = [threading.Thread(target=prepare, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert wrong == []
