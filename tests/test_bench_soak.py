@@ -121,7 +121,7 @@ def test_storm_short_run_admits_new_sessions_and_the_live_session_gets_every_ans
     assert result["hostile_exitcode"] == 0 and result["hostile_cpu_s"] > 0
     assert result["hostile_messages"] >= 600 and set(result["hostile"]) >= {"noise", "duplicate_ids", "huge", "watches", "frame_flood"}
     assert multiprocessing.active_children() == []
-    assert result["threads_after"] <= result["threads_before"]
+    assert result["threads_after"] <= result["threads_before"] and result["threads_new"] == []
 
 
 def test_storm_that_fails_midway_ends_its_hostile_process_and_threads(monkeypatch):

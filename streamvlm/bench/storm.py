@@ -244,7 +244,8 @@ def run_storm_bench(model: str | ModelConfig = "tiny-smolvlm", *, messages: int 
     of the hostile process during the storm; ``hostile_cpu_total_s`` with its start-up),
     ``server_process_cpu_s`` (CPU seconds of the main process during the storm), ``hostile_exitcode``,
     ``threads_before``/``threads_after`` (Python threads before the server started and after it
-    stopped), ``targets`` (each target and whether it was met) and ``passed`` (no new session
+    stopped) and ``threads_new`` (the names of those alive after that were not before: e.g. the
+    monitor thread of the storm's own progress bar), ``targets`` (each target and whether it was met) and ``passed`` (no new session
     refused, every live question answered, the live session never closed by the server, no engine
     fault). Raises ConfigError for bad arguments (before any model is loaded or process started),
     StreamVLMError when the hostile process fails or ends without its report (it is terminated).
@@ -265,11 +266,13 @@ def run_storm_bench(model: str | ModelConfig = "tiny-smolvlm", *, messages: int 
     precision = precision_of(adapter).to_dict()
     started = time.monotonic()
     threads_before = threading.active_count()
+    alive_before = set(threading.enumerate())
     result = asyncio.run(_storm(adapter, messages, churn, watches, questions, float(fps), new_sessions, seed,
                                 float(quiet_s), float(settle_timeout_s), answer_timeout_s, progress))
     return {"benchmark": "storm", "model": getattr(model, "model", model), **precision, "messages": messages, "churn": churn, "watches": watches,
             "questions": questions, "fps": float(fps), "seed": seed, "quiet_s": float(quiet_s), "wall_s": round(time.monotonic() - started, 1), **result,
-            "threads_before": threads_before, "threads_after": threading.active_count()}
+            "threads_before": threads_before, "threads_after": threading.active_count(),
+            "threads_new": sorted(t.name for t in threading.enumerate() if t not in alive_before)}
 
 
 def _cpu_s() -> float:
