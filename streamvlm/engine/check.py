@@ -26,6 +26,7 @@ import copy
 import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,19 +160,19 @@ def check_exactness(
     )
 
 
-def _batched_decode_diff(adapter: ModelAdapter, context: object, tokens: list[int]) -> float:
+def _batched_decode_diff(adapter: ModelAdapter, context: Any, tokens: list[int]) -> float:
     """One batched decode step over copies of ``context`` cut to its whole, half and a third of its length
     (``tokens[i]`` appended to row ``i``), against each step alone: the largest logit difference."""
     from .decoding import batched_step
 
-    held = context.get_seq_length()  # type: ignore[attr-defined]
+    held = context.get_seq_length()
     lengths = [held, max(1, held // 2), max(1, held // 3)][: len(tokens)]
     caches, alone = [], []
     for n in lengths:
         for into in (caches, alone):
             cache = copy.deepcopy(context)
             if n < held:
-                cache.crop(n - held)  # type: ignore[attr-defined]  # transformers 5.23: a negative count removes that many
+                cache.crop(n - held)  # transformers 5.23: a negative count removes that many tokens
             into.append(cache)
     with adapter.hold():
         rows = batched_step(adapter.model, caches, tokens[: len(lengths)], lengths)
