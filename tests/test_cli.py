@@ -49,14 +49,7 @@ def test_check_model_prints_json_and_passes():
     assert report["model"] == "tiny-qwen2.5-vl" and report["frames"] == 3
     assert report["ok"] is True and report["same_answer"] is True
     assert report["max_abs_logit_diff"] <= 1e-4
-    assert report["batched_decode_diff"] is None  # Qwen's layers are not batched
-
-
-def test_check_model_checks_the_batched_decode_step_where_the_model_has_one():
-    proc = run_cli("check-model", "tiny-smolvlm", "--frames", "3")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert report["ok"] is True and 0 <= report["batched_decode_diff"] <= 1e-4
+    assert 0 <= report["batched_decode_diff"] <= 1e-4  # sessions answering at once: one batched step, as alone
 
 
 def test_check_model_fails_with_nonzero_exit_when_not_exact():

@@ -24,13 +24,19 @@ def wait_until(predicate, timeout: float = 20.0) -> None:
         time.sleep(0.001)
 
 
+def words(adapter) -> list[int]:
+    """Plain text ids (no special or image tokens) of ``adapter``'s tokenizer."""
+    return adapter.text_ids("a blue square and a red circle move across the frame while a green triangle waits " * 4)
+
+
 def runners(adapter, lengths=(5, 40, 17), shifts=(0, 0, 300)) -> list[Runner]:
     """Streams of different lengths; the last one's positions run ahead of its cache (re-indexed memory)."""
+    text = words(adapter)
     out = []
-    for n, shift in zip(lengths, shifts):
+    for k, (n, shift) in enumerate(zip(lengths, shifts)):
         runner = Runner(adapter)
         runner.next_position += shift
-        runner.prefill([(7 * i + n) % 200 + 3 for i in range(n)])
+        runner.prefill(text[k : k + n])
         out.append(runner)
     return out
 
@@ -47,16 +53,24 @@ def queued_together(adapter, step, n: int = 3) -> None:
         t.join(30)
 
 
-@pytest.mark.parametrize("name", ["tiny-smolvlm", "shapeworld"])
+def place(adapter, runner: Runner, token: int) -> torch.Tensor:
+    """The position ids of ``token`` fed next to ``runner``, as the model takes them."""
+    positions = adapter.position_ids([token], runner.next_position, [])[0]
+    return positions[0] if adapter.position_rows == 1 else positions
+
+
+@pytest.mark.parametrize("name", ["tiny-smolvlm", "shapeworld", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_a_batched_step_gives_each_row_what_its_step_alone_gives(name):
     adapter = load(name)
     assert batchable(adapter.model)
     streams = runners(adapter)
-    tokens = [11, 12, 13]
+    tokens = words(adapter)[3:6]
     alone_caches = [copy.deepcopy(r.cache) for r in streams]
-    positions = [r.next_position for r in streams]
+    positions = [place(adapter, r, t) for r, t in zip(streams, tokens)]
+    implementation = adapter.model.config.get_text_config()._attn_implementation
     with adapter.hold():
         batched = batched_step(adapter.model, [r.cache for r in streams], tokens, positions)
+    assert adapter.model.config.get_text_config()._attn_implementation == implementation  # the model's own again
     for runner, cache, token, row in zip(streams, alone_caches, tokens, batched):
         runner.cache, mine = cache, runner.cache
         adapter.decode_batching = False
@@ -157,6 +171,25 @@ def test_a_leader_waits_briefly_for_a_session_still_answering(comes_back):
         assert batcher.stats().sizes == {1: 1} and 0.2 < waited < 5
 
 
+def test_a_batch_that_fails_inside_a_layer_leaves_the_model_and_every_cache_as_before(monkeypatch):
+    smol = load("tiny-smolvlm")
+    streams = runners(smol)
+    held = [r.cache_length for r in streams]
+    implementation = smol.model.config.get_text_config()._attn_implementation
+    layer = smol.model.model.text_model.layers[1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in layer 1")
+
+    monkeypatch.setattr(layer.mlp, "forward", broken)
+    with smol.hold(), pytest.raises(RuntimeError, match="layer 1"):
+        batched_step(smol.model, [r.cache for r in streams], words(smol)[:3], [place(smol, r, 0) for r in streams])
+    assert smol.model.config.get_text_config()._attn_implementation == implementation
+    for runner, n in zip(streams, held):  # layer 0 took the new token, layer 1 failed: the batcher crops it back
+        runner._crop_to(n)
+        assert runner.cache_length == n and all(layer.keys.shape[-2] == n for layer in runner.cache.layers)
+
+
 def test_sessions_answering_at_once_say_what_they_say_alone():
     smol = load("tiny-smolvlm")
     frames = synthetic_frames(3)
@@ -193,11 +226,17 @@ def test_sessions_answering_at_once_say_what_they_say_alone():
     assert sum(sizes.values()) > 0  # every step went through the batcher
 
 
-def test_models_whose_layers_cannot_be_batched_step_alone():
-    qwen = load("tiny-qwen2.5-vl")
-    assert not batchable(qwen.model) and not qwen.decode_batching
-    runner = Runner(qwen)
-    ids = qwen.question_ids("hello")
-    runner.prefill(ids)
-    assert runner.decode(ids[-1]).shape[-1] > 0
-    assert qwen.decode_batcher.stats().steps == 0
+def test_a_model_whose_layers_cannot_be_batched_steps_alone():
+    from streamvlm.engine.decoding import DecodeBatcher
+    from streamvlm.models.turns import TurnLock
+
+    class Plain:  # a model without a rotary language model: nothing to batch
+        model = torch.nn.Linear(2, 2)
+        lock = TurnLock()
+
+    assert not batchable(Plain.model)
+    batcher = DecodeBatcher(Plain())  # type: ignore[arg-type]
+    assert not batcher.active
+    logits = torch.arange(3.0)
+    assert batcher.step(None, 1, torch.zeros(1, 1), alone=lambda: logits, crop=lambda: None) is logits
+    assert batcher.stats().steps == 0

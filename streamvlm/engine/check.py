@@ -174,11 +174,13 @@ def _batched_decode_diff(adapter: ModelAdapter, context: Any, tokens: list[int])
             if n < held:
                 cache.crop(n - held)  # transformers 5.23: a negative count removes that many tokens
             into.append(cache)
+    positions = [adapter.position_ids([token], n, [])[0] for token, n in zip(tokens, lengths)]
+    positions = [p[0] if adapter.position_rows == 1 else p for p in positions]  # as the model takes them
     with adapter.hold():
-        rows = batched_step(adapter.model, caches, tokens[: len(lengths)], lengths)
+        rows = batched_step(adapter.model, caches, tokens[: len(lengths)], positions)
         diffs = []
-        for cache, token, n, row in zip(alone, tokens, lengths, rows):
-            out = adapter.model(input_ids=torch.tensor([[token]], device=adapter.device), position_ids=torch.tensor([[n]], device=adapter.device),
+        for cache, token, place, row in zip(alone, tokens, positions, rows):
+            out = adapter.model(input_ids=torch.tensor([[token]], device=adapter.device), position_ids=place.to(adapter.device),
                                 past_key_values=cache, use_cache=True)
             diffs.append(float((out.logits[0, -1].float() - row).abs().max()))
     return max(diffs)

@@ -21,7 +21,10 @@ where their steps meet, in the manner of the vision batcher (:mod:`.batcher`):
 - The forward batches everything that reads weights (embeddings, projections, MLPs, norms, the output
   head: one matrix product for all rows) and runs attention per row, each over its own session's cache
   (selective batching, as in Orca: Yu et al., OSDI 2022). Caches of different lengths and positions
-  are never padded or copied.
+  are never padded or copied. Each decoder layer runs its own forward (so every family's own
+  projections, norms and rotary embedding apply, multimodal RoPE included); it sees a cache that
+  appends each row to its own session's cache, and an attention function registered with transformers'
+  attention interface that attends per row.
 - A batched forward that raises is undone on every cache and re-run step by step through the caller's
   own path, so an error reaches only the step that caused it, and every waiter gets its own result or
   its own exception.
@@ -30,9 +33,9 @@ where their steps meet, in the manner of the vision batcher (:mod:`.batcher`):
 - A step alone goes through the caller's own forward (the model's own code), so one session decoding
   alone decodes exactly as before.
 
-Only language models whose layers are transformers' Llama layers (SmolVLM2, the tiny and ShapeWorld
-models) are batched (:func:`batchable`); others, and ``enabled = False`` (``adapter.decode_batching =
-False``, the ``lock`` engine), step alone. :meth:`DecodeBatcher.stats` counts batches for benchmarks.
+Language models with rotary positions and no sliding-window layers are batched (:func:`batchable`:
+SmolVLM2, Qwen2.5-VL, Qwen3-VL and the tiny and ShapeWorld models); others, and ``enabled = False``
+(``adapter.decode_batching = False``, the ``lock`` engine), step alone. :meth:`DecodeBatcher.stats` counts batches for benchmarks.
 The batcher knows nothing about sessions or answers.
 """
 
@@ -76,67 +79,104 @@ class DecodeStats:
                 "sizes": dict(sorted(self.sizes.items())), "split": self.split, "failed": self.failed}
 
 
-def _text_parts(model: Any) -> tuple[Any, Any] | None:
-    """``(text model, output head)`` of a model whose language model is made of transformers' Llama layers."""
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel
+_ROWS = "streamvlm_rows"  # the attention implementation batched steps run with (registered on first use)
 
+
+class _Rows:
+    """The keys (or values) of each row of a batched step, each over its own session's cache."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+
+class _RowsCache:
+    """What a decoder layer sees as its cache in a batched step: row ``i`` is appended to ``caches[i]``."""
+
+    def __init__(self, caches: list[Any]) -> None:
+        self.caches = caches
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[_Rows, _Rows]:
+        out = [cache.update(keys[i : i + 1], values[i : i + 1], layer_idx) for i, cache in enumerate(self.caches)]
+        return _Rows([k for k, _ in out]), _Rows([v for _, v in out])
+
+
+def _rows_attention(module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
+                    dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of each row's one new token over that row's own keys and values (no mask: a new token
+    sees its whole cache), in the layout the model's attention modules expect: ``[rows, 1, heads, dim]``."""
+    if not isinstance(key, _Rows) or not isinstance(value, _Rows):
+        raise TypeError("batched decode attention called outside a batched step")
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = [torch.nn.functional.scaled_dot_product_attention(query[i : i + 1], k, v, scale=scaling, enable_gqa=groups > 1)
+           for i, (k, v) in enumerate(zip(key.tensors, value.tensors))]
+    return torch.cat(out).transpose(1, 2).contiguous(), None
+
+
+def _text_parts(model: Any) -> tuple[Any, Any] | None:
+    """``(text model, output head)`` when each decoder layer of ``model``'s language model can run a batch of
+    one-token steps through its own forward: rotary positions, one cache per layer index, no sliding window."""
     inner = getattr(model, "model", None)
-    text = getattr(inner, "text_model", None)
+    text = getattr(inner, "text_model", None) or getattr(inner, "language_model", None)
     head = getattr(model, "lm_head", None)
-    if not isinstance(text, LlamaModel) or head is None:
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if text is None or head is None or not all(hasattr(text, name) for name in needed):
         return None
-    if not all(type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention and type(layer.mlp) is LlamaMLP
-               for layer in text.layers):
-        return None
+    for layer in text.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "layer_idx") or getattr(attn, "sliding_window", None):
+            return None
     return text, head
 
 
 def batchable(model: Any) -> bool:
-    """True when :func:`batched_step` can run ``model``'s decode steps (its language model is Llama layers)."""
+    """True when :func:`batched_step` can run ``model``'s decode steps."""
     return _text_parts(model) is not None
 
 
 @torch.inference_mode()
-def batched_step(model: Any, caches: list[Any], tokens: list[int], positions: list[int]) -> torch.Tensor:
+def batched_step(model: Any, caches: list[Any], tokens: list[int], positions: list[torch.Tensor]) -> torch.Tensor:
     """One forward for one new token in each of several caches: returns float32 logits ``[len(caches), V]``.
 
-    Row ``i`` appends ``tokens[i]`` at position ``positions[i]`` to ``caches[i]`` (a transformers
-    ``DynamicCache``) and attends over that cache only, as a forward of that token alone would. If it
-    raises, some caches may hold the new token in some layers: the caller crops them back.
+    Row ``i`` appends ``tokens[i]`` to ``caches[i]`` (a transformers ``DynamicCache``) at ``positions[i]``
+    (its position ids as the model takes them for one token: ``[1, 1]``, or ``[3, 1, 1]`` for
+    multimodal RoPE) and attends over that cache only, as a forward of that token alone would. Every
+    decoder layer runs its own forward on the batch; only its cache and its attention are per row.
+    Call it holding the model (nothing else may run on it meanwhile). If it raises, some caches may
+    hold the new token in some layers: the caller crops them back.
     """
     parts = _text_parts(model)
     if parts is None:
-        raise ConfigError("batched decode steps need a language model of Llama layers")
+        raise ConfigError("this language model's decode steps cannot be batched")
     text, head = parts
-    device = next(head.parameters()).device
-    ids = torch.tensor(tokens, device=device).view(-1, 1)
-    hidden = text.embed_tokens(ids)  # [k, 1, width]
-    cos, sin = text.rotary_emb(hidden, torch.tensor(positions, device=device).view(-1, 1))
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    rows = len(caches)
-    for index, layer in enumerate(text.layers):
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        out = []
-        for row, cache in enumerate(caches):  # attention per row, over its own cache
-            keys, values = cache.update(k[row : row + 1], v[row : row + 1], index)
-            out.append(torch.nn.functional.scaled_dot_product_attention(
-                q[row : row + 1], keys, values, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1))
-        attended = torch.cat(out).transpose(1, 2).reshape(rows, 1, -1)
-        hidden = hidden + attn.o_proj(attended)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    if _ROWS not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(_ROWS, _rows_attention)
+    device = next(head.parameters()).device
+    hidden = text.embed_tokens(torch.tensor(tokens, device=device).view(-1, 1))  # [rows, 1, width]
+    position_ids = torch.cat(positions, dim=-2).to(device)  # [rows, 1], or [3, rows, 1]
+    embeddings = text.rotary_emb(hidden, position_ids)
+    rows = _RowsCache(caches)
+    config = text.config
+    before = config._attn_implementation
+    config._attn_implementation = _ROWS  # this model's forwards are serialized by its lock, which the caller holds
+    try:
+        for layer in text.layers:
+            out = layer(hidden, attention_mask=None, position_ids=position_ids, past_key_values=rows, use_cache=True,
+                        position_embeddings=embeddings)
+            hidden = out[0] if isinstance(out, tuple) else out
+    finally:
+        config._attn_implementation = before
     return head(text.norm(hidden))[:, -1].float()
 
 
 class _Step:
     __slots__ = ("cache", "token", "position", "alone", "crop", "thread", "state", "result", "error")
 
-    def __init__(self, cache: Any, token: int, position: int, alone: Callable[[], torch.Tensor], crop: Callable[[], None]) -> None:
+    def __init__(self, cache: Any, token: int, position: torch.Tensor, alone: Callable[[], torch.Tensor], crop: Callable[[], None]) -> None:
         self.cache, self.token, self.position = cache, token, position
         self.alone = alone  # the caller's own forward of this step (used for a step alone, and after a failed batch)
         self.crop = crop  # undoes a partial append of this step on its cache
@@ -172,8 +212,10 @@ class DecodeBatcher:
         """True when steps go through the batcher (enabled, and the model's layers can be batched)."""
         return self.enabled and self.supported
 
-    def step(self, cache: Any, token: int, position: int, *, alone: Callable[[], torch.Tensor], crop: Callable[[], None]) -> torch.Tensor:
-        """Append ``token`` at ``position`` to ``cache`` (alone or with other threads' steps); return its logits ``[V]``.
+    def step(self, cache: Any, token: int, position: torch.Tensor, *, alone: Callable[[], torch.Tensor],
+             crop: Callable[[], None]) -> torch.Tensor:
+        """Append ``token`` at ``position`` (its position ids, as the model takes them) to ``cache`` (alone
+        or with other threads' steps); return its logits ``[V]``.
 
         ``alone`` runs this step by the caller's own path (it holds the model itself) and returns its
         logits; ``crop`` takes back whatever a failed forward appended to ``cache``. Raises what the

@@ -203,7 +203,7 @@ class Runner:
         positions, next_position = self._positions(ids, [])
         held = self.cache_length
         logits = self.adapter.decode_batcher.step(
-            self.cache, token_id, int(positions.reshape(-1)[-1]),
+            self.cache, token_id, positions,
             alone=lambda: self._run(ids, positions, None, keep=1)[-1], crop=lambda: self._crop_to(held))
         self._advance(ids, positions, next_position)
         self.times.decode_s += time.perf_counter() - t0
