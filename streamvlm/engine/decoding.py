@@ -119,7 +119,9 @@ def _text_parts(model: Any) -> tuple[Any, Any] | None:
     """``(text model, output head)`` when each decoder layer of ``model``'s language model can run a batch of
     one-token steps through its own forward: rotary positions, one cache per layer index, no sliding window."""
     inner = getattr(model, "model", None)
-    text = getattr(inner, "text_model", None) or getattr(inner, "language_model", None)
+    text = getattr(inner, "text_model", None)  # SmolVLM
+    if text is None:
+        text = getattr(inner, "language_model", None)  # Qwen2.5-VL, Qwen3-VL
     head = getattr(model, "lm_head", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if text is None or head is None or not all(hasattr(text, name) for name in needed):
