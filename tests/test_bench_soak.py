@@ -119,7 +119,10 @@ def test_storm_short_run_admits_new_sessions_and_the_live_session_gets_every_ans
     assert result["hostile_process"] and result["processes"]["hostile"]["pid"] != os.getpid()
     assert result["processes"]["main"]["pid"] == os.getpid()
     assert result["hostile_exitcode"] == 0 and result["hostile_cpu_s"] > 0
-    assert result["hostile_messages"] >= 600 and set(result["hostile"]) >= {"noise", "duplicate_ids", "huge", "watches", "frame_flood"}
+    # Every planned message was sent, or given up because the server closed or refused its connection
+    # (it closes a client after too many errors, and a reconnect may meet its rate limits): most get through.
+    assert result["hostile_messages"] + result["hostile_undelivered"] >= 600 and result["hostile_messages"] >= 450
+    assert set(result["hostile"]) >= {"noise", "duplicate_ids", "huge", "watches", "frame_flood"}
     assert multiprocessing.active_children() == []
     assert result["threads_after"] <= result["threads_before"] and result["threads_new"] == []
 

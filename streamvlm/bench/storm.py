@@ -142,6 +142,7 @@ class _Hostile:
         self.url, self.name, self.tally = url, name, tally
         self.client: WireClient | None = None
         self.sent: Counter[str] = Counter()
+        self.undelivered: Counter[str] = Counter()  # given up: the server closed or refused the connection each time
         self.errors: Counter[str] = Counter()
         self.closes: Counter[str] = Counter()
         self.connects = 0
@@ -180,16 +181,18 @@ class _Hostile:
         return None
 
     async def send(self, kind: str, data: str | bytes) -> None:
-        """Send one message (reopening the connection if the server closed it); counted under ``kind``."""
+        """Send one message (reopening the connection if the server closed it); counted under ``kind`` in
+        ``sent``, or in ``undelivered`` when the server closed or refused the connection each time."""
         for _ in range(2):
             client = await self._ensure()
             if client is None:
-                return
+                break
             if await client.send_raw(data):
                 self.sent[kind] += 1
                 self.tally()
                 await asyncio.sleep(0)  # let the other hostile connections of this process send too
                 return
+        self.undelivered[kind] += 1
 
     async def close(self) -> None:
         if self.client is not None:
@@ -198,7 +201,7 @@ class _Hostile:
             self.client = None
 
     def report(self) -> dict[str, Any]:
-        return {"sent": dict(self.sent), "errors": dict(self.errors), "server_closes": dict(self.closes),
+        return {"sent": dict(self.sent), "undelivered": dict(self.undelivered), "errors": dict(self.errors), "server_closes": dict(self.closes),
                 "connects": self.connects, "refused": self.refused, "engine_faults": self.faults}
 
 
@@ -238,8 +241,9 @@ def run_storm_bench(model: str | ModelConfig = "tiny-smolvlm", *, messages: int 
     ``new_sessions_refused``, ``new_sessions_answered``, ``live`` (questions, answers, statuses,
     lifecycle violations, whether the server closed it), ``engine_faults`` (fault-coded error events
     on every connection, and ``engine_faults_metric`` from /metrics when exported), ``hostile`` (per
-    connection: messages sent by kind, errors back by code, server close codes, reconnects),
-    ``churn`` (admitted, refused), ``storm_s``, ``hostile_process`` (True: the hostile clients ran in
+    connection: messages sent by kind, messages given up by kind because the server closed or refused
+    the connection each time, errors back by code, server close codes, reconnects), ``hostile_messages``
+    and ``hostile_undelivered`` (those two summed), ``churn`` (admitted, refused), ``storm_s``, ``hostile_process`` (True: the hostile clients ran in
     their own process), ``processes`` (pid and role of each process), ``hostile_cpu_s`` (CPU seconds
     of the hostile process during the storm; ``hostile_cpu_total_s`` with its start-up),
     ``server_process_cpu_s`` (CPU seconds of the main process during the storm), ``hostile_exitcode``,
@@ -628,6 +632,7 @@ def _summary(live: _Live | None, before: list[float], rss_idle: int, storm: dict
         "engine_faults": faults, "engine_faults_metric": fault_metric,
         "hostile": connections,
         "hostile_messages": sum(sum(c["sent"].values()) for c in connections.values()),
+        "hostile_undelivered": sum(sum(c.get("undelivered", {}).values()) for c in connections.values()),
         "churn": report["churn"],
         "storm_s": round(storm["storm_s"], 2),
         "hostile_process": report["pid"] != os.getpid(),
