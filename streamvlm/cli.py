@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .cameras import DEFAULT_READ_FPS
-from .config import POLICIES, IngestConfig, MemoryConfig, ModelConfig, SamplingConfig, SessionConfig, parse_size
+from .config import POLICIES, IngestConfig, MemoryConfig, ModelConfig, SamplingConfig, ServerConfig, SessionConfig, parse_size
 from .errors import ConfigError, StreamVLMError
 
 __all__ = ["main", "parse_timed_question"]
@@ -371,7 +371,6 @@ def _events_db(path: str | None) -> Path:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .config import ServerConfig
     from .models import load_model, locate
     from .server.app import serve_forever
 
@@ -878,7 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-parked", type=int, default=16,
                      help="sessions kept for their client to resume; the oldest ends first when a live one needs room")
     srv.add_argument("--max-watches", type=int, default=32, help="watches one session may hold")
-    srv.add_argument("--max-open-responses", type=int, default=16,
+    srv.add_argument("--max-open-responses", type=int, default=ServerConfig.max_open_responses,
                      help="responses one session may have open at once (answering, queued or waiting for their condition)")
     srv.add_argument("--engine", choices=("scheduler", "lock"), default="scheduler",
                      help="scheduler: frames of all sessions batched, read rates capped evenly when the model is saturated; "

@@ -55,8 +55,7 @@ def queued_together(adapter, step, n: int = 3) -> None:
 
 def place(adapter, runner: Runner, token: int) -> torch.Tensor:
     """The position ids of ``token`` fed next to ``runner``, as the model takes them."""
-    positions = adapter.position_ids([token], runner.next_position, [])[0]
-    return positions[0] if adapter.position_rows == 1 else positions
+    return adapter.model_position_ids([token], runner.next_position, [])[0]
 
 
 @pytest.mark.parametrize("name", ["tiny-smolvlm", "shapeworld", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
@@ -222,7 +221,6 @@ def test_sessions_answering_at_once_say_what_they_say_alone():
     finally:
         smol.decode_batching = True
     assert together == alone
-    print("decode forwards by steps carried:", sizes)
     assert sum(sizes.values()) > 0  # every step went through the batcher
 
 

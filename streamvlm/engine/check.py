@@ -174,8 +174,7 @@ def _batched_decode_diff(adapter: ModelAdapter, context: Any, tokens: list[int])
             if n < held:
                 cache.crop(n - held)  # transformers 5.23: a negative count removes that many tokens
             into.append(cache)
-    positions = [adapter.position_ids([token], n, [])[0] for token, n in zip(tokens, lengths)]
-    positions = [p[0] if adapter.position_rows == 1 else p for p in positions]  # as the model takes them
+    positions = [adapter.model_position_ids([token], n, [])[0] for token, n in zip(tokens, lengths)]
     with adapter.hold():
         rows = batched_step(adapter.model, caches, tokens[: len(lengths)], positions)
         diffs = []

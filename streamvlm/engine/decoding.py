@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -115,22 +116,34 @@ def _rows_attention(module: Any, query: torch.Tensor, key: Any, value: Any, atte
     return torch.cat(out).transpose(1, 2).contiguous(), None
 
 
+_PARTS: weakref.WeakKeyDictionary[Any, tuple[Any, Any] | None] = weakref.WeakKeyDictionary()
+
+
 def _text_parts(model: Any) -> tuple[Any, Any] | None:
     """``(text model, output head)`` when each decoder layer of ``model``'s language model can run a batch of
-    one-token steps through its own forward: rotary positions, one cache per layer index, no sliding window."""
+    one-token steps through its own forward: rotary positions, one cache per layer index, no sliding window.
+    Looked at once per model (every decode step asks)."""
+    try:
+        return _PARTS[model]
+    except (KeyError, TypeError):
+        pass
     inner = getattr(model, "model", None)
     text = getattr(inner, "text_model", None)  # SmolVLM
     if text is None:
         text = getattr(inner, "language_model", None)  # Qwen2.5-VL, Qwen3-VL
     head = getattr(model, "lm_head", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    parts: tuple[Any, Any] | None = (text, head)
     if text is None or head is None or not all(hasattr(text, name) for name in needed):
-        return None
-    for layer in text.layers:
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "layer_idx") or getattr(attn, "sliding_window", None):
-            return None
-    return text, head
+        parts = None
+    elif any(getattr(layer, "self_attn", None) is None or not hasattr(layer.self_attn, "layer_idx")
+             or getattr(layer.self_attn, "sliding_window", None) for layer in text.layers):
+        parts = None
+    try:
+        _PARTS[model] = parts
+    except TypeError:  # not weakly referenceable: looked at again next time
+        pass
+    return parts
 
 
 def batchable(model: Any) -> bool:

@@ -236,10 +236,7 @@ class Runner:
         """
         held = self.cache_length
         ids = [token for branch in branches for token in branch]
-        pieces = [self.adapter.position_ids(branch, self.next_position, [])[0] for branch in branches]
-        positions = torch.cat(pieces, dim=-1)
-        if self.adapter.position_rows == 1:
-            positions = positions[0]
+        positions = torch.cat([self.adapter.model_position_ids(branch, self.next_position, [])[0] for branch in branches], dim=-1)
         total = len(ids)
         mask = torch.zeros(1, 1, total, held + total, dtype=torch.bool)
         mask[..., :held] = True
@@ -363,13 +360,13 @@ class Runner:
         """The position ids of ``ids`` fed next (as the model takes them) and the next position after them.
 
         Raises :class:`CapacityError` when that passes the model's maximum."""
-        positions, next_position = self.adapter.position_ids(ids, self.next_position, grids)
+        positions, next_position = self.adapter.model_position_ids(ids, self.next_position, grids)
         if next_position > self._max_positions:
             raise CapacityError(
                 f"the stream would reach position {next_position}, past the model's maximum of {self._max_positions}; "
                 "start a new session or enable memory compression"
             )
-        return (positions[0] if self.adapter.position_rows == 1 else positions), next_position
+        return positions, next_position
 
     def _run(
         self, ids: list[int], positions: torch.Tensor, encoded: Any | None, keep: int, hooks: list[Hook] | None = None,

@@ -301,6 +301,12 @@ class ModelAdapter(ABC):
         ``[position_rows, 1, len(ids)]`` LongTensor and the position the next token takes.
         """
 
+    def model_position_ids(self, ids: list[int], start: int, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+        """:meth:`position_ids` shaped as the model's forward takes them: ``[1, len(ids)]`` for 1-D RoPE,
+        ``[3, 1, len(ids)]`` for multimodal RoPE; and the position the next token takes."""
+        positions, next_position = self.position_ids(ids, start, grids)
+        return (positions[0] if self.position_rows == 1 else positions), next_position
+
     def text_layers(self) -> list[Any]:
         """The language model's decoder layers (each has ``self_attn``)."""
         inner = self.model.model

@@ -158,7 +158,8 @@ class SessionHost:
         self.config = config or ServerConfig()
         self.limits = limits or p.Limits()
         self.metrics = ServerMetrics()
-        # One engine for every session: frames of sessions waiting together share a vision forward, and
+        # One engine for every session: frames of sessions waiting together share a vision forward, their
+        # answers' next tokens share a language-model forward, and
         # admission by compute caps read rates evenly when the offered frames exceed what the model reads
         # ("lock": the previous mode, one frame per forward and no caps).
         adapter.vision_batching = adapter.decode_batching = self.config.engine == "scheduler"
